@@ -1,0 +1,1 @@
+"""Subcommands of the ``headlens`` command line (see :mod:`headlens.cli`)."""

@@ -1,0 +1,38 @@
+"""From a ``transformers`` model object to a :class:`HeadlensModel` on the same weights."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .errors import HeadlensError
+from .families import convert_state_dict, family_for_model_type
+from .model import HeadlensModel
+
+
+def from_hf_model(hf_model, tokenizer=None, dtype: Optional[torch.dtype] = None,
+                  device=None, name: Optional[str] = None) -> HeadlensModel:
+    """Build a headlens model holding the same weights as the ``transformers`` model ``hf_model``."""
+    config = getattr(hf_model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise HeadlensError(f"expected a transformers PreTrainedModel, got {type(hf_model).__name__}")
+    family = family_for_model_type(config.model_type)
+    cfg = family.config_from_hf(config)
+    cfg.name = name or getattr(config, "_name_or_path", "") or config.model_type
+    if tokenizer is not None:
+        _fill_special_tokens(cfg, tokenizer)
+    state = convert_state_dict(family, cfg, hf_model.state_dict())
+    dtype = dtype or next(hf_model.parameters()).dtype
+    state = {k: v.detach().to(dtype=dtype, device=device or "cpu").contiguous() for k, v in state.items()}
+    return HeadlensModel.from_state_dict(cfg, state, tokenizer)
+
+
+def _fill_special_tokens(cfg, tokenizer) -> None:
+    if cfg.pad_token_id is None and tokenizer.pad_token_id is not None:
+        cfg.pad_token_id = tokenizer.pad_token_id
+    if cfg.bos_token_id is None and getattr(tokenizer, "bos_token_id", None) is not None and cfg.causal:
+        cfg.bos_token_id = tokenizer.bos_token_id
+    if cfg.eos_token_id is None and getattr(tokenizer, "eos_token_id", None) is not None:
+        cfg.eos_token_id = tokenizer.eos_token_id
+    seps = {getattr(tokenizer, "sep_token_id", None), cfg.eos_token_id}
+    cfg.sep_token_ids = sorted(s for s in seps if s is not None)

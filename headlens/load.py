@@ -1,0 +1,1 @@
+"""Reading weights into a :class:`HeadlensModel` (minimal core; see headlens.load)."""
