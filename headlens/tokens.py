@@ -119,3 +119,22 @@ def batches(model, data: Union[Texts, Iterable], batch_size: int = 16, **encode_
         yield encode(model, chunk, **encode_kwargs)
     if seen == 0:
         raise HeadlensError("the dataset is empty: no texts or token sequences to run")
+
+
+def repeated_random_tokens(n_seqs: int, half_len: int, vocab_size: int, seed: int = 0,
+                           bos_token_id: Optional[int] = None, low: int = 0,
+                           exclude: Sequence[int] = ()) -> torch.Tensor:
+    """Olsson et al.'s induction input: ``[BOS?, x, x]`` with ``x`` uniform random tokens.
+
+    Returns ``[n_seqs, (1 if BOS) + 2 * half_len]`` long tensor; token ids drawn from
+    ``[low, vocab_size)`` minus ``exclude`` (e.g. special tokens), deterministic under ``seed``.
+    """
+    check(n_seqs >= 1 and half_len >= 2, "need n_seqs >= 1 and half_len >= 2")
+    allowed = torch.tensor([t for t in range(low, vocab_size) if t not in set(exclude)])
+    check(len(allowed) >= 2, "fewer than two token ids to draw from")
+    gen = torch.Generator().manual_seed(seed)
+    x = allowed[torch.randint(0, len(allowed), (n_seqs, half_len), generator=gen)]
+    seq = torch.cat([x, x], dim=1)
+    if bos_token_id is not None:
+        seq = torch.cat([torch.full((n_seqs, 1), bos_token_id, dtype=torch.long), seq], dim=1)
+    return seq

@@ -1,0 +1,90 @@
+"""headlens' own checkpoint folder: ``config.json`` (a :class:`ModelConfig` plus ``"format":
+"headlens"``), ``model.safetensors``, the tokenizer files when the model has a tokenizer, and an
+optional model card (``card.json`` / ``card.md``)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .errors import HeadlensError
+from .model import HeadlensModel
+
+FORMAT = "headlens"
+
+
+def is_headlens_folder(folder) -> bool:
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def save_model(model: HeadlensModel, folder, card: Optional[dict] = None, card_md: Optional[str] = None) -> Path:
+    """Write ``model`` (and its tokenizer and card) to ``folder``, atomically per file."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise HeadlensError(f"output folder {str(folder)!r} is a file")
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "unembed.W_U"}
+    _atomic(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    config = dict(model.cfg.to_dict(), format=FORMAT)
+    _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(folder))
+    if card is not None:
+        _atomic(folder / "card.json", lambda p: p.write_text(json.dumps(card, indent=2, sort_keys=True)))
+    if card_md is not None:
+        _atomic(folder / "card.md", lambda p: p.write_text(card_md))
+    return folder
+
+
+def load_model(folder, dtype: Optional[torch.dtype] = None, device=None) -> HeadlensModel:
+    """Read a folder written by :func:`save_model`."""
+    folder = Path(folder)
+    if not is_headlens_folder(folder):
+        raise HeadlensError(f"{str(folder)!r} is not a headlens checkpoint folder (no config.json with "
+                            f"\"format\": \"{FORMAT}\")")
+    raw = json.loads((folder / "config.json").read_text())
+    raw.pop("format")
+    cfg = ModelConfig.from_dict(raw)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise HeadlensError(f"checkpoint {str(folder)!r} has no model.safetensors")
+    try:
+        state = load_file(str(weights), device=str(device or "cpu"))
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise HeadlensError(f"checkpoint file {str(weights)!r} is corrupted or truncated: {e}") from e
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise HeadlensError(f"checkpoint weight {k!r} holds NaN or infinite values")
+    tokenizer = None
+    if (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return HeadlensModel.from_state_dict(cfg, state, tokenizer)
+
+
+def read_card(folder) -> Optional[dict]:
+    path = Path(folder) / "card.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
