@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
@@ -64,7 +64,7 @@ def load_model(folder, dtype: Optional[torch.dtype] = None, device=None) -> Head
         raise HeadlensError(f"checkpoint {str(folder)!r} has no model.safetensors")
     try:
         state = load_file(str(weights), device=str(device or "cpu"))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise HeadlensError(f"checkpoint file {str(weights)!r} is corrupted or truncated: {e}") from e
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
