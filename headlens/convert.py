@@ -1,4 +1,5 @@
-"""From a ``transformers`` model object to a :class:`HeadlensModel` on the same weights."""
+"""From a ``transformers`` model object (or its config and state dict) to a :class:`HeadlensModel`
+on the same weights."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,18 +13,33 @@ from .model import HeadlensModel
 
 def from_hf_model(hf_model, tokenizer=None, dtype: Optional[torch.dtype] = None,
                   device=None, name: Optional[str] = None) -> HeadlensModel:
-    """Build a headlens model holding the same weights as the ``transformers`` model ``hf_model``."""
+    """Build a headlens model holding the same weights as the ``transformers`` model ``hf_model``
+    (copies: later edits to one model do not change the other)."""
     config = getattr(hf_model, "config", None)
-    if config is None or not hasattr(config, "model_type"):
+    if config is None or not hasattr(config, "model_type") or not hasattr(hf_model, "state_dict"):
         raise HeadlensError(f"expected a transformers PreTrainedModel, got {type(hf_model).__name__}")
+    dtype = dtype or next(hf_model.parameters()).dtype
+    return from_hf_state(config, hf_model.state_dict(), tokenizer, dtype, device, name)
+
+
+def from_hf_state(config, hf_state: dict, tokenizer=None, dtype: Optional[torch.dtype] = None,
+                  device=None, name: Optional[str] = None,
+                  kept_heads: Optional[list] = None) -> HeadlensModel:
+    """Build a headlens model from a ``transformers`` config and state dict (names as saved by
+    ``transformers``). ``kept_heads`` reads a physically pruned checkpoint (see
+    :mod:`headlens.export`). Tensors are copied, never shared with ``hf_state``."""
     family = family_for_model_type(config.model_type)
     cfg = family.config_from_hf(config)
     cfg.name = name or getattr(config, "_name_or_path", "") or config.model_type
+    if kept_heads is not None:
+        cfg = cfg.replace(kept_heads=kept_heads)
     if tokenizer is not None:
         _fill_special_tokens(cfg, tokenizer)
-    state = convert_state_dict(family, cfg, hf_model.state_dict())
-    dtype = dtype or next(hf_model.parameters()).dtype
-    state = {k: v.detach().to(dtype=dtype, device=device or "cpu").contiguous() for k, v in state.items()}
+    state = convert_state_dict(family, cfg, hf_state)
+    device = torch.device(device or "cpu")
+    state = {k: v.detach().to(device=device, dtype=dtype or v.dtype, copy=True,
+                              memory_format=torch.contiguous_format)
+             for k, v in state.items()}
     return HeadlensModel.from_state_dict(cfg, state, tokenizer)
 
 

@@ -1,13 +1,25 @@
 """A model family = a config map from a ``transformers`` config plus a weight-name map.
 
 Each family module defines a :class:`Family` and calls :func:`register`. A weight map is a list
-of ``(headlens name, transformers name, transform)`` templates with ``{l}`` for the layer; the
-transform turns the ``transformers`` tensor (or tensors: a tuple of names) into headlens' layout.
+of rules ``(ours, theirs, transform, inverse)`` with ``{l}`` for the layer:
+
+- ``ours``: the headlens parameter name;
+- ``theirs``: the ``transformers`` name (or a tuple of names) it is read from;
+- ``transform(*their_tensors) -> our_tensor`` (``None``: taken as it is);
+- ``inverse(our_tensor) -> their_tensor`` (or a tuple, one per name in ``theirs``), optional; it
+  is what :func:`invert_state_dict` (and :func:`headlens.export.save_hf`) uses. ``None`` with
+  ``transform=None`` means the identity; a rule with a transform but no inverse cannot be
+  exported. When several rules write the same ``transformers`` tensor (GPT-2's fused ``c_attn``),
+  their inverses return consecutive pieces that are concatenated along the last dimension, in
+  rule order.
+
+Transforms infer the number of heads from the tensor's shape (only ``d_head`` is fixed), so the
+same rules read physically pruned checkpoints whose layers have fewer heads.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -15,23 +27,29 @@ from ..config import ModelConfig
 from ..errors import HeadlensError
 
 Transform = Callable[..., torch.Tensor]
-WeightRule = tuple  # (ours: str, theirs: str | tuple[str, ...], transform | None)
+WeightRule = tuple  # (ours: str, theirs: str | tuple[str, ...], transform | None[, inverse | None])
 
 
 @dataclass
 class Family:
-    """How to read one ``transformers`` architecture into a :class:`HeadlensModel`."""
+    """How to read one ``transformers`` architecture into a :class:`HeadlensModel` (and back)."""
 
     name: str
     model_types: Sequence[str]  # transformers' config.model_type values
     config_from_hf: Callable[[object], ModelConfig]
-    weight_rules: Callable[[ModelConfig], list]  # cfg -> [(ours, theirs, transform)]
+    weight_rules: Callable[[ModelConfig], list]  # cfg -> [(ours, theirs, transform[, inverse])]
     hf_prefixes: Sequence[str] = ("",)  # prefixes tried in front of the transformers names
     description: str = ""
     bridge_supported: bool = True
     hf_class: str = "AutoModelForCausalLM"  # class used to load a folder or hub name
     export: Optional[Callable] = None  # (model) -> transformers model, for saving checkpoints
     extra: dict = field(default_factory=dict)
+    # export to a transformers folder: cfg -> transformers PretrainedConfig
+    config_to_hf: Optional[Callable[[ModelConfig], object]] = None
+    # cfg -> (transformers architecture class name, prefix of the base-model weight names)
+    hf_layout: Optional[Callable[[ModelConfig], tuple]] = None
+    # transformers names outside the base model (output heads); they take no prefix
+    head_names: Sequence[str] = ()
 
 
 FAMILIES: dict[str, Family] = {}
@@ -50,25 +68,54 @@ def family_for_model_type(model_type: str) -> Family:
     raise HeadlensError(f"unsupported architecture {model_type!r}: headlens reads {known}")
 
 
-# --- transforms from transformers' layouts to headlens' per-head layout -------------------------
+# --- transforms between transformers' layouts and headlens' per-head layout ---------------------
+# n (the number of heads) is kept in the signatures for readability; it is inferred from shapes.
 
 def split_heads_in(n: int, d: int) -> Transform:
     """nn.Linear weight ``[n*d, D]`` -> ``[D, n, d]``."""
-    return lambda w: w.T.reshape(w.shape[1], n, d)
+    return lambda w: w.T.reshape(w.shape[1], -1, d)
+
+
+def merge_heads_in(w: torch.Tensor) -> torch.Tensor:
+    """``[D, n, d]`` -> nn.Linear weight ``[n*d, D]`` (inverse of :func:`split_heads_in`)."""
+    return w.reshape(w.shape[0], -1).T
 
 
 def split_heads_out(n: int, d: int) -> Transform:
     """nn.Linear weight ``[D, n*d]`` -> ``[n, d, D]``."""
-    return lambda w: w.T.reshape(n, d, w.shape[0])
+    return lambda w: w.T.reshape(-1, d, w.shape[0])
+
+
+def merge_heads_out(w: torch.Tensor) -> torch.Tensor:
+    """``[n, d, D]`` -> nn.Linear weight ``[D, n*d]`` (inverse of :func:`split_heads_out`)."""
+    return w.reshape(-1, w.shape[-1]).T
 
 
 def split_bias(n: int, d: int) -> Transform:
     """bias ``[n*d]`` -> ``[n, d]``."""
-    return lambda b: b.reshape(n, d)
+    return lambda b: b.reshape(-1, d)
+
+
+def merge_bias(b: torch.Tensor) -> torch.Tensor:
+    """``[n, d]`` -> bias ``[n*d]``."""
+    return b.reshape(-1)
 
 
 def transpose(w: torch.Tensor) -> torch.Tensor:
     return w.T
+
+
+def unpack_rule(rule: WeightRule) -> tuple:
+    """``(ours, theirs tuple, transform or None, inverse or None)``; identity rules invert to identity."""
+    ours, theirs, fn = rule[:3]
+    inverse = rule[3] if len(rule) > 3 else None
+    if fn is None and inverse is None:
+        inverse = _identity
+    return ours, (theirs if isinstance(theirs, tuple) else (theirs,)), fn, inverse
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def convert_state_dict(family: Family, cfg: ModelConfig, hf_state: dict) -> dict:
@@ -76,12 +123,11 @@ def convert_state_dict(family: Family, cfg: ModelConfig, hf_state: dict) -> dict
     rules = family.weight_rules(cfg)
     prefix = _find_prefix(family, rules, hf_state)
     out = {}
-    for layer_rules, layers in _expand(rules, cfg.n_layers):
+    for rule, layers in _expand(rules, cfg.n_layers):
+        ours, theirs, fn, _ = unpack_rule(rule)
         for l in layers:
-            ours, theirs, fn = layer_rules
-            names = theirs if isinstance(theirs, tuple) else (theirs,)
             tensors = []
-            for name in names:
+            for name in theirs:
                 key = prefix + name.format(l=l)
                 if key not in hf_state and name.format(l=l) in hf_state:
                     key = name.format(l=l)  # weights outside the base model (e.g. an MLM head)
@@ -90,9 +136,31 @@ def convert_state_dict(family: Family, cfg: ModelConfig, hf_state: dict) -> dict
                         f"checkpoint is missing weight {key!r} needed by the {family.name} family "
                         "(wrong architecture, or a truncated checkpoint?)")
                 tensors.append(hf_state[key])
-            value = fn(*tensors) if fn is not None else tensors[0]
-            out[ours.format(l=l)] = value
+            out[ours.format(l=l)] = fn(*tensors) if fn is not None else tensors[0]
     return out
+
+
+def invert_state_dict(family: Family, cfg: ModelConfig, state: dict, prefix: str = "") -> dict:
+    """Map a headlens state dict onto ``transformers`` names (the inverse of
+    :func:`convert_state_dict`); base-model names get ``prefix``, :attr:`Family.head_names` not."""
+    pieces: dict[str, list] = {}
+    for rule, layers in _expand(family.weight_rules(cfg), cfg.n_layers):
+        ours, theirs, _, inverse = unpack_rule(rule)
+        if inverse is None:
+            raise HeadlensError(f"the {family.name} family cannot export {ours!r}: its weight rule "
+                                "has no inverse")
+        for l in layers:
+            key = ours.format(l=l)
+            if key not in state:
+                raise HeadlensError(f"model has no weight {key!r} needed by the {family.name} family")
+            outs = inverse(state[key])
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            for name, tensor in zip(theirs, outs, strict=True):
+                name = name.format(l=l)
+                if not any(name.startswith(h) for h in family.head_names):
+                    name = prefix + name
+                pieces.setdefault(name, []).append(tensor)
+    return {k: (v[0] if len(v) == 1 else torch.cat(v, dim=-1)) for k, v in pieces.items()}
 
 
 def _expand(rules, n_layers):

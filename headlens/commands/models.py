@@ -1,0 +1,36 @@
+"""``headlens models``: the bundled models, or with ``--families`` the supported architectures."""
+from __future__ import annotations
+
+NAME = "models"
+HELP = "list the bundled models (or, with --families, the architectures headlens reads)"
+DESCRIPTION = ("List the models headlens.load() knows by name: name, family, layers, heads, whether "
+               "the weights are on this machine. Any local transformers folder or hub name of a "
+               "supported family loads too (see --families).")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--families", action="store_true",
+                        help="list the supported model families and their transformers model_types")
+
+
+def families_table():
+    """One row per supported family: ``family, model_types, hf_class, exportable, description``."""
+    import pandas as pd
+
+    from ..families import FAMILIES
+
+    rows = [{"family": f.name, "model_types": ", ".join(f.model_types), "hf_class": f.hf_class,
+             "exportable": f.config_to_hf is not None and f.hf_layout is not None,
+             "description": f.description} for f in FAMILIES.values()]
+    return pd.DataFrame(rows, columns=["family", "model_types", "hf_class", "exportable", "description"])
+
+
+def run(args) -> int:
+    import pandas as pd
+
+    from ..load import list_models
+
+    table = families_table() if args.families else list_models()
+    with pd.option_context("display.max_colwidth", 90, "display.width", 200):
+        print(table.to_string(index=False))
+    return 0
