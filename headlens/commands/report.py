@@ -1,0 +1,72 @@
+"""``headlens report``: the whole pipeline from a model to a report folder (see :mod:`headlens.report`)."""
+from __future__ import annotations
+
+import argparse
+import shlex
+
+NAME = "report"
+HELP = "analyse every head of a model and write a research report (the default command)"
+DESCRIPTION = (
+    "Run capture -> pattern scores and roles -> clustering -> ablation sweep with bootstrap CIs -> "
+    "gradient importance -> pruning curve on MODEL and TASK, and write OUT/report.html, report.md, "
+    "heads.csv, clusters.csv, pruning.csv, prune_plan.json, figures/ and run.json. With no "
+    "arguments it analyses the bundled MiniLM on its bundled task. Re-running the same command "
+    "after an interruption resumes where it stopped.")
+
+
+def add_arguments(p) -> None:
+    from ..report import ABLATIONS, DEFAULT_MODEL, DTYPES
+
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help="bundled model name (see 'headlens models'), a headlens checkpoint folder, a "
+                        "transformers checkpoint folder, or a hub name when online")
+    p.add_argument("--task", "-t", default=None,
+                   help="bundled task name or a task file (text lines or JSONL) defining the metric "
+                        "the importance sweep and pruning use; None: the model's bundled task")
+    p.add_argument("--out", "-o", default="headlens-report", help="folder the report is written to")
+    p.add_argument("--ablation", choices=ABLATIONS, default="zero",
+                   help="how a head is removed: zero its output, replace it by its dataset mean, by "
+                        "another example's (resample), or make its attention uniform")
+    p.add_argument("--metric", default=None,
+                   help="metric of the task to use when it offers several; None: the task's own")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights' dtype")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for bootstrap, clustering, random pruning and data sampling; the same "
+                        "seed gives byte-identical tables")
+    p.add_argument("--n-examples", type=int, default=64,
+                   help="texts for the pattern scores and task examples for the importance sweep")
+    p.add_argument("--prune-target", type=float, default=0.5,
+                   help="fraction of all heads the pruning curve goes up to")
+    p.add_argument("--n-bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the importance confidence intervals")
+    p.add_argument("--n-clusters", type=int, default=None,
+                   help="number of head clusters; None: chosen by silhouette")
+    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the stages an interrupted run of the same configuration finished in OUT")
+    p.add_argument("--force", action="store_true",
+                   help="discard the checkpoints an interrupted run left in OUT and start over")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep OUT/.checkpoints after the report is written (re-running then only "
+                        "redraws and rewrites the report)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only where the report is")
+
+
+def run(args) -> int:
+    from ..report import report
+
+    options = [("--model", args.model), ("--task", args.task), ("--out", args.out),
+               ("--ablation", args.ablation), ("--metric", args.metric), ("--batch-size", args.batch_size),
+               ("--device", args.device), ("--dtype", args.dtype), ("--seed", args.seed),
+               ("--n-examples", args.n_examples), ("--prune-target", args.prune_target),
+               ("--n-bootstrap", args.n_bootstrap), ("--n-clusters", args.n_clusters)]
+    command = "headlens report " + " ".join(f"{k} {shlex.quote(str(v))}" for k, v in options if v is not None)
+    rep = report(model=args.model, task=args.task, out=args.out, ablation=args.ablation, metric=args.metric,
+                 batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
+                 n_examples=args.n_examples, prune_target=args.prune_target, n_bootstrap=args.n_bootstrap,
+                 n_clusters=args.n_clusters, progress=not args.no_progress, resume=args.resume, force=args.force,
+                 keep_checkpoints=args.keep_checkpoints, command=command)
+    print(rep.html if args.quiet else rep.summary())
+    return 0

@@ -1,0 +1,166 @@
+"""A report folder that is written atomically and whose long stages resume after a crash.
+
+Layout of ``DIR`` while a run is going::
+
+    DIR/.checkpoints/run.json     fingerprint of the run's configuration
+    DIR/.checkpoints/<stage>.pkl  result of every finished stage (and the sweep's own checkpoints)
+    DIR/.staging/                 the report being written; moved into DIR at the very end
+
+A finished report has ``run.json`` with ``"status": "complete"`` and ``report.html``; the final
+move removes the old ``report.html`` and ``run.json`` first and puts the new ``run.json`` and then
+``report.html`` in last, so a folder caught half-way never looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from .errors import HeadlensError
+
+STAGING = ".staging"
+CHECKPOINTS = ".checkpoints"
+MARKER = "run.json"
+PAGE = "report.html"
+FLOAT_FORMAT = "%.6g"
+
+
+def fingerprint(config: dict) -> str:
+    """A short hash of a JSON-able configuration."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as sorted, indented JSON through a temporary file and a rename."""
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_table(df: pd.DataFrame, path: Path) -> None:
+    """Write ``df`` as CSV with a fixed float format and ``\\n`` line ends (byte-stable), and as
+    Parquet beside it when pyarrow is importable."""
+    atomic_write(path, df.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n").encode())
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return
+    df.to_parquet(path.with_suffix(".parquet"), index=False)
+
+
+def is_complete(folder) -> bool:
+    """Whether ``folder`` holds a finished headlens report."""
+    folder = Path(folder)
+    try:
+        run = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return run.get("status") == "complete" and (folder / PAGE).is_file()
+
+
+class ReportFolder:
+    """The output folder ``out`` of one run with configuration ``config``.
+
+    ``resume=True`` keeps the stage results a killed run with the same configuration left behind;
+    ``force=True`` discards any previous checkpoints. A finished report already in ``out`` is
+    replaced only when the new one is complete.
+    """
+
+    def __init__(self, out, config: dict, resume: bool = True, force: bool = False):
+        self.out = Path(out).expanduser()
+        self.key = fingerprint(config)
+        self.resumed: list[str] = []
+        if self.out.exists() and not self.out.is_dir():
+            raise HeadlensError(f"out {str(self.out)!r} is a file; give a folder for the report")
+        if self.out.is_dir() and any(self.out.iterdir()) and not self._is_ours():
+            raise HeadlensError(f"out folder {str(self.out)!r} is not empty and holds no headlens report; "
+                                "choose a new or empty folder")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / f".write-test{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise HeadlensError(f"out folder {str(self.out)!r} is not writable: {e.strerror}") from None
+        self.checkpoints = self.out / CHECKPOINTS
+        self.staging = self.out / STAGING
+        self._open_checkpoints(config, resume, force)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
+        (self.staging / "figures").mkdir()
+
+    def _is_ours(self) -> bool:
+        return any((self.out / name).exists() for name in (MARKER, CHECKPOINTS, STAGING))
+
+    def _open_checkpoints(self, config: dict, resume: bool, force: bool) -> None:
+        stamp = self.checkpoints / MARKER
+        if self.checkpoints.is_dir() and stamp.is_file() and not force:
+            old = json.loads(stamp.read_text()).get("key")
+            if old != self.key and resume:
+                raise HeadlensError(
+                    f"{self.checkpoints} holds unfinished work of a run with another configuration; "
+                    "re-run that command to resume it, or pass force=True (--force) to discard it")
+        if force or not resume or not stamp.is_file():
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        write_json(stamp, {"key": self.key, "config": config})
+
+    def stage(self, name: str, compute: Callable[[], object]):
+        """Return the result of stage ``name``: from its checkpoint when a previous run of the same
+        configuration finished it, else ``compute()`` (saved before it is returned)."""
+        path = self.checkpoints / f"{name}.pkl"
+        if path.is_file():
+            try:
+                with open(path, "rb") as f:
+                    result = pickle.load(f)
+                self.resumed.append(name)
+                return result
+            except (OSError, EOFError, pickle.UnpicklingError):
+                path.unlink()  # a torn checkpoint: compute it again
+        result = compute()
+        atomic_write(path, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+        return result
+
+    def sweep_checkpoints(self) -> Path:
+        """Folder for the ablation sweep's own per-head checkpoints."""
+        path = self.checkpoints / "sweep"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def publish(self, keep_checkpoints: bool = False) -> None:
+        """Move the staged report into the folder: everything else, then ``run.json``, then
+        ``report.html``. Removes the checkpoints unless ``keep_checkpoints``."""
+        staged = sorted(p.name for p in self.staging.iterdir())
+        for name in (PAGE, MARKER):
+            (self.out / name).unlink(missing_ok=True)
+        for name in staged:
+            if name in (PAGE, MARKER):
+                continue
+            target = self.out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(self.staging / name, target)
+        for name in (MARKER, PAGE):
+            if (self.staging / name).exists():
+                os.replace(self.staging / name, self.out / name)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if not keep_checkpoints:
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+    def abandon(self) -> None:
+        """Drop the half-written staging folder (the checkpoints stay for a resume)."""
+        shutil.rmtree(self.staging, ignore_errors=True)
