@@ -2,6 +2,7 @@
 on the same weights."""
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -18,6 +19,8 @@ def from_hf_model(hf_model, tokenizer=None, dtype: Optional[torch.dtype] = None,
     config = getattr(hf_model, "config", None)
     if config is None or not hasattr(config, "model_type") or not hasattr(hf_model, "state_dict"):
         raise HeadlensError(f"expected a transformers PreTrainedModel, got {type(hf_model).__name__}")
+    config = copy.copy(config)  # the model's own class says which heads it has, not config.json
+    config.architectures = [type(hf_model).__name__]
     dtype = dtype or next(hf_model.parameters()).dtype
     return from_hf_state(config, hf_model.state_dict(), tokenizer, dtype, device, name)
 
