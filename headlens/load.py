@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -66,10 +67,8 @@ def _dispatch(source, dtype, device, tokenizer) -> HeadlensModel:
 
     if isinstance(source, HeadlensModel):
         return source.to(device=device or source.device, dtype=dtype or source.dtype)
-    if hasattr(source, "original_model") and hasattr(source, "run_with_cache"):  # TransformerBridge
-        hf = source.original_model
-        name = getattr(getattr(source, "cfg", None), "model_name", None)
-        return from_hf_model(hf, tokenizer or getattr(source, "tokenizer", None), dtype, device, name)
+    if hasattr(source, "original_model") and hasattr(source, "run_with_cache"):
+        return from_bridge(source, tokenizer, dtype, device)
     if hasattr(getattr(source, "config", None), "model_type") and isinstance(source, torch.nn.Module):
         return from_hf_model(source, tokenizer, dtype, device)
     if not isinstance(source, (str, os.PathLike)):
@@ -88,6 +87,30 @@ def _dispatch(source, dtype, device, tokenizer) -> HeadlensModel:
     if isinstance(source, os.PathLike) or not _HUB_NAME.match(source):
         raise HeadlensError(f"folder {str(source)!r} does not exist")
     return load_hub(source, dtype, device)
+
+
+def from_bridge(bridge, tokenizer=None, dtype=None, device=None) -> HeadlensModel:
+    """The weights of a TransformerLens ``TransformerBridge``'s underlying ``transformers`` model.
+
+    The bridge wraps each ``transformers`` module (its state dict names gain
+    ``._original_component``); those names are mapped back. A bridge in compatibility mode holds
+    processed weights (folded LayerNorm, centred weights) and is refused.
+    """
+    from .convert import from_hf_state
+
+    if getattr(bridge, "compatibility_mode", False):
+        raise HeadlensError("this TransformerBridge is in compatibility mode: its weights are processed "
+                            "(folded LayerNorm, centred weights); load a bridge booted without "
+                            "enable_compatibility_mode()")
+    hf = bridge.original_model
+    state = {}
+    for key, value in hf.state_dict().items():
+        state.setdefault(key.replace("._original_component", ""), value)
+    config = copy.copy(hf.config)  # the model's own class says which heads it has
+    config.architectures = [type(hf).__name__]
+    name = getattr(getattr(bridge, "cfg", None), "model_name", None)
+    return from_hf_state(config, state, tokenizer or getattr(bridge, "tokenizer", None),
+                         dtype or next(hf.parameters()).dtype, device, name)
 
 
 def load_folder(folder, dtype=None, device=None) -> HeadlensModel:
@@ -158,14 +181,23 @@ def _load_with_transformers(where: str, config, family, tokenizer, dtype, device
     import transformers
 
     from .convert import from_hf_model
+    from .families.base import hf_weight_names
 
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     cls = cls or getattr(transformers, family.hf_class)
     try:
-        hf = cls.from_pretrained(where, config=config, attn_implementation="eager", dtype=dtype, **kwargs)
+        hf, info = cls.from_pretrained(where, config=config, attn_implementation="eager", dtype=dtype,
+                                       output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise HeadlensError(f"transformers could not load {where!r} as {cls.__name__}: {e}") from e
+    # transformers fills weights missing from a checkpoint with random values; headlens refuses
+    needed = hf_weight_names(family, family.config_from_hf(config))
+    missing = sorted(k for k in info.get("missing_keys", ())
+                     if any(k == n or k.endswith("." + n) for n in needed))
+    if missing:
+        raise HeadlensError(f"checkpoint {where!r} is missing weights {missing[:5]} (a truncated or "
+                            "incomplete checkpoint?)")
     return from_hf_model(hf.eval(), tokenizer, dtype, device, name)
 
 

@@ -4,6 +4,7 @@ the same weights, float32, tolerance 1e-4: logits / final hidden states and ever
 Random models get all parameters drawn with a large spread (std 0.3, norms 1 +- 0.3, random biases)
 so patterns are peaked rather than near uniform and every weight, bias and map matters.
 """
+import copy
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,12 @@ def randomize(model: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.M
         is_norm_weight = p.ndim == 1 and name.endswith("weight")
         p.copy_(1 + noise if is_norm_weight else noise)
     return model.eval()
+
+
+def boot_bridge(name: str, hf, tokenizer) -> TransformerBridge:
+    """Boot TransformerLens' bridge around ``hf`` (which it rewires: run ``hf`` itself first). The
+    bridge adds special tokens to the tokenizer it gets, so it gets a copy."""
+    return TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=copy.deepcopy(tokenizer))
 
 
 def real_sentences(n: int = 6) -> list[str]:
@@ -90,7 +97,7 @@ def test_gpt2_matches_transformers_and_bridge(shape, bert_tokenizer):
         pytest.skip("TransformerBridge (transformer-lens 4.3) ignores GPT-2's scale_attn_weights=False: "
                     "it always divides scores by sqrt(d_head); parity with transformers is checked above")
     with torch.no_grad():
-        bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=bert_tokenizer)
+        bridge = boot_bridge("gpt2", hf, bert_tokenizer)
         bridge_logits, bridge_cache = bridge.run_with_cache(ids)
     assert (logits - bridge_logits).abs().max() < TOL
     assert max(pattern_errors(cache, bridge_patterns(bridge_cache, L), L)) < TOL
@@ -99,7 +106,7 @@ def test_gpt2_matches_transformers_and_bridge(shape, bert_tokenizer):
 def test_gpt2_gate_equals_zeroing_z_on_bridge(bert_tokenizer):
     """A head removed by the gate equals that head's hook_z zeroed on the bridge."""
     hf, ours = gpt2_pair(GPT2_SHAPES[1], bert_tokenizer, seed=1)
-    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=bert_tokenizer)
+    bridge = boot_bridge("gpt2", hf, bert_tokenizer)
     ids = torch.randint(0, hf.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     for layer, head in [(0, 0), (1, 3), (2, 4)]:
         gate = torch.ones(3, 5)
@@ -141,15 +148,14 @@ def test_bert_with_padding_matches_transformers_and_bridge(shape, bert_tokenizer
     config = BertConfig(vocab_size=bert_tokenizer.vocab_size, max_position_embeddings=32,
                         attn_implementation="eager", **shape)
     hf = randomize(BertForMaskedLM(config), seed=shape["hidden_size"])
-    ours = headlens.load(hf, tokenizer=bert_tokenizer)
+    ours = headlens.load(hf, tokenizer=copy.deepcopy(bert_tokenizer))
     assert ours.cfg.unembed == "mlm"
     ids, mask, types = padded_batch(config.vocab_size, [11, 6, 3])
     L = shape["num_hidden_layers"]
     with torch.no_grad():
         logits, cache = ours.run_with_cache(ids, attention_mask=mask, token_type_ids=types)
         out = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_attentions=True)
-        bridge = TransformerBridge.boot_transformers("google-bert/bert-base-uncased", hf_model=hf,
-                                                     tokenizer=bert_tokenizer)
+        bridge = boot_bridge("google-bert/bert-base-uncased", hf, bert_tokenizer)
         bridge_logits, bridge_cache = bridge.run_with_cache(ids, attention_mask=mask, token_type_ids=types)
     real = mask.bool()
     assert (logits[real] - out.logits[real]).abs().max() < TOL
@@ -166,7 +172,7 @@ def test_bert_without_mlm_head_returns_hidden_states(bert_tokenizer):
                         num_attention_heads=4, hidden_size=16, intermediate_size=20, hidden_act="relu",
                         attn_implementation="eager")
     hf = randomize(BertModel(config, add_pooling_layer=False), seed=5)
-    ours = headlens.load(hf, tokenizer=bert_tokenizer)
+    ours = headlens.load(hf, tokenizer=copy.deepcopy(bert_tokenizer))
     ids, mask, types = padded_batch(config.vocab_size, [9, 4], seed=1)
     with torch.no_grad():
         hidden = ours(ids, attention_mask=mask, token_type_ids=types)
@@ -201,14 +207,13 @@ def test_minilm_matches_transformers(minilm, minilm_path, bert_tokenizer):
 def test_minilm_matches_bridge(minilm_mlm, bert_tokenizer):
     """The bridge boots the real MiniLM encoder weights inside a BertForMaskedLM (its BERT adapter
     needs the MLM class); patterns, logits and a gated head are compared."""
-    ours = headlens.load(minilm_mlm, tokenizer=bert_tokenizer)
+    ours = headlens.load(minilm_mlm, tokenizer=copy.deepcopy(bert_tokenizer))
     batch = dict(bert_tokenizer(real_sentences(), return_tensors="pt", padding=True))
     mask = batch["attention_mask"]
     with torch.no_grad():
         logits, cache = ours.run_with_cache(batch)
         hf_logits = minilm_mlm(**batch).logits  # before booting: the bridge rewires hf's modules
-        bridge = TransformerBridge.boot_transformers("google-bert/bert-base-uncased", hf_model=minilm_mlm,
-                                                     tokenizer=bert_tokenizer)
+        bridge = boot_bridge("google-bert/bert-base-uncased", minilm_mlm, bert_tokenizer)
         bridge_logits, bridge_cache = bridge.run_with_cache(
             batch["input_ids"], attention_mask=mask, token_type_ids=batch["token_type_ids"])
     real = mask.bool()

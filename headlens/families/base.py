@@ -3,7 +3,9 @@
 Each family module defines a :class:`Family` and calls :func:`register`. A weight map is a list
 of rules ``(ours, theirs, transform, inverse)`` with ``{l}`` for the layer:
 
-- ``ours``: the headlens parameter name;
+- ``ours``: the headlens parameter name (or a tuple of names, when one ``transformers`` tensor
+  holds several of ours, e.g. GPT-NeoX's interleaved ``query_key_value``: then ``transform``
+  returns a tuple, one tensor per name, and ``inverse`` takes one tensor per name);
 - ``theirs``: the ``transformers`` name (or a tuple of names) it is read from;
 - ``transform(*their_tensors) -> our_tensor`` (``None``: taken as it is);
 - ``inverse(our_tensor) -> their_tensor`` (or a tuple, one per name in ``theirs``), optional; it
@@ -136,8 +138,18 @@ def convert_state_dict(family: Family, cfg: ModelConfig, hf_state: dict) -> dict
                         f"checkpoint is missing weight {key!r} needed by the {family.name} family "
                         "(wrong architecture, or a truncated checkpoint?)")
                 tensors.append(hf_state[key])
-            out[ours.format(l=l)] = fn(*tensors) if fn is not None else tensors[0]
+            value = fn(*tensors) if fn is not None else tensors[0]
+            if isinstance(ours, tuple):  # one transformers tensor read into several of ours
+                out.update({o.format(l=l): v for o, v in zip(ours, value, strict=True)})
+            else:
+                out[ours.format(l=l)] = value
     return out
+
+
+def hf_weight_names(family: Family, cfg: ModelConfig) -> set:
+    """The ``transformers`` weight names (without prefix) that the family's rules read."""
+    return {name.format(l=l) for rule, layers in _expand(family.weight_rules(cfg), cfg.n_layers)
+            for name in unpack_rule(rule)[1] for l in layers}
 
 
 def invert_state_dict(family: Family, cfg: ModelConfig, state: dict, prefix: str = "") -> dict:
@@ -150,10 +162,11 @@ def invert_state_dict(family: Family, cfg: ModelConfig, state: dict, prefix: str
             raise HeadlensError(f"the {family.name} family cannot export {ours!r}: its weight rule "
                                 "has no inverse")
         for l in layers:
-            key = ours.format(l=l)
-            if key not in state:
-                raise HeadlensError(f"model has no weight {key!r} needed by the {family.name} family")
-            outs = inverse(state[key])
+            keys = [o.format(l=l) for o in (ours if isinstance(ours, tuple) else (ours,))]
+            for key in keys:
+                if key not in state:
+                    raise HeadlensError(f"model has no weight {key!r} needed by the {family.name} family")
+            outs = inverse(*(state[key] for key in keys))
             outs = outs if isinstance(outs, tuple) else (outs,)
             for name, tensor in zip(theirs, outs, strict=True):
                 name = name.format(l=l)
@@ -165,7 +178,8 @@ def invert_state_dict(family: Family, cfg: ModelConfig, state: dict, prefix: str
 
 def _expand(rules, n_layers):
     for rule in rules:
-        names = (rule[0],) + (rule[1] if isinstance(rule[1], tuple) else (rule[1],))
+        names = tuple(r if isinstance(r, tuple) else (r,) for r in rule[:2])
+        names = names[0] + names[1]
         per_layer = any("{l}" in n for n in names)
         yield rule, (range(n_layers) if per_layer else [0])
 
