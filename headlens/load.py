@@ -18,7 +18,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
@@ -85,8 +85,21 @@ def _dispatch(source, dtype, device, tokenizer) -> HeadlensModel:
         raise HeadlensError(f"source {str(source)!r} is a file; headlens.load reads checkpoint folders "
                             "(config.json + model.safetensors)")
     if isinstance(source, os.PathLike) or not _HUB_NAME.match(source):
-        raise HeadlensError(f"folder {str(source)!r} does not exist")
+        raise HeadlensError(f"folder {str(source)!r} does not exist{_bundled_hint(str(source))}")
     return load_hub(source, dtype, device)
+
+
+def _bundled_hint(source: str, always: bool = False) -> str:
+    """``"; bundled models: ..."`` (with a close match) for sources that look like names."""
+    import difflib
+
+    from .bundled import bundled_models
+
+    if not always and any(c in source for c in "/\\~"):
+        return ""
+    names = list(bundled_models())
+    close = difflib.get_close_matches(source, names, n=1)
+    return f"; bundled models: {', '.join(names)}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def from_bridge(bridge, tokenizer=None, dtype=None, device=None) -> HeadlensModel:
@@ -162,7 +175,6 @@ def load_hub(name: str, dtype=None, device=None) -> HeadlensModel:
     """A Hugging Face hub model through ``transformers`` (online, or from the local cache)."""
     from transformers import AutoConfig
 
-    from .bundled import bundled_models
     from .families import family_for_model_type
 
     try:
@@ -170,8 +182,8 @@ def load_hub(name: str, dtype=None, device=None) -> HeadlensModel:
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HeadlensError(
-            f"cannot load {name!r}: it is not a bundled model ({', '.join(bundled_models())}), not an "
-            f"existing folder, and the Hugging Face hub did not provide it ({first})") from e
+            f"cannot load {name!r}: it is not a bundled model, not an existing folder, and the Hugging "
+            f"Face hub did not provide it ({first}){_bundled_hint(name, always=True)}") from e
     family = family_for_model_type(config.model_type)
     tokenizer = load_tokenizer(name)
     return _load_with_transformers(name, config, family, tokenizer, dtype, device, name)
@@ -246,12 +258,20 @@ def list_models():
     from .bundled import bundled_models
 
     rows = [{"name": m.name, "family": m.family, "n_layers": m.n_layers, "n_heads": m.n_heads,
-             "description": m.description, "available": bool(m.available())}
+             "description": m.description, "available": _available(m)}
             for m in bundled_models().values()]
     return pd.DataFrame(rows, columns=["name", "family", "n_layers", "n_heads", "description", "available"])
 
 
 # --- helpers ----------------------------------------------------------------------------------
+def _available(entry) -> bool:
+    """Whether a bundled model's weights are on this machine (False if the check itself fails)."""
+    try:
+        return bool(entry.available())
+    except (ImportError, OSError, HeadlensError):
+        return False
+
+
 def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM,
+                          GPT2Config, GPT2LMHeadModel)
 
 import headlens
 from headlens import HeadlensError, HeadlensModel
@@ -45,7 +46,8 @@ def gate_of(model: HeadlensModel, kept) -> torch.Tensor:
 def tiny_bert(bert_tokenizer):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=bert_tokenizer.vocab_size, max_position_embeddings=32, num_hidden_layers=2,
-                        num_attention_heads=4, hidden_size=32, intermediate_size=40, attn_implementation="eager")
+                        num_attention_heads=4, hidden_size=32, intermediate_size=40,
+                        attn_implementation="eager")
     hf = BertForMaskedLM(config).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -74,12 +76,11 @@ def test_gpt2_export_loads_in_transformers(tiny_gpt2, tiny_gpt2_hf, tmp_path):
 
 
 def test_untied_gpt2_round_trip(bert_tokenizer, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(1)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=3, n_embd=12, n_positions=16, vocab_size=bert_tokenizer.vocab_size,
-                                    tie_word_embeddings=False, activation_function="relu", n_inner=7,
-                                    attn_implementation="eager")).eval()
+    config = GPT2Config(n_layer=2, n_head=3, n_embd=12, n_positions=16, vocab_size=bert_tokenizer.vocab_size,
+                        tie_word_embeddings=False, activation_function="relu", n_inner=7,
+                        attn_implementation="eager")
+    hf = GPT2LMHeadModel(config).eval()
     ours = headlens.load(hf, tokenizer=bert_tokenizer)
     save_hf(ours, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
@@ -140,8 +141,9 @@ def test_pruned_export_round_trips_through_headlens(which, tiny_gpt2, tiny_bert,
         sliced = back(ids, attention_mask=mask)
     real = mask.bool()
     assert (gated[real] - sliced[real]).abs().max() < 1e-5
+    auto_class = AutoModelForCausalLM if which == "gpt2" else AutoModelForMaskedLM
     with pytest.raises(RuntimeError):  # stock transformers cannot build per-layer head counts
-        AutoModelForCausalLM.from_pretrained(tmp_path) if which == "gpt2" else AutoModelForMaskedLM.from_pretrained(tmp_path)
+        auto_class.from_pretrained(tmp_path)
 
 
 def test_save_model_round_trip(tiny_gpt2, tmp_path):
@@ -163,8 +165,9 @@ def test_loaded_model_does_not_share_memory_with_transformers(tiny_gpt2_hf, bert
 
 
 def test_export_refuses_what_transformers_cannot_express(tiny_gpt2, tmp_path):
-    toy = HeadlensModel(headlens.ModelConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, n_ctx=8, vocab_size=10,
-                                             mlp="none", family="toy")).init_weights()
+    toy_cfg = headlens.ModelConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, n_ctx=8, vocab_size=10,
+                                   mlp="none", family="toy")
+    toy = HeadlensModel(toy_cfg).init_weights()
     with pytest.raises(HeadlensError, match="family 'toy'"):
         save_hf(toy, tmp_path / "toy")
     rms = HeadlensModel(tiny_gpt2.cfg.replace(norm="rmsnorm")).init_weights()
@@ -181,8 +184,8 @@ def test_export_detects_a_wrong_inverse(tiny_gpt2, monkeypatch, tmp_path):
 
     def broken_rules(cfg):
         rules = gpt2.weight_rules(cfg)
-        return [r if r[0] != "blocks.{l}.attn.W_O" else (r[0], r[1], r[2], lambda w: w.reshape(-1, w.shape[-1]).flip(0))
-                for r in rules]
+        flipped = (lambda w: w.reshape(-1, w.shape[-1]).flip(0))  # rows in the wrong order
+        return [r if r[0] != "blocks.{l}.attn.W_O" else (r[0], r[1], r[2], flipped) for r in rules]
 
     monkeypatch.setitem(FAMILIES, "gpt2", dataclasses.replace(gpt2, weight_rules=broken_rules))
     with pytest.raises(HeadlensError, match="do not invert 'blocks.0.attn.W_O'"):

@@ -20,7 +20,8 @@ from headlens.load import parse_dtype
 
 def fresh_gpt2(vocab_size, seed=0, **kw):
     torch.manual_seed(seed)
-    config = dict(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=vocab_size, attn_implementation="eager")
+    config = dict(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=vocab_size,
+                  attn_implementation="eager")
     return GPT2LMHeadModel(GPT2Config(**{**config, **kw})).eval()
 
 
@@ -83,6 +84,41 @@ def test_transformer_bridge(bert_tokenizer):
     assert model.tokenizer is tokenizer
     with torch.no_grad():
         assert (model(IDS) - bridge(IDS)).abs().max() < 1e-4
+
+
+def test_bridge_in_compatibility_mode_is_refused(bert_tokenizer):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = fresh_gpt2(bert_tokenizer.vocab_size, seed=4)
+    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=copy.deepcopy(bert_tokenizer))
+    bridge.enable_compatibility_mode()  # folds LayerNorm and centres weights: not the model's weights
+    with pytest.raises(HeadlensError, match="compatibility mode"):
+        headlens.load(bridge)
+
+
+def test_transformers_loading_path(bert_tokenizer, tmp_path):
+    """The path hub names take (transformers' from_pretrained with the checkpoint's class), run on a
+    local folder: the MLM head comes with it, and missing weights are refused, not made up."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    from headlens.load import load_hub
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=bert_tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=20, max_position_embeddings=32)
+    hf = BertForMaskedLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    bert_tokenizer.save_pretrained(tmp_path)
+    model = load_hub(str(tmp_path))
+    assert model.cfg.unembed == "mlm" and model.tokenizer is not None
+    with torch.no_grad():
+        assert (model(IDS) - hf(IDS).logits).abs().max() < 1e-4
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["bert.encoder.layer.1.attention.self.key.bias"]
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(HeadlensError, match="missing weights.*layer.1.attention.self.key.bias"):
+        load_hub(str(tmp_path))
 
 
 def test_headlens_model_passes_through(tiny_gpt2):

@@ -143,7 +143,8 @@ def padded_batch(vocab_size, lengths, seed=0):
     return ids, mask, types
 
 
-@pytest.mark.parametrize("shape", BERT_SHAPES, ids=lambda s: f"{s['num_hidden_layers']}x{s['num_attention_heads']}")
+@pytest.mark.parametrize("shape", BERT_SHAPES,
+                         ids=lambda s: f"{s['num_hidden_layers']}x{s['num_attention_heads']}")
 def test_bert_with_padding_matches_transformers_and_bridge(shape, bert_tokenizer):
     config = BertConfig(vocab_size=bert_tokenizer.vocab_size, max_position_embeddings=32,
                         attn_implementation="eager", **shape)

@@ -1,6 +1,8 @@
 """``headlens models``: the bundled models, or with ``--families`` the supported architectures."""
 from __future__ import annotations
 
+import textwrap
+
 NAME = "models"
 HELP = "list the bundled models (or, with --families, the architectures headlens reads)"
 DESCRIPTION = ("List the models headlens.load() knows by name: name, family, layers, heads, whether "
@@ -26,11 +28,13 @@ def families_table():
 
 
 def run(args) -> int:
-    import pandas as pd
-
     from ..load import list_models
 
     table = families_table() if args.families else list_models()
-    with pd.option_context("display.max_colwidth", 90, "display.width", 200):
-        print(table.to_string(index=False))
+    key = "family" if args.families else "name"
+    print(table.drop(columns="description").to_string(index=False))
+    print()
+    for row in table.itertuples():
+        print(textwrap.fill(row.description, width=100, initial_indent=f"{getattr(row, key)}: ",
+                            subsequent_indent="    "))
     return 0
