@@ -46,6 +46,10 @@ class ModelConfig:
     positional: str = "learned"
     rotary_dim: Optional[int] = None  # None: all of d_head
     rotary_base: float = 10000.0
+    # rotary frequency scaling as in transformers' rope_parameters: None, {"rope_type": "linear",
+    # "factor"} or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}
+    rotary_scaling: Optional[dict] = None
     attn_scale: Optional[float] = None  # None: 1/sqrt(d_head)
     qkv_bias: bool = True
     out_bias: bool = True

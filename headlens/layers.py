@@ -12,6 +12,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from .config import ModelConfig
+from .errors import HeadlensError
 
 
 class RMSNorm(nn.Module):
@@ -39,17 +40,23 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 class Rotary(nn.Module):
     """Rotary position embedding on the first ``rotary_dim`` features of each head
-    (GPT-NeoX / LLaMA "rotate half" convention, as in ``transformers``)."""
+    (GPT-NeoX / LLaMA "rotate half" convention, as in ``transformers``).
+
+    As in ``transformers``, frequencies are ``base ** (-2i / rotary_dim)`` for ``2i < rotary_dim``
+    and rotate ``2 * len(inv_freq)`` features (one more than an odd ``rotary_dim``)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dim = cfg.rotary_dim or cfg.d_head
+        self.freq_dim = cfg.rotary_dim or cfg.d_head
+        self.dim = 2 * ((self.freq_dim + 1) // 2)
         self.base = cfg.rotary_base
+        self.scaling = cfg.rotary_scaling
         self.make_buffers()
 
     def make_buffers(self, device=None) -> None:
-        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim
-        self.register_buffer("inv_freq", 1.0 / (self.base ** exponents), persistent=False)
+        exponents = torch.arange(0, self.freq_dim, 2, dtype=torch.float32, device=device) / self.freq_dim
+        inv_freq = scale_frequencies(1.0 / (self.base ** exponents), self.scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """``position_ids [B, P]`` -> cos, sin ``[B, 1, P, rotary_dim]``."""
@@ -64,6 +71,26 @@ class Rotary(nn.Module):
         rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
         rot = rot * cos + rotated * sin
         return torch.cat([rot, rest], dim=-1) if rest.shape[-1] else rot
+
+
+def scale_frequencies(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
+    """Rotary frequencies ``[dim/2]`` under ``transformers``' "linear" or "llama3" rope scaling."""
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    factor = scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise HeadlensError(f"rotary_scaling: rope_type must be 'default', 'linear' or 'llama3', got {kind!r}")
+    old_ctx = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
