@@ -7,6 +7,7 @@ Hook names follow TransformerLens (``hook_embed``, ``blocks.{l}.hook_resid_pre``
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Optional, Sequence, Union
 
 import torch
@@ -219,7 +220,7 @@ class HeadlensModel(HookedRootModule):
         ``start_at_layer`` with ``residual [B, P, D]`` resumes from that layer's residual stream;
         ``stop_at_layer`` returns the residual stream entering that layer.
         """
-        if isinstance(input_ids, dict):
+        if isinstance(input_ids, Mapping):  # a batch dict or a transformers BatchEncoding
             batch = input_ids
             input_ids = batch["input_ids"]
             attention_mask = batch.get("attention_mask", attention_mask)
