@@ -1,0 +1,168 @@
+"""Pattern scores: definitions against plain loops, padding, the induction probe on planted heads,
+and parity with TransformerLens' head detector."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from headlens.capture import capture_patterns
+from headlens.errors import HeadlensError
+from headlens.planted import planted_model
+from headlens.scores import (SCORE_COLUMNS, detector_scores, pattern_scores, probe_tokens,
+                             punctuation_token_mask)
+
+TEXTS = ["The cat sat on the mat, and the cat slept.", "Dogs bark!", "Is this a question? Yes, it is.",
+         "A longer sentence makes sure that the batch is padded for the shorter ones here."]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(bert_tokenizer):
+    from transformers import BertConfig, BertModel
+
+    import headlens
+
+    torch.manual_seed(1)
+    cfg = BertConfig(vocab_size=bert_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    return headlens.from_hf_model(BertModel(cfg).eval(), bert_tokenizer)
+
+
+def reference_scores(model, texts, window=3):
+    """Every dataset score by explicit loops over sentences, queries and keys (no padding)."""
+    punct = set(".,!?;:'\"()-")
+    sums, n = {}, {}
+
+    def add(name, head, value):
+        sums[(name, head)] = sums.get((name, head), 0.0) + value
+        n[(name, head)] = n.get((name, head), 0) + 1
+
+    for text in texts:
+        (pb,) = capture_patterns(model, [text])
+        ids = pb.input_ids[0].tolist()
+        pieces = model.tokenizer.convert_ids_to_tokens(ids)
+        A = pb.patterns[0].double().numpy()
+        T = len(ids)
+        for h in range(A.shape[0]):
+            for i in range(T):
+                row = A[h, i]
+                keys = range(i + 1) if model.cfg.causal else range(T)
+                if i >= 1:
+                    add("score_previous_token", h, row[i - 1])
+                    add("score_first_token", h, row[0])
+                if i + 1 < T:
+                    add("score_next_token", h, row[i + 1])
+                add("score_self", h, row[i])
+                add("score_separator", h, sum(row[j] for j in keys if ids[j] in model.cfg.sep_token_ids))
+                add("score_punctuation", h, sum(row[j] for j in keys if pieces[j] in punct))
+                add("score_distance", h, sum(row[j] * abs(i - j) for j in keys))
+                add("score_local", h, sum(row[j] for j in keys if abs(i - j) <= window))
+                entropy = -sum(row[j] * math.log(row[j]) for j in keys if row[j] > 0)
+                add("score_entropy", h, entropy)
+                if len(keys) > 1:
+                    add("score_entropy_norm", h, entropy / math.log(len(keys)))
+                add("score_confidence", h, max(row[j] for j in keys))
+    return {key: sums[key] / n[key] for key in sums}
+
+
+@pytest.mark.parametrize("which", ["bert", "gpt2"])
+def test_scores_match_loops_and_ignore_padding(which, tiny_bert, tiny_gpt2):
+    model = tiny_bert if which == "bert" else tiny_gpt2
+    padded = pattern_scores(model, TEXTS, batch_size=4, induction=False)
+    alone = pattern_scores(model, TEXTS, batch_size=1, induction=False)
+    assert list(padded.columns[:2]) == ["layer", "head"] and len(padded) == model.cfg.n_layers * 4
+    assert set(SCORE_COLUMNS) <= set(padded.columns)
+    assert padded[["score_induction", "score_duplicate_token"]].isna().all().all()
+    reference = reference_scores(model, TEXTS)
+    for (name, h), value in reference.items():
+        assert padded[name][h] == pytest.approx(value, abs=1e-5), (name, h)
+    numeric = [c for c in SCORE_COLUMNS if c not in ("score_induction", "score_duplicate_token")]
+    np.testing.assert_allclose(padded[numeric].to_numpy(), alone[numeric].to_numpy(), atol=1e-5)
+    if which == "bert":
+        assert padded["score_separator"].gt(0).all() and padded["score_punctuation"].gt(0).all()
+    else:
+        assert (padded["score_next_token"] == 0).all()
+
+
+def test_punctuation_mask(bert_tokenizer, tiny_bert):
+    mask = punctuation_token_mask(tiny_bert)
+    ids = bert_tokenizer.convert_tokens_to_ids([".", ",", "!", "?", "the", "[SEP]", "[CLS]", "##s", "1"])
+    assert mask[ids].tolist() == [True] * 4 + [False] * 5
+
+
+def test_probe_and_planted_heads():
+    model = planted_model({(0, 0): "previous", (0, 1): "first", (1, 0): "induction", (1, 1): "duplicate"},
+                          vocab_size=50)
+    ids, start, T = probe_tokens(model, n_seqs=8, half_len=10, seed=0)
+    assert start == 0 and T == 10 and torch.equal(ids[:, :10], ids[:, 10:20])
+    data = torch.randint(0, 50, (6, 20), generator=torch.Generator().manual_seed(0))
+    s = pattern_scores(model, data, probe_len=10).set_index(["layer", "head"])
+    assert s.loc[(0, 0), "score_previous_token"] > 0.99 and s.loc[(0, 1), "score_first_token"] > 0.99
+    assert s.loc[(1, 0), "score_induction"] > 0.8 > s.drop((1, 0))["score_induction"].max()
+    assert s.loc[(1, 1), "score_duplicate_token"] > 0.8 > s.drop((1, 1))["score_duplicate_token"].max()
+    assert s.loc[(0, 0), "peak_offset"] == -1 and s.loc[(0, 3), "score_entropy_norm"] == pytest.approx(1.0)
+
+
+def test_probe_excludes_special_tokens(tiny_bert, bert_tokenizer):
+    ids, start, T = probe_tokens(tiny_bert, n_seqs=16, half_len=12, seed=1)
+    assert ids[0, 0] == bert_tokenizer.cls_token_id and ids[0, -1] == bert_tokenizer.sep_token_id
+    body = ids[:, start: start + 2 * T]
+    pieces = bert_tokenizer.convert_ids_to_tokens(body.flatten().tolist())
+    assert not any(p.startswith("[") and p.endswith("]") for p in pieces)
+
+
+SEQS = ["the cat sat on the mat and the cat sat on the hat", "one two three one two three one two",
+        "a b a b a c a b", "no repeats in this line at all"]
+
+
+@pytest.fixture(scope="module")
+def sharp_pair(tiny_gpt2_hf, bert_tokenizer):
+    """The tiny GPT-2 with 30x larger query weights (peaked, non-uniform attention, so that the
+    templates give clearly different scores): a TransformerBridge and a headlens model on it."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    import headlens
+
+    hf = copy.deepcopy(tiny_gpt2_hf)
+    with torch.no_grad():
+        for block in hf.transformer.h:
+            block.attn.c_attn.weight[:, : hf.config.n_embd] *= 30
+    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(hf), tokenizer=bert_tokenizer)
+    return bridge, headlens.from_hf_model(hf, bert_tokenizer)
+
+
+@pytest.mark.parametrize("name", ["previous_token_head", "duplicate_token_head", "induction_head"])
+def test_detector_parity_with_transformer_lens(name, sharp_pair):
+    from transformer_lens.head_detector import detect_head
+
+    bridge, model = sharp_pair
+    ids = [bridge.to_tokens(s)[0].tolist() for s in SEQS]
+    assert ids == [model.to_tokens(s)["input_ids"][0].tolist() for s in SEQS]
+    for exclude_bos in (False, True):
+        for exclude_current in (False, True):
+            theirs = detect_head(bridge, SEQS, name, exclude_bos=exclude_bos,
+                                 exclude_current_token=exclude_current, error_measure="mul")
+            ours = detector_scores(model, ids, name, exclude_bos=exclude_bos,
+                                   exclude_current_token=exclude_current, batch_size=3)
+            assert ours.shape == (12, 3)
+            diff = np.abs(ours[f"detector_{name}"].to_numpy() - theirs.flatten().numpy()).max()
+            assert diff < 1e-4, (name, exclude_bos, exclude_current, diff)
+            assert theirs.std() > 0.005  # heads differ: a comparison that can fail
+
+
+def test_detector_previous_token_is_rescaled_clark_score(tiny_gpt2):
+    ids = tiny_gpt2.to_tokens(SEQS[0])["input_ids"]
+    T = ids.shape[1]
+    clark = pattern_scores(tiny_gpt2, ids, induction=False)["score_previous_token"]
+    detector = detector_scores(tiny_gpt2, ids, "previous_token_head")["detector_previous_token_head"]
+    np.testing.assert_allclose(detector, clark * (T - 1) / T, atol=1e-6)
+
+
+def test_bad_input(tiny_gpt2):
+    with pytest.raises(HeadlensError, match="name must be one of"):
+        detector_scores(tiny_gpt2, SEQS, "copy_head")
+    with pytest.raises(HeadlensError, match="empty"):
+        pattern_scores(tiny_gpt2, [])
+    with pytest.raises(HeadlensError, match="window"):
+        pattern_scores(tiny_gpt2, SEQS, window=-1)
