@@ -54,7 +54,8 @@ def case(request, bert_tokenizer, tmp_path_factory):
     """``(name, folder, transformers model, headlens model loaded from the folder)``."""
     name = request.param
     tok = bert_tokenizer
-    special = dict(bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+    special = dict(bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                   pad_token_id=tok.pad_token_id)
     # a few rows more than the tokenizer: transformers reads the folder's tokenizer with the
     # model type's class, and Qwen2's adds <|endoftext|>
     config = hf_config(name, tok.vocab_size + 6, special)
@@ -135,14 +136,16 @@ def test_parity_with_transformer_bridge(case, bert_tokenizer):
 def test_config_reads_the_architecture(case):
     name, _, hf, model = case
     cfg, c = model.cfg, hf.config
-    assert (cfg.n_heads, cfg.n_kv_heads) == (c.num_attention_heads, getattr(c, "num_key_value_heads", c.num_attention_heads))
+    n_kv = getattr(c, "num_key_value_heads", c.num_attention_heads)
+    assert (cfg.n_heads, cfg.n_kv_heads) == (c.num_attention_heads, n_kv)
     expected = {"llama": dict(norm="rmsnorm", mlp="swiglu", qkv_bias=True, out_bias=True, mlp_bias=True,
                               sliding_window=None, tie_embeddings=False, d_head=8, n_kv_heads=2),
                 "qwen2": dict(norm="rmsnorm", qkv_bias=True, out_bias=False, mlp_bias=False,
                               tie_embeddings=True, n_kv_heads=1, rotary_base=1000.0),
                 "mistral": dict(qkv_bias=False, out_bias=False, sliding_window=5, d_head=12),
                 "gpt_neox": dict(norm="layernorm", parallel_block=True, rotary_dim=3, d_head=12, mlp="gelu"),
-                "gpt_neox_sequential": dict(parallel_block=False, rotary_dim=3, d_head=6, mlp="gelu_new")}[name]
+                "gpt_neox_sequential": dict(parallel_block=False, rotary_dim=3, d_head=6,
+                                            mlp="gelu_new")}[name]
     assert {k: getattr(cfg, k) for k in expected} == expected
     assert cfg.rotary_scaling == {"llama": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
@@ -178,9 +181,9 @@ def test_gating_a_query_head_equals_zeroing_its_z(case):
     assert z[:, :, head].abs().max() == 0 and z[:, :, :head].abs().max() > 0
 
 
-def test_physically_pruned_config_equals_gating(case):
+def test_physically_pruned_config_equals_gating(case, tmp_path):
     """cfg.kept_heads: keep a key/value head while any of its query heads remains; the sliced model
-    equals the full model with the removed heads gated off."""
+    equals the full model with the removed heads gated off, and survives export + load."""
     _, _, _, model = case
     cfg = model.cfg
     H = cfg.n_heads
@@ -201,8 +204,16 @@ def test_physically_pruned_config_equals_gating(case):
         gate[layer, heads] = 1.0
     ids = model.to_tokens(TEXTS[:1])["input_ids"]
     with torch.no_grad():
-        assert (pruned(ids) - model(ids, head_gate=gate)).abs().max() < TOL
+        expected = model(ids, head_gate=gate)
+        assert (pruned(ids) - expected).abs().max() < TOL
     assert pruned.head_labels() == [(l, h) for l, hs in enumerate(kept) for h in hs]
+
+    from headlens.export import save_hf
+
+    back = headlens.load(save_hf(pruned, tmp_path / "pruned"))
+    assert back.cfg.kept_heads == kept
+    with torch.no_grad():
+        assert (back(ids) - expected).abs().max() < TOL
 
 
 def test_export_round_trip(case, tmp_path):
@@ -215,7 +226,8 @@ def test_export_round_trip(case, tmp_path):
             save_hf(model, tmp_path / "out")
         return
     save_hf(model, tmp_path / "out")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
+                                                             attn_implementation="eager").eval()
     assert type(back) is type(hf)
     ids = model.to_tokens(TEXTS[:1])["input_ids"]
     with torch.no_grad():

@@ -65,7 +65,8 @@ def weight_rules(cfg: ModelConfig) -> list:
     if cfg.out_bias:
         rules.append(("blocks.{l}.attn.b_O", a + "dense.bias", None))
     for ours, theirs in (("ln1", "input_layernorm"), ("ln2", "post_attention_layernorm")):
-        rules += [(f"blocks.{{l}}.{ours}.{p}", f"layers.{{l}}.{theirs}.{p}", None) for p in ("weight", "bias")]
+        rules += [(f"blocks.{{l}}.{ours}.{p}", f"layers.{{l}}.{theirs}.{p}", None)
+                  for p in ("weight", "bias")]
     for ours, theirs in (("W_in", "dense_h_to_4h"), ("W_out", "dense_4h_to_h")):
         rules += [(f"blocks.{{l}}.mlp.{ours}.{p}", f"layers.{{l}}.mlp.{theirs}.{p}", None)
                   for p in ("weight", "bias")]
