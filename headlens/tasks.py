@@ -56,11 +56,12 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
-    """``[..., D] -> [..., V]`` through the model's output head."""
+    """``[..., D] -> [..., V]`` through the model's output head (in float32 or float64)."""
     if model.unembed is None:
         raise HeadlensError(f"this task needs a model with an output head (logits); "
                             f"{model.cfg.name!r} has none: use an embedding or fidelity task")
-    return model.unembed(hidden, model.W_E.weight)
+    logits = model.unembed(hidden, model.W_E.weight)
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 class Task:
@@ -201,7 +202,7 @@ class LMLossTask(_TextTask):
 
     def score(self, model, hidden, batch, reference=None):
         ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
-        logits = logits_from_hidden(model, hidden[:, :-1]).float()
+        logits = logits_from_hidden(model, hidden[:, :-1])
         loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [R, P-1]
         m = mask[:, 1:].to(loss.dtype)
         return (loss * m).sum(1) / m.sum(1)
@@ -236,7 +237,7 @@ class MLMLossTask(_TextTask):
     def score(self, model, hidden, batch, reference=None):
         labels = batch.targets["labels"]
         where = labels != -100
-        logits = logits_from_hidden(model, hidden[where]).float()  # [M, V]
+        logits = logits_from_hidden(model, hidden[where])  # [M, V]
         loss = F.cross_entropy(logits, labels[where], reduction="none")
         row = where.nonzero()[:, 0]
         total = torch.zeros(labels.shape[0], dtype=loss.dtype, device=loss.device).index_add(0, row, loss)
@@ -261,8 +262,8 @@ class FidelityTask(_TextTask):
         mask = batch.inputs["attention_mask"]
         if self.measure == "cosine":
             return F.cosine_similarity(mean_pool(hidden, mask), mean_pool(reference, mask), dim=-1)
-        logp = torch.log_softmax(logits_from_hidden(model, hidden).float(), -1)
-        ref = torch.log_softmax(logits_from_hidden(model, reference).float(), -1)
+        logp = torch.log_softmax(logits_from_hidden(model, hidden), -1)
+        ref = torch.log_softmax(logits_from_hidden(model, reference), -1)
         kl = F.kl_div(logp, ref, log_target=True, reduction="none").sum(-1)  # [R, P]
         m = mask.to(kl.dtype)
         return (kl * m).sum(1) / m.sum(1)
@@ -344,7 +345,7 @@ class ContrastTask(Task):
     def score(self, model, hidden, batch, reference=None):
         t = batch.targets
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), t["pos"]]  # [B, D]
-        logits = logits_from_hidden(model, h).float()
+        logits = logits_from_hidden(model, h)
         diff = logits.gather(1, t["right"][:, None])[:, 0] - logits.gather(1, t["wrong"]).max(1).values
         return diff if self.metric_name == "logit_diff" else (diff > 0).float()
 

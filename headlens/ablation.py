@@ -1,0 +1,402 @@
+"""Ablating heads and measuring what breaks: zero, mean, resample and uniform-attention ablation
+of any set of heads, and exact single-head sweeps with bootstrap confidence intervals.
+
+One mechanism, configured by ``kind``: a TransformerLens hook replaces each ablated head's ``z``
+(``blocks.{l}.attn.hook_z [B, P, H, d]``) by 0 (``zero``), its dataset mean over real tokens
+(``mean``; per position or averaged over positions), or another row's ``z`` (``resample``: a
+derangement of the task's rows, fixed by ``seed``); ``uniform`` replaces the head's pattern
+(``hook_pattern [B, H, P, S]``) by uniform attention over the keys the query may see (Kovaleva
+et al. 2019). Hooks live only inside ``model.hooks(...)``: the model is never left altered.
+
+Sign convention: ``importance = mean over examples of metric(ablated) - metric(clean)``. For a loss
+(lower is better) a positive importance means the head helps; for a higher-is-better metric
+(logit difference, cosine margin) a negative one does. ``damage`` is ``importance`` signed so
+that positive always means "ablating the head hurts".
+
+The fast sweep caches the clean residual stream entering each layer, resumes the model from it
+(``start_at_layer``), and runs several single-head ablations in one forward pass by stacking
+copies of the batch, each copy ablating a different head. ``method="naive"`` (one full forward
+per head and batch) is the reference it is tested against.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import bootstrap
+from tqdm.auto import tqdm
+
+from .errors import HeadlensError, check
+from .tasks import Task, load_task
+
+KINDS = ("zero", "mean", "resample", "uniform")
+
+
+# --- which heads ------------------------------------------------------------------------------
+def resolve_heads(model, heads=None) -> list[tuple[int, int]]:
+    """Normalise a head selection to a sorted list of ``(layer, original head)``.
+
+    ``heads``: None (every head), ``(layer, head)``, a list of those (e.g. a cluster), or
+    ``{layer: [heads] or None}`` (None: the whole layer)."""
+    L = model.cfg.n_layers
+    if heads is None:
+        return model.head_labels()
+    if isinstance(heads, dict):
+        pairs = []
+        for layer, hs in heads.items():
+            check(str(layer).lstrip("-").isdigit() and 0 <= int(layer) < L,
+                  f"layer {layer!r} is out of range: the model has layers 0..{L - 1}")
+            hs = model.cfg.heads_in_layer(int(layer)) if hs is None else hs
+            pairs += [(int(layer), h) for h in hs]
+    elif isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(x, (int, np.integer)) for x in heads):
+        pairs = [heads]
+    else:
+        pairs = list(heads)
+    out = set()
+    for pair in pairs:
+        check(isinstance(pair, (tuple, list)) and len(pair) == 2,
+              f"a head must be a (layer, head) pair, got {pair!r}")
+        layer, head = int(pair[0]), int(pair[1])
+        check(0 <= layer < L, f"head {(layer, head)}: layer {layer} is out of range (the model has layers 0..{L - 1})")
+        kept = model.cfg.heads_in_layer(layer)
+        check(head in kept, f"head {(layer, head)}: head {head} is out of range (layer {layer} has heads "
+                            f"{kept if model.cfg.is_pruned else f'0..{model.cfg.n_heads - 1}'})")
+        out.add((layer, head))
+    check(len(out) > 0, "heads is empty: give at least one (layer, head)")
+    return sorted(out)
+
+
+def local_index(model, layer: int, head: int) -> int:
+    """Position of original head ``head`` in layer ``layer``'s tensors (differs after pruning)."""
+    return model.blocks[layer].attn.head_ids.index(head)
+
+
+def gate_without(model, heads, dtype=torch.float32) -> torch.Tensor:
+    """Head gate ``[L, max H]`` that is 1 everywhere except 0 on ``heads`` (local indices)."""
+    H = max(b.attn.n_heads for b in model.blocks)
+    gate = torch.ones(model.cfg.n_layers, max(H, 1), dtype=dtype, device=model.device)
+    for layer, head in resolve_heads(model, heads) if heads else []:
+        gate[layer, local_index(model, layer, head)] = 0
+    return gate
+
+
+# --- the replacement values -------------------------------------------------------------------
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """A permutation of ``range(n)`` with no fixed point (n >= 2), deterministic under ``seed``."""
+    check(n >= 2, "resample ablation needs at least two rows to swap activations between")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.empty(n, dtype=torch.long)
+    perm[order] = order.roll(-1)
+    return perm
+
+
+def hook_name(kind: str, layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_{'pattern' if kind == 'uniform' else 'z'}"
+
+
+@torch.no_grad()
+def clean_z(model, batches, layer: int, resid=None) -> tuple[list, list]:
+    """Clean ``z [R, P, H, d]`` of ``layer`` per batch, and the residual stream after it.
+    ``resid``: per-batch residual entering ``layer`` (else computed from the input)."""
+    zs, nxt = [], []
+
+    def save(z, hook):
+        zs.append(z.clone())
+
+    with model.hooks(fwd_hooks=[(hook_name("zero", layer), save)]):
+        for i, b in enumerate(batches):
+            if resid is None:
+                nxt.append(model(b.inputs, stop_at_layer=layer + 1))
+            else:
+                nxt.append(model(residual=resid[i], attention_mask=b.inputs["attention_mask"],
+                                 start_at_layer=layer, stop_at_layer=layer + 1))
+    return zs, nxt
+
+
+class Replacement:
+    """What an ablated head's ``z`` (or pattern) becomes, per batch, for one layer.
+
+    ``value(i)`` for batch ``i``: None (zero), ``[1, P or 1, H, d]`` (mean), ``[R, P, H, d]``
+    (resample) or ``[R, 1, P, S]`` (uniform pattern)."""
+
+    def __init__(self, model, kind: str, batches, zs=None, per_position: bool = True, seed: int = 0):
+        self.model, self.kind, self.batches = model, kind, batches
+        if kind == "mean":
+            m = torch.cat([b.inputs["attention_mask"] for b in batches]).to(zs[0].dtype)[..., None, None]
+            z = torch.cat(zs)
+            dims = (0,) if per_position else (0, 1)
+            self.mean = ((z * m).sum(dims, keepdim=True) / m.sum(dims, keepdim=True))
+        elif kind == "resample":
+            self.z = torch.cat(zs)
+            self.perm = derangement(self.z.shape[0], seed).to(self.z.device)
+            self.offsets = np.cumsum([0] + [b.n_rows for b in batches])
+
+    def value(self, i: int) -> Optional[torch.Tensor]:
+        if self.kind == "mean":
+            return self.mean
+        if self.kind == "resample":
+            return self.z[self.perm[self.offsets[i]:self.offsets[i + 1]]]
+        if self.kind == "uniform":
+            mask = self.batches[i].inputs["attention_mask"]
+            P = mask.shape[1]
+            visible = (self.model.attention_mask_bias(mask, P, torch.float32) == 0).float()  # [R, 1, P, S]
+            return visible / visible.sum(-1, keepdim=True)
+        return None
+
+
+def ablation_hook(kind: str, assignments: list, rows: int, value: Optional[torch.Tensor]):
+    """Hook for one layer: copy ``c`` (rows ``c*rows:(c+1)*rows``) ablates local heads ``assignments[c]``."""
+
+    def hook(t, hook):
+        t = t.clone()
+        for c, hs in enumerate(assignments):
+            if not hs:
+                continue
+            rs = slice(c * rows, (c + 1) * rows)
+            if kind == "uniform":  # t [R', H, P, S]
+                t[rs, hs] = value.to(t.dtype)
+            elif value is None:  # t [R', P, H, d]
+                t[rs, :, hs] = 0
+            else:
+                t[rs, :, hs] = value[:, :, hs].to(t.dtype)
+        return t
+
+    return hook
+
+
+# --- ablating a set of heads together ---------------------------------------------------------
+@torch.no_grad()
+def ablate(model, task, heads, kind: str = "zero", per_position: bool = True, seed: int = 0,
+           batch_size: int = 16) -> np.ndarray:
+    """Metric per example ``[N]`` with all of ``heads`` (see :func:`resolve_heads`: a head, a list,
+    a layer ``{l: None}``, a cluster) ablated together."""
+    check(kind in KINDS, f"kind must be one of {KINDS}, got {kind!r}")
+    task = load_task(task, model)
+    pairs = resolve_heads(model, heads)
+    batches = task.batches(model, batch_size)
+    layers = sorted({layer for layer, _ in pairs})
+    repl = {}
+    for layer in layers:
+        zs = clean_z(model, batches, layer)[0] if kind in ("mean", "resample") else None
+        repl[layer] = Replacement(model, kind, batches, zs, per_position, seed)
+    out = []
+    for i, b in enumerate(batches):
+        ref = model(b.inputs, return_type="hidden") if task.needs_reference else None
+        hooks = [(hook_name(kind, layer), ablation_hook(
+            kind, [[local_index(model, layer, h) for ll, h in pairs if ll == layer]], b.n_rows, repl[layer].value(i)))
+            for layer in layers]
+        with model.hooks(fwd_hooks=hooks):
+            hidden = model(b.inputs, return_type="hidden")
+        out.append(task.compute(model, hidden, b, ref).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def ablation_effect(model, task, heads, kind: str = "zero", n_bootstrap: int = 1000, seed: int = 0,
+                    **kwargs) -> pd.Series:
+    """Importance of ablating ``heads`` together: importance, importance_se, CI, metric_clean,
+    metric_ablated, n_examples (same columns as one row of :func:`ablation_sweep`)."""
+    task = load_task(task, model)
+    clean = task.evaluate(model, batch_size=kwargs.get("batch_size", 16))
+    ablated = ablate(model, task, heads, kind, seed=seed, **kwargs)
+    table = importance_table([(-1, -1)], clean, {(-1, -1): ablated}, task, n_bootstrap, seed)
+    return table.iloc[0].drop(["layer", "head"])
+
+
+# --- tables -----------------------------------------------------------------------------------
+def importance_table(heads, clean: np.ndarray, ablated: dict, task: Task, n_bootstrap: int = 1000,
+                     seed: int = 0) -> pd.DataFrame:
+    """Tidy table from per-example metrics: ``clean [N]``, ``ablated {(layer, head): [N]}``."""
+    diffs = np.stack([ablated[h] - clean for h in heads])  # [n_heads, N]
+    N = diffs.shape[1]
+    se = diffs.std(1, ddof=1) / np.sqrt(N) if N > 1 else np.full(len(heads), np.nan)
+    low = high = np.full(len(heads), np.nan)
+    if n_bootstrap > 0 and N > 1:
+        res = bootstrap((diffs,), np.mean, axis=-1, vectorized=True, n_resamples=n_bootstrap,
+                        method="percentile", random_state=np.random.default_rng(seed))
+        low, high = res.confidence_interval.low, res.confidence_interval.high
+        const = np.ptp(diffs, axis=1) == 0  # no spread: the interval is the point
+        low, high = np.where(const, diffs[:, 0], low), np.where(const, diffs[:, 0], high)
+    importance = diffs.mean(1)
+    table = pd.DataFrame({
+        "layer": [h[0] for h in heads], "head": [h[1] for h in heads], "importance": importance,
+        "importance_se": se, "importance_ci_low": low, "importance_ci_high": high,
+        "damage": -importance if task.higher_is_better else importance,
+        "metric_clean": clean.mean(), "metric_ablated": diffs.mean(1) + clean.mean(), "n_examples": N,
+    })
+    table.attrs.update(task=task.name, metric=task.metric_name, higher_is_better=task.higher_is_better,
+                       sign="importance = metric(ablated) - metric(clean); damage > 0: ablating hurts")
+    return table.sort_values(["layer", "head"], ignore_index=True)
+
+
+# --- checkpointing ----------------------------------------------------------------------------
+class SweepCheckpoint:
+    """Finished units of a sweep, one ``.npy`` per unit (a layer's chunk of heads), written
+    atomically; ``sweep.json`` fingerprints the sweep so a folder is only resumed by the same one."""
+
+    def __init__(self, folder, fingerprint: dict):
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise HeadlensError(f"checkpoint_dir {str(folder)!r} is a file, expected a folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = self.folder / "sweep.json"
+        if meta.is_file():
+            old = json.loads(meta.read_text())
+            if old != fingerprint:
+                diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                raise HeadlensError(f"checkpoint_dir {str(folder)!r} holds a different sweep (differs in "
+                                    f"{diff}): use another folder or delete it")
+        else:
+            self._atomic(meta, lambda f: f.write(json.dumps(fingerprint, sort_keys=True).encode()))
+
+    def _path(self, layer: int, heads) -> Path:
+        return self.folder / f"layer{layer:03d}_heads{'-'.join(str(h) for h in heads)}.npy"
+
+    def load(self, layer: int, heads) -> Optional[np.ndarray]:
+        path = self._path(layer, heads)
+        return np.load(path) if path.is_file() else None
+
+    def save(self, layer: int, heads, values: np.ndarray) -> None:
+        self._atomic(self._path(layer, heads), lambda f: np.save(f, values))
+
+    @staticmethod
+    def _atomic(path: Path, write) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def _fingerprint(model, task, **settings) -> dict:
+    probe = torch.cat([p.detach().flatten()[:64].double().cpu() for p in model.parameters()])
+    return dict(settings, model=model.cfg.name, heads=model.head_labels().__repr__(),
+                weights=hashlib.sha1(probe.numpy().tobytes()).hexdigest(), task=task.name,
+                metric=task.metric_name, examples=hashlib.sha1(repr(task.ids).encode()).hexdigest())
+
+
+# --- sweeps -----------------------------------------------------------------------------------
+def _rows_per_chunk(model, task, batches, n_heads: int, memory_budget_mb: float) -> int:
+    """How many ablated copies of a batch fit the budget (a rough activation-size estimate)."""
+    cfg, b = model.cfg, batches[0]
+    R, P = max(x.n_rows for x in batches), b.inputs["input_ids"].shape[1]
+    per_row = 4 * P * (6 * cfg.d_model + 2 * max(cfg.d_mlp, 1) + 3 * cfg.n_heads * P)
+    return int(max(1, min(n_heads, memory_budget_mb * 2**20 // (R * per_row))))
+
+
+@torch.no_grad()
+def _sweep_fast(model, task, batches, pairs, kind, repl_args, refs, store, bar, memory_budget_mb):
+    results = {}
+    by_layer = {}
+    for layer, head in pairs:
+        by_layer.setdefault(layer, []).append(head)
+    resid = [model(b.inputs, stop_at_layer=0) for b in batches]
+    for layer in range(max(by_layer) + 1):
+        heads = by_layer.get(layer, [])
+        k = _rows_per_chunk(model, task, batches, max(len(heads), 1), memory_budget_mb)
+        chunks = [heads[i:i + k] for i in range(0, len(heads), k)]
+        todo = []
+        for chunk in chunks:
+            done = store.load(layer, chunk) if store else None
+            if done is not None:
+                results.update({(layer, h): done[j] for j, h in enumerate(chunk)})
+                bar.update(len(chunk))
+            else:
+                todo.append(chunk)
+        nxt = None
+        if todo and kind in ("mean", "resample"):
+            zs, nxt = clean_z(model, batches, layer, resid)
+            repl = Replacement(model, kind, batches, zs, **repl_args)
+        elif todo:
+            repl = Replacement(model, kind, batches, **repl_args)
+        for chunk in todo:
+            local = [[local_index(model, layer, h)] for h in chunk]
+            values = [[] for _ in chunk]
+            for i, b in enumerate(batches):
+                R = b.n_rows
+                x = resid[i].repeat(len(chunk), 1, 1)
+                mask = b.inputs["attention_mask"].repeat(len(chunk), 1)
+                hook = (hook_name(kind, layer), ablation_hook(kind, local, R, repl.value(i)))
+                with model.hooks(fwd_hooks=[hook]):
+                    hidden = model(residual=x, attention_mask=mask, start_at_layer=layer, return_type="hidden")
+                for c in range(len(chunk)):
+                    values[c].append(task.compute(model, hidden[c * R:(c + 1) * R], b, refs[i]).double().cpu())
+            values = np.stack([torch.cat(v).numpy() for v in values])
+            if store:
+                store.save(layer, chunk, values)
+            results.update({(layer, h): values[j] for j, h in enumerate(chunk)})
+            bar.update(len(chunk))
+        if layer < max(by_layer):
+            resid = nxt if nxt is not None else [
+                model(residual=r, attention_mask=b.inputs["attention_mask"], start_at_layer=layer,
+                      stop_at_layer=layer + 1) for r, b in zip(resid, batches)]
+    return results
+
+
+@torch.no_grad()
+def _sweep_naive(model, task, batches, pairs, kind, repl_args, refs, store, bar):
+    results, repl, repl_layer = {}, None, None
+    for layer, head in pairs:
+        done = store.load(layer, [head]) if store else None
+        if done is None:
+            if repl_layer != layer:
+                zs = clean_z(model, batches, layer)[0] if kind in ("mean", "resample") else None
+                repl, repl_layer = Replacement(model, kind, batches, zs, **repl_args), layer
+            vals = []
+            for i, b in enumerate(batches):
+                hook = (hook_name(kind, layer), ablation_hook(kind, [[local_index(model, layer, head)]],
+                                                              b.n_rows, repl.value(i)))
+                with model.hooks(fwd_hooks=[hook]):
+                    hidden = model(b.inputs, return_type="hidden")
+                vals.append(task.compute(model, hidden, b, refs[i]).double().cpu())
+            done = torch.cat(vals).numpy()[None]
+            if store:
+                store.save(layer, [head], done)
+        results[(layer, head)] = done[0]
+        bar.update(1)
+    return results
+
+
+def ablation_sweep(model, task, kind: str = "zero", heads=None, method: str = "fast",
+                   n_bootstrap: int = 1000, seed: int = 0, checkpoint_dir=None, batch_size: int = 16,
+                   per_position: bool = True, memory_budget_mb: float = 512, progress: bool = True) -> pd.DataFrame:
+    """Ablate each head alone; one row per head: ``layer, head, importance, importance_se,
+    importance_ci_low, importance_ci_high, damage, metric_clean, metric_ablated, n_examples``.
+
+    ``kind``: zero / mean / resample / uniform (see the module doc; ``per_position`` and ``seed``
+    configure mean and resample). ``method``: ``"fast"`` (cached residuals, ablations stacked
+    along the batch up to ``memory_budget_mb``) or ``"naive"`` (one forward per head and batch).
+    CIs: percentile bootstrap over examples (``n_bootstrap`` resamples, ``seed``; 0 skips).
+    ``checkpoint_dir``: finished heads are saved there as they complete; re-running the same
+    sweep resumes and recomputes nothing finished."""
+    check(kind in KINDS, f"kind must be one of {KINDS}, got {kind!r}")
+    check(method in ("fast", "naive"), f"method must be 'fast' or 'naive', got {method!r}")
+    check(n_bootstrap >= 0, f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    check(memory_budget_mb > 0, f"memory_budget_mb must be > 0, got {memory_budget_mb}")
+    task = load_task(task, model)
+    pairs = resolve_heads(model, heads)
+    batches = task.batches(model, batch_size)
+    store = None
+    if checkpoint_dir is not None:
+        store = SweepCheckpoint(checkpoint_dir, _fingerprint(
+            model, task, kind=kind, method=method, seed=seed, batch_size=batch_size,
+            per_position=per_position, memory_budget_mb=memory_budget_mb, heads_swept=repr(pairs)))
+    with torch.no_grad():
+        refs = [model(b.inputs, return_type="hidden") if task.needs_reference else None for b in batches]
+        clean = np.concatenate([task.compute(model, model(b.inputs, return_type="hidden"), b, r).double().cpu().numpy()
+                                for b, r in zip(batches, refs)])
+    repl_args = dict(per_position=per_position, seed=seed)
+    with tqdm(total=len(pairs), desc=f"{kind} ablation sweep", disable=not progress, leave=False) as bar:
+        if method == "fast":
+            results = _sweep_fast(model, task, batches, pairs, kind, repl_args, refs, store, bar, memory_budget_mb)
+        else:
+            results = _sweep_naive(model, task, batches, pairs, kind, repl_args, refs, store, bar)
+    table = importance_table(pairs, clean, results, task, n_bootstrap, seed)
+    table.attrs.update(kind=kind, method=method)
+    return table
