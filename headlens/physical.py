@@ -1,0 +1,85 @@
+"""Physical pruning: a smaller model with heads' weights removed, and what it saves.
+
+Removing head ``h`` of layer ``l`` deletes its slices of ``W_Q [D, H, d]`` and ``b_Q``, and of
+``W_O [H, d, D]``; under grouped-query attention a key/value head (``W_K``/``W_V``/biases) goes
+only when none of its query heads remains. The pruned model's ``cfg.kept_heads`` lists the
+original ids of the heads each layer keeps; its outputs equal the full model's with those heads
+gated to 0 (``b_O`` stays). A layer may lose every head: its attention then outputs ``b_O``.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .ablation import resolve_heads
+from .errors import check
+from .model import HeadlensModel
+
+
+def normalize_plan(model, plan) -> dict:
+    """``{layer: [heads]}`` (keys may be strings, as read from JSON) -> ``{int: sorted [int]}``,
+    every head checked against the model."""
+    check(isinstance(plan, dict), f"plan must be a dict {{layer: [heads]}}, got {type(plan).__name__}")
+    pairs = resolve_heads(model, {int(k) if str(k).lstrip("-").isdigit() else k: list(v)
+                                  for k, v in plan.items() if len(v)}) if any(len(v) for v in plan.values()) else []
+    out = {}
+    for layer, head in pairs:
+        out.setdefault(layer, []).append(head)
+    return out
+
+
+def prune_heads(model: HeadlensModel, plan: dict) -> HeadlensModel:
+    """A new model without the heads in ``plan`` (``{layer: [original head ids]}``); the input
+    model is not changed and shares no tensor with the result."""
+    plan = normalize_plan(model, plan)
+    cfg = model.cfg
+    kept = [[h for h in cfg.heads_in_layer(layer) if h not in plan.get(layer, [])]
+            for layer in range(cfg.n_layers)]
+    new_cfg = cfg.replace(kept_heads=kept) if (plan or cfg.is_pruned) else cfg.replace()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for layer in range(cfg.n_layers):
+        attn = model.blocks[layer].attn
+        q = torch.tensor([i for i, h in enumerate(attn.head_ids) if h in kept[layer]], dtype=torch.long,
+                         device=model.device)
+        kv = torch.tensor([attn.kv_ids.index(j) for j in new_cfg.kv_heads_in_layer(layer)], dtype=torch.long,
+                          device=model.device)
+        p = f"blocks.{layer}.attn."
+        for name, index, dim in (("W_Q", q, 1), ("b_Q", q, 0), ("W_K", kv, 1), ("b_K", kv, 0),
+                                 ("W_V", kv, 1), ("b_V", kv, 0), ("W_O", q, 0)):
+            if p + name in state:
+                state[p + name] = state[p + name].index_select(dim, index).contiguous()
+    return HeadlensModel.from_state_dict(new_cfg, state, model.tokenizer).train(model.training)
+
+
+def parameter_count(model) -> int:
+    """Number of parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def measure_speedup(model, pruned, batch, repeats: int = 10, warmup: int = 2) -> dict:
+    """Parameters and forward time (median of ``repeats`` after ``warmup``) of ``model`` and
+    ``pruned`` on ``batch`` (a batch dict or ``[B, P]`` token ids)."""
+    check(repeats >= 1 and warmup >= 0, "repeats must be >= 1 and warmup >= 0")
+
+    def median_time(m):
+        for _ in range(warmup):
+            m(batch)
+        times = []
+        for _ in range(repeats):
+            if m.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            m(batch)
+            if m.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    t_full, t_pruned = median_time(model), median_time(pruned)
+    n_full, n_pruned = parameter_count(model), parameter_count(pruned)
+    return {"heads_full": model.cfg.n_heads_total, "heads_pruned": pruned.cfg.n_heads_total,
+            "params_full": n_full, "params_pruned": n_pruned, "param_fraction": n_pruned / n_full,
+            "time_full_ms": 1e3 * t_full, "time_pruned_ms": 1e3 * t_pruned, "speedup": t_full / t_pruned}
