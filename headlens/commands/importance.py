@@ -23,18 +23,18 @@ def add_arguments(parser) -> None:
                         help="text-task kind (lm, mlm, fidelity) or the task's metric option (logit_diff, accuracy, cosine_margin)")
     parser.add_argument("--method", default="fast", choices=["fast", "naive"], help="sweep implementation")
     parser.add_argument("--n-examples", type=int, default=None, help="use the first N examples of the task")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (probe tokens, bootstrap, random orders)")
     parser.add_argument("--memory-budget-mb", type=float, default=512, help="memory for stacked ablations")
     parser.add_argument("--checkpoint-dir", default=None, help="save finished heads here; re-running resumes")
     parser.add_argument("--no-gradients", action="store_true", help="skip gradient importance")
     parser.add_argument("--attribution", default=None, choices=["corrupted", "zero", "mean", "resample"],
                         help="also run attribution patching with this corruption")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the loader's)")
+    parser.add_argument("--dtype", default=None, help="weights' dtype: float32, float16 or bfloat16 (default: the loader's)")
     parser.add_argument("--out", default=None, help="CSV file for the table (one row per head)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
 
 
 def load_model_and_task(args):

@@ -21,7 +21,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--task", default=None, help="bundled task or file (default: the model's default task)")
     parser.add_argument("--metric", default=None, help="text-task kind or the task's metric option")
     parser.add_argument("--methods", nargs="+", default=["michel", "ablation", "random"],
-                        choices=["michel", "ablation", "random"])
+                        choices=["michel", "ablation", "random"], help="pruning orders to compare")
     parser.add_argument("--target", type=float, default=0.5, help="largest fraction of heads to remove")
     parser.add_argument("--floor", type=float, default=None,
                         help="keep at least this fraction of the unpruned metric (e.g. 0.9); default: prune to --target")
@@ -30,16 +30,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", type=float, default=0.5, help="fraction of examples used to choose the plan")
     parser.add_argument("--kind", default="zero", choices=["zero", "mean", "resample", "uniform"],
                         help="ablation used to order heads by the sweep")
-    parser.add_argument("--n-examples", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--n-examples", type=int, default=None, help="use the first N examples of the task")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (probe tokens, bootstrap, random orders)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the loader's)")
+    parser.add_argument("--dtype", default=None, help="weights' dtype: float32, float16 or bfloat16 (default: the loader's)")
     parser.add_argument("--out", default="headlens-prune", help="folder for pruning.csv and prune_plan.json")
     parser.add_argument("--save-model", default=None, help="folder for the physically pruned model (recommended plan)")
     parser.add_argument("--format", default="hf", choices=["hf", "headlens"],
                         help="transformers-layout folder (headlens.export.save_hf) or headlens checkpoint")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
 
 
 def run(args) -> int:
