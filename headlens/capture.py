@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -63,6 +63,7 @@ class PatternBatch:
     heads: list
     causal: bool
     layer_sizes: list
+    sliding_window: Optional[int] = None
 
     def layer(self, layer: int) -> torch.Tensor:
         """Patterns of one layer, ``[B, H_l, P, S]`` (a view)."""
@@ -81,12 +82,17 @@ class PatternBatch:
         return self.attention_mask.sum(-1)
 
     def visible(self) -> torch.Tensor:
-        """``[B, P, S]`` bool: keys a real query may attend to (real keys; earlier ones if causal)."""
+        """``[B, P, S]`` bool: keys a real query may attend to (real keys; earlier ones, within the
+        sliding window if any, for causal models)."""
         real = self.query_mask
         vis = real[:, :, None] & real[:, None, :]
         if self.causal:
             P = real.shape[1]
-            vis = vis & torch.ones(P, P, dtype=torch.bool, device=real.device).tril()
+            i = torch.arange(P, device=real.device)
+            allowed = i[None, :] <= i[:, None]
+            if self.sliding_window:
+                allowed = allowed & (i[:, None] - i[None, :] < self.sliding_window)
+            vis = vis & allowed
         return vis
 
 
@@ -149,7 +155,8 @@ def iter_patterns(model, data, batch_size: int = 16, sort_by_length: bool = Fals
         mask = batch.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(batch["input_ids"])
-        yield PatternBatch(batch["input_ids"], mask, patterns, heads, model.cfg.causal, sizes)
+        yield PatternBatch(batch["input_ids"], mask, patterns, heads, model.cfg.causal, sizes,
+                           model.cfg.sliding_window)
 
 
 def capture_patterns(model, data, batch_size: int = 16, **kwargs) -> list[PatternBatch]:
@@ -174,12 +181,14 @@ class HeadStatsAccumulator:
     ``mean(name)`` is ``sum(totals) / sum(counts)`` over everything added (``counts`` broadcast
     against ``totals``). With ``n_replicates = R > 0`` each example also gets R weights drawn
     from Poisson(1) (the online bootstrap), and ``replicate_means(name)`` ``[R, ...]`` holds the
-    weighted means: resamples of the examples without keeping the examples.
+    weighted means: resamples of the examples without keeping the examples. ``replicate_names``
+    limits the replicates to those statistics (default: all).
     """
 
-    def __init__(self, n_replicates: int = 0, seed: int = 0):
+    def __init__(self, n_replicates: int = 0, seed: int = 0, replicate_names: Optional[Iterable[str]] = None):
         check(n_replicates >= 0, f"n_replicates must be >= 0, got {n_replicates}")
         self.n_replicates = n_replicates
+        self.replicate_names = None if replicate_names is None else set(replicate_names)
         self.generator = torch.Generator().manual_seed(seed)
         self.totals: dict = {}
         self.counts: dict = {}
@@ -200,7 +209,7 @@ class HeadStatsAccumulator:
         counts = counts.reshape(counts.shape + (1,) * (totals.ndim - counts.ndim))  # broadcasts
         self.totals[name] = self.totals.get(name, 0) + totals.sum(0)
         self.counts[name] = self.counts.get(name, 0) + counts.sum(0)
-        if self.n_replicates:
+        if self.n_replicates and (self.replicate_names is None or name in self.replicate_names):
             w = self._weights
             check(w is not None and w.shape[1] == totals.shape[0], "call start_batch(B) before add()")
             self.rep_totals[name] = self.rep_totals.get(name, 0) + torch.tensordot(w, totals, dims=1)
@@ -221,7 +230,8 @@ class HeadStatsAccumulator:
     def replicate_means(self, name: str) -> torch.Tensor:
         """``[R, ...]`` means of statistic ``name`` under each bootstrap replicate."""
         self._known(name)
-        check(self.n_replicates > 0, "this accumulator keeps no bootstrap replicates (n_replicates=0)")
+        check(name in self.rep_totals, f"no bootstrap replicates of {name!r} (n_replicates={self.n_replicates}, "
+                                       f"replicate_names={self.replicate_names})")
         return self.rep_totals[name] / self.rep_counts[name]
 
 

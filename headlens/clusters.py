@@ -28,7 +28,7 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.mixture import GaussianMixture
 from sklearn.preprocessing import StandardScaler
 
-from .capture import PatternBatch, stream_head_stats
+from .capture import HeadStatsAccumulator, PatternBatch, stream_head_stats
 from .errors import check
 from .roles import assign_roles
 from .scores import SCORE_COLUMNS, probe_means, scores_table, text_statistics
@@ -67,10 +67,15 @@ def js_statistics(eps: float = 1e-3):
         # invisible keys get 1/2 in every head: there s = p + q = 1 and s log s = 0
         rows = rows + 0.5 * (~visible[real])[None].to(rows.dtype)
         totals = A.new_zeros(B, N, N)
+        s_buf, log_buf = torch.empty_like(rows[1:]), torch.empty_like(rows[1:])
+        half_entropy = 0.5 * entropy
         for h in range(N - 1):
-            s = rows[h: h + 1] + rows[h + 1:]  # [N-h-1, R, S]
-            s_log_s = torch.linalg.vecdot(s, s.log())  # [N-h-1, R]
-            js = (math.log(2) - 0.5 * s_log_s - 0.5 * (entropy[h: h + 1] + entropy[h + 1:])) / math.log(2)
+            s, log_s = s_buf[: N - h - 1], log_buf[: N - h - 1]
+            torch.add(rows[h: h + 1], rows[h + 1:], out=s)  # p + q, [N-h-1, R, S]
+            torch.log(s, out=log_s)
+            s_log_s = log_s.mul_(s).sum(-1)  # [N-h-1, R]
+            # JS = H(m) - (H(p) + H(q)) / 2 with H(m) = log 2 - sum(s log s) / 2, in bits
+            js = (math.log(2) - 0.5 * s_log_s - half_entropy[h: h + 1] - half_entropy[h + 1:]) / math.log(2)
             per_example = A.new_zeros(N - h - 1, B).index_add_(1, example, js)  # [N-h-1, B]
             totals[:, h, h + 1:] = per_example.T
         totals = totals + totals.transpose(1, 2)
@@ -112,7 +117,7 @@ def _layers_phrase(layers: np.ndarray) -> str:
 
 def describe_cluster(members: pd.DataFrame, threshold: float = 0.3) -> str:
     """One line on what the heads of ``members`` (rows of a scores table) do, e.g.
-    ``"5 heads, layers 0-1 (mostly 0): attend to the previous token (0.82)"``."""
+    ``"5 heads, layers 0-1 (mostly 0): attend to the previous token (0.82); normalised entropy 0.12"``."""
     n = len(members)
     head = f"{n} head{'s' if n != 1 else ''}, {_layers_phrase(members['layer'].to_numpy())}"
     means = {c: float(members[c].mean()) for c, _ in BEHAVIOURS if c in members and members[c].notna().any()}
@@ -122,6 +127,8 @@ def describe_cluster(members: pd.DataFrame, threshold: float = 0.3) -> str:
         what = f"{text[ranked[0][1]]} ({ranked[0][0]:.2f})"
         if len(ranked) > 1 and ranked[1][0] >= threshold:
             what += f" and {text[ranked[1][1]].replace('attend to ', '')} ({ranked[1][0]:.2f})"
+        if "score_entropy_norm" in members:
+            what += f"; normalised entropy {members['score_entropy_norm'].mean():.2f}"
     elif "score_entropy_norm" in members and members["score_entropy_norm"].mean() >= 0.75:
         what = f"attend broadly (normalised entropy {members['score_entropy_norm'].mean():.2f})"
     elif "score_local" in members and members["score_local"].mean() >= 0.6:
@@ -233,8 +240,10 @@ class HeadClusterer:
         heads = model.head_labels()
         self._check_params(len(heads))
         stats = {"js": js_statistics(self.eps), "text": text_statistics(model)}
-        acc = stream_head_stats(model, data, stats, self.batch_size, n_replicates=self.n_bootstrap,
-                                seed=self.seed, progress=self.progress, truncate=self.truncate)
+        needed = {"js"} if self.method == "agglomerative" else None  # statistics the bootstrap uses
+        acc = HeadStatsAccumulator(self.n_bootstrap, self.seed, replicate_names=needed)
+        stream_head_stats(model, data, stats, self.batch_size, accumulator=acc, progress=self.progress,
+                          truncate=self.truncate)
         probe = probe_means(model, seed=self.seed, batch_size=self.batch_size) if self.induction else {}
         if scores is None:
             scores = scores_table(model, {**acc.means(), **probe})
@@ -284,8 +293,9 @@ class HeadClusterer:
         from sklearn.manifold import TSNE
 
         perplexity = float(min(30, max(2, (len(distance) - 1) / 3)))
+        method = "exact" if len(distance) <= 500 else "barnes_hut"  # exact is fast for few heads
         return TSNE(n_components=2, metric="precomputed", init="random", perplexity=perplexity,
-                    random_state=self.seed).fit_transform(distance)
+                    method=method, random_state=self.seed).fit_transform(distance)
 
     def _table(self, labels: np.ndarray) -> pd.DataFrame:
         rows = []
@@ -311,7 +321,7 @@ class HeadClusterer:
                     "ari_min": float("nan"), "ari": []}
         js = acc.replicate_means("js")
         if self.method != "agglomerative":
-            names = [n for n in acc.totals if n != "js"]
+            names = [n for n in acc.rep_totals if n != "js"]
             reps = {n: acc.replicate_means(n) for n in names}
         aris = []
         for r in range(self.n_bootstrap):

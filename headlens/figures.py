@@ -151,7 +151,7 @@ def pattern_gallery(model, text, heads: dict, path: str = "pattern_gallery", max
     fig = Figure(figsize=(side * cols, side * rows + 0.4))
     for k, (group, (layer, head)) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, k + 1)
-        pattern = pb.patterns[0, index[(layer, head)], :T, :T].numpy()
+        pattern = pb.patterns[0, index[(layer, head)], :T, :T].cpu().numpy()
         sns.heatmap(pattern, ax=ax, cmap="Blues", vmin=0, vmax=1, cbar=False, square=True,
                     xticklabels=tokens, yticklabels=tokens)
         ax.tick_params(labelsize=6, length=0)

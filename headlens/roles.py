@@ -28,7 +28,8 @@ Pattern class (column ``pattern_class``), with vertical mass ``v = first + separ
 punctuation`` (a few fixed key columns) and diagonal mass ``d = previous + self + next``:
 
 - ``vertical+diagonal``: ``v >= partial`` and ``d >= partial`` and ``v + d >= combined``
-  (0.25, 0.25, 0.6);
+  (0.3, 0.3, 0.75; a uniform head over 20 tokens, 15% of them punctuation, already has
+  ``v`` about 0.25 and ``d`` about 0.15, so the bar sits above that);
 - ``vertical``: ``v >= vertical`` (0.5); ``diagonal``: ``d >= diagonal`` (0.5);
 - ``block``: ``score_local - d >= block`` (0.5): mass spread over a local window beyond the ±1
   band. Kovaleva et al.'s blocks are *segments* (the two sentences of a BERT input); on
@@ -67,8 +68,8 @@ class RoleThresholds:
     local: float = 0.8
     vertical: float = 0.5
     diagonal: float = 0.5
-    partial: float = 0.25
-    combined: float = 0.6
+    partial: float = 0.3
+    combined: float = 0.75
     block: float = 0.5
 
     def __post_init__(self):

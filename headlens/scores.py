@@ -261,6 +261,6 @@ def detector_scores(model, data, name: str, exclude_bos: bool = False, exclude_c
         per_seq = torch.einsum("bnps,bps->bn", A, template) / A.sum((-1, -2))
         total, count = total + per_seq.sum(0), count + per_seq.shape[0]
     df = pd.DataFrame(model.head_labels(), columns=["layer", "head"])
-    df[f"detector_{name}"] = (total / count).numpy()
+    df[f"detector_{name}"] = (total / count).cpu().numpy()
     return df.sort_values(["layer", "head"], ignore_index=True)
 

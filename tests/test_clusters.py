@@ -89,7 +89,8 @@ def test_describe_cluster():
 
     members = pd.DataFrame({"layer": [0, 0, 1], "score_previous_token": [0.9, 0.8, 0.7],
                             "score_first_token": [0.1, 0.0, 0.1], "score_entropy_norm": [0.1, 0.2, 0.1]})
-    assert describe_cluster(members) == "3 heads, layers 0-1 (mostly 0): attend to the previous token (0.80)"
+    assert describe_cluster(members) == ("3 heads, layers 0-1 (mostly 0): attend to the previous token (0.80); "
+                                         "normalised entropy 0.13")
     broad = members.assign(score_previous_token=0.1, score_entropy_norm=0.9, layer=2)
     assert describe_cluster(broad) == "3 heads, all in layer 2: attend broadly (normalised entropy 0.90)"
 

@@ -77,7 +77,7 @@ def test_rules():
     table = pd.DataFrame([
         row(score_separator=0.6, score_first_token=0.2),                     # vertical, separator
         row(score_previous_token=0.3, score_self=0.4, score_local=0.8),      # diagonal, local
-        row(score_first_token=0.35, score_previous_token=0.35, score_local=0.4),  # vertical+diagonal
+        row(score_first_token=0.4, score_previous_token=0.4, score_local=0.45),  # vertical+diagonal
         row(score_local=0.7, score_self=0.1, score_entropy_norm=0.9),        # block, broad
         row(score_punctuation=0.2, score_local=0.2),                         # heterogeneous, mixed
         row(score_induction=0.7, score_previous_token=0.6),                  # induction wins

@@ -30,39 +30,41 @@ def tiny_bert(bert_tokenizer):
 
 
 def reference_scores(model, texts, window=3):
-    """Every dataset score by explicit loops over sentences, queries and keys (no padding)."""
+    """Every dataset score by explicit loops over sentences, heads and queries (no padding)."""
     punct = set(".,!?;:'\"()-")
     sums, n = {}, {}
 
     def add(name, head, value):
-        sums[(name, head)] = sums.get((name, head), 0.0) + value
+        sums[(name, head)] = sums.get((name, head), 0.0) + float(value)
         n[(name, head)] = n.get((name, head), 0) + 1
 
     for text in texts:
         (pb,) = capture_patterns(model, [text])
         ids = pb.input_ids[0].tolist()
         pieces = model.tokenizer.convert_ids_to_tokens(ids)
+        is_sep = np.array([i in model.cfg.sep_token_ids for i in ids])
+        is_punct = np.array([p in punct for p in pieces])
         A = pb.patterns[0].double().numpy()
         T = len(ids)
         for h in range(A.shape[0]):
             for i in range(T):
-                row = A[h, i]
-                keys = range(i + 1) if model.cfg.causal else range(T)
+                keys = np.arange(i + 1) if model.cfg.causal else np.arange(T)
+                row = A[h, i, keys]
                 if i >= 1:
-                    add("score_previous_token", h, row[i - 1])
-                    add("score_first_token", h, row[0])
+                    add("score_previous_token", h, A[h, i, i - 1])
+                    add("score_first_token", h, A[h, i, 0])
                 if i + 1 < T:
-                    add("score_next_token", h, row[i + 1])
-                add("score_self", h, row[i])
-                add("score_separator", h, sum(row[j] for j in keys if ids[j] in model.cfg.sep_token_ids))
-                add("score_punctuation", h, sum(row[j] for j in keys if pieces[j] in punct))
-                add("score_distance", h, sum(row[j] * abs(i - j) for j in keys))
-                add("score_local", h, sum(row[j] for j in keys if abs(i - j) <= window))
-                entropy = -sum(row[j] * math.log(row[j]) for j in keys if row[j] > 0)
+                    add("score_next_token", h, A[h, i, i + 1])
+                add("score_self", h, A[h, i, i])
+                add("score_separator", h, row[is_sep[keys]].sum())
+                add("score_punctuation", h, row[is_punct[keys]].sum())
+                add("score_distance", h, (row * np.abs(i - keys)).sum())
+                add("score_local", h, row[np.abs(i - keys) <= window].sum())
+                entropy = -sum(p * math.log(p) for p in row if p > 0)
                 add("score_entropy", h, entropy)
                 if len(keys) > 1:
                     add("score_entropy_norm", h, entropy / math.log(len(keys)))
-                add("score_confidence", h, max(row[j] for j in keys))
+                add("score_confidence", h, row.max())
     return {key: sums[key] / n[key] for key in sums}
 
 
@@ -83,6 +85,27 @@ def test_scores_match_loops_and_ignore_padding(which, tiny_bert, tiny_gpt2):
         assert padded["score_separator"].gt(0).all() and padded["score_punctuation"].gt(0).all()
     else:
         assert (padded["score_next_token"] == 0).all()
+
+
+def test_minilm_scores_match_transformers_attentions(minilm, minilm_path):
+    """[SEP], [CLS] and previous-token mass from transformers' own attention weights."""
+    from transformers import AutoModel
+
+    hf = AutoModel.from_pretrained(minilm_path, attn_implementation="eager").eval()
+    sep, first, prev, rows = 0, 0, 0, 0
+    for text in TEXTS:
+        enc = minilm.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            A = torch.stack(hf(**enc, output_attentions=True).attentions)[:, 0]  # [L, H, T, T]
+        T = A.shape[-1]
+        sep, first = sep + A[..., -1].sum(-1), first + A[..., 1:, 0].sum(-1)
+        prev, rows = prev + torch.diagonal(A, -1, -2, -1).sum(-1), rows + T
+    ours = pattern_scores(minilm, TEXTS, batch_size=4, induction=False)
+    np.testing.assert_allclose(ours["score_separator"], (sep / rows).flatten(), atol=1e-5)
+    n_prev = rows - len(TEXTS)
+    np.testing.assert_allclose(ours["score_first_token"], (first / n_prev).flatten(), atol=1e-5)
+    np.testing.assert_allclose(ours["score_previous_token"], (prev / n_prev).flatten(), atol=1e-5)
+    assert ours["score_previous_token"].max() > 0.9  # MiniLM's head 0.2
 
 
 def test_punctuation_mask(bert_tokenizer, tiny_bert):
@@ -166,3 +189,44 @@ def test_bad_input(tiny_gpt2):
         pattern_scores(tiny_gpt2, [])
     with pytest.raises(HeadlensError, match="window"):
         pattern_scores(tiny_gpt2, SEQS, window=-1)
+
+
+def test_pruned_model_keeps_original_head_ids(tiny_gpt2):
+    from headlens.physical import prune_heads
+
+    pruned = prune_heads(tiny_gpt2, {2: [1, 3]})  # last layer: the other heads' patterns stay the same
+    full = pattern_scores(tiny_gpt2, TEXTS, induction=False).set_index(["layer", "head"])
+    ours = pattern_scores(pruned, TEXTS, induction=False)
+    assert list(zip(ours["layer"], ours["head"])) == pruned.head_labels()
+    assert (2, 2) in pruned.head_labels() and (2, 1) not in pruned.head_labels()
+    np.testing.assert_allclose(ours.set_index(["layer", "head"])[SCORE_COLUMNS[:10]],
+                               full.loc[pruned.head_labels(), SCORE_COLUMNS[:10]], atol=1e-5)
+
+
+def test_scores_command(tmp_path, capsys):
+    import pandas as pd
+
+    from headlens.cli import main
+
+    out = tmp_path / "out"
+    assert main(["scores", "--n", "8", "--no-clusters", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "scores.csv")
+    assert len(table) == 72 and {"role", "pattern_class", "score_induction"} <= set(table.columns)
+    assert table.loc[(table.layer == 0) & (table["head"] == 2), "role"].item() == "previous-token"
+    assert "72 heads" in capsys.readouterr().out
+    assert main(["scores", "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_scores_command_with_clusters_and_figures(tmp_path, capsys):
+    import pandas as pd
+
+    from headlens.cli import main
+
+    out = tmp_path / "out"
+    assert main(["scores", "--n", "12", "--n-bootstrap", "2", "--out", str(out), "--figures"]) == 0
+    table = pd.read_csv(out / "scores.csv")
+    assert len(table) == 72 and table["cluster"].notna().all()
+    assert (out / "cluster_table.csv").exists() and (out / "pattern_gallery.svg").stat().st_size > 0
+    assert "cluster stability" in capsys.readouterr().out
