@@ -28,23 +28,28 @@ SECTIONS = [  # (id, title, introductory sentence)
     ("pruning", "Pruning", "Task metric on held-out examples as more and more heads are masked."),
 ]
 
-# figure name (or name prefix) -> (section, title, caption)
+# figure name (or name prefix ending in "_") -> (section, title, caption), in display order
 FIGURES = {
-    "importance": ("importance", "Importance per head",
-                   "Mean metric change when the head is ablated; heads whose 95% CI excludes zero are marked."),
+    "importance": ("importance", "Damage per head",
+                   "Metric change when the head alone is ablated, signed so that red means the ablation "
+                   "hurts; * marks heads whose 95% bootstrap CI excludes zero."),
     "grad_vs_ablation": ("importance", "Gradient vs ablation importance",
-                         "Michel et al.'s head-mask gradient importance against the exact ablation sweep, "
-                         "with their Spearman rank correlation."),
-    "roles": ("patterns", "Role of every head", "Role read from the pattern scores, per layer and head."),
-    "score_": ("patterns", "Pattern score", "Layer x head heatmap of one attention score."),
+                         "Michel et al.'s head-mask gradient importance (raw, not normalised per layer) "
+                         "against the damage of the exact ablation sweep (horizontal bars: 95% CI); the "
+                         "title gives their Spearman rank correlation (gradient vs |importance|)."),
+    "heatmap_score_": ("patterns", "Pattern score", ""),
     "gallery": ("patterns", "Attention pattern gallery",
-                "Attention patterns of each cluster's most typical heads on a real example."),
-    "distance": ("clusters", "Head distance matrix",
-                 "Jensen-Shannon distance between heads, ordered by hierarchical clustering."),
-    "embedding": ("clusters", "Head embedding", "Metric MDS of the distance matrix, coloured by cluster."),
+                "Attention patterns of each cluster's most typical head on one real sentence "
+                "(rows: queries, columns: keys)."),
+    "clustermap": ("clusters", "Head distance matrix",
+                   "Jensen-Shannon distance between the heads' attention distributions, ordered by "
+                   "hierarchical clustering; the colour strip gives each head's cluster."),
+    "embedding": ("clusters", "Head embedding",
+                  "Metric MDS of the distance matrix: nearby heads attend alike. Colour: cluster."),
     "pruning_curve": ("pruning", "Pruning curve",
-                      "Metric vs number of heads removed for Michel et al.'s iterative gradient order, "
-                      "the ablation order and random orders (mean and range over seeds)."),
+                      "Held-out metric against the number of heads removed, for Michel et al.'s "
+                      "iterative gradient order, the single-head ablation order and random orders "
+                      "(mean and range over seeds)."),
 }
 
 HEAD_COLUMNS = ["layer", "head", "role", "pattern_class", "cluster", "damage", "importance",
@@ -52,14 +57,24 @@ HEAD_COLUMNS = ["layer", "head", "role", "pattern_class", "cluster", "damage", "
 
 
 def figure_meta(name: str) -> tuple[str, str, str]:
-    """(section, title, caption) of figure ``name``; score heatmaps share the ``score_`` prefix."""
+    """(section, title, caption) of figure ``name``; score heatmaps share a prefix."""
     if name in FIGURES:
         return FIGURES[name]
-    for prefix, (section, title, caption) in FIGURES.items():
+    for prefix, (section, title, _) in FIGURES.items():
         if prefix.endswith("_") and name.startswith(prefix):
             score = name[len(prefix):].replace("_", " ")
             return section, f"{title}: {score}", f"Layer x head heatmap of the {score} score."
     return "patterns", name.replace("_", " ").capitalize(), ""
+
+
+def figure_order(names) -> list[str]:
+    """``names`` in the order of :data:`FIGURES` (score heatmaps in the given order)."""
+    def rank(name):
+        for i, key in enumerate(FIGURES):
+            if name == key or (key.endswith("_") and name.startswith(key)):
+                return i
+        return len(FIGURES)
+    return sorted(names, key=rank)
 
 
 def head_name(layer, head) -> str:
@@ -99,6 +114,13 @@ def ranked(report) -> pd.DataFrame:
                                             kind="stable")
 
 
+def grad_vs_ablation_rho(heads: pd.DataFrame) -> float:
+    """Spearman rank correlation of the raw gradient importance (a magnitude, not normalised per
+    layer) with ``|importance|``, as :func:`headlens.gradients.compare_with_ablation` reports it."""
+    return float(pd.concat([heads.grad_importance_raw, heads.importance.abs()], axis=1)
+                 .corr(method="spearman").iloc[0, 1])
+
+
 def findings(report) -> list[str]:
     """The key findings in plain sentences, each computed from the report's numbers."""
     heads, run = report.heads, report.run
@@ -130,10 +152,11 @@ def findings(report) -> list[str]:
     if "role" in heads:
         census = heads.role.value_counts()
         out.append("Role census: " + ", ".join(f"{c} {r}" for r, c in census.items()) + ".")
-    if "grad_importance" in heads and "importance" in heads:
-        rho = damage_frame(report)[["grad_importance", "damage"]].corr(method="spearman").iloc[0, 1]
-        out.append(f"Gradient importance (Michel et al.) ranks the heads like the ablation sweep "
-                   f"with Spearman rho = {_num(rho, 2)}.")
+    if "grad_importance_raw" in heads and "importance" in heads:
+        rho = grad_vs_ablation_rho(heads)
+        agree = "closely" if rho >= 0.8 else "roughly" if rho >= 0.5 else "weakly" if rho >= 0.2 else "hardly"
+        out.append(f"Gradient importance (Michel et al., |g dL/dg| at g = 1) {agree} agrees with the "
+                   f"exact sweep: Spearman rho = {_num(rho, 2)} against |importance|.")
     out += _cluster_findings(report)
     out += _pruning_findings(report)
     return out
@@ -144,13 +167,15 @@ def _cluster_findings(report) -> list[str]:
     if clusters is None or not len(clusters) or "cluster" not in heads:
         return []
     out = []
+    dmg = damage_frame(report) if "importance" in heads else None
     for row in clusters.itertuples():
-        members = heads[heads.cluster == row.cluster]
-        layers = f"layers {members.layer.min()}-{members.layer.max()}" if len(members) else ""
-        desc = getattr(row, "description", "") or ""
-        dmg = damage_frame(report).loc[members.index, "damage"] if "importance" in members else None
-        imp = f"; mean damage when one of them is ablated {_signed(dmg.mean())}" if dmg is not None else ""
-        out.append(f"Cluster {row.cluster} ({len(members)} heads, {layers}): {desc}{imp}.")
+        members = heads.cluster == row.cluster
+        desc = str(getattr(row, "description", "") or "").rstrip(".")
+        if not desc:
+            layers = heads.layer[members]
+            desc = f"{int(members.sum())} head(s), layers {layers.min()}-{layers.max()}"
+        imp = f"; mean damage when one of them is ablated {_signed(dmg.damage[members].mean())}" if dmg is not None else ""
+        out.append(f"Cluster {row.cluster}: {desc}{imp}.")
     ari = report.run.get("results", {}).get("cluster_stability_ari")
     if ari is not None:
         verdict = "stable" if ari >= 0.75 else "moderately stable" if ari >= 0.5 else "not stable"
@@ -161,21 +186,24 @@ def _cluster_findings(report) -> list[str]:
 
 def _pruning_findings(report) -> list[str]:
     pr = report.run.get("results", {}).get("pruning", {})
-    if not pr:
+    if not pr.get("methods"):
         return []
-    out = []
-    total = pr.get("n_heads")
-    for method, res in sorted(pr.get("methods", {}).items()):
-        if res.get("max_pruned_within_tolerance") is not None:
-            k = res["max_pruned_within_tolerance"]
-            out.append(f"{method}: {k} of {total} heads ({k / total:.0%}) can be removed together while "
-                       f"the held-out metric stays within {pr.get('tolerance', 0.1):.0%} of the full model "
-                       f"({_num(pr.get('clean_metric'))} -> {_num(res.get('metric_at_max'))}).")
-    plan = report.plan or {}
-    if plan.get("n_pruned") is not None:
-        out.append(f"The saved pruning plan ({plan.get('method')}) removes {plan['n_pruned']} heads "
-                   f"for a held-out metric of {_num(plan.get('metric'))}; "
-                   "apply it with headlens.physical.prune_heads(model, plan).")
+    total, floor = pr["n_heads"], pr.get("floor")
+    rule = (f"keeping at least {floor:.0%} of the full model's metric on the selection split"
+            if floor else f"up to the target of {pr.get('target', 0):.0%} of the heads")
+    parts = [f"{m} {r['n_pruned']} ({r['n_pruned'] / total:.0%}; held-out {_num(r['metric'])})"
+             for m, r in sorted(pr["methods"].items())]
+    out = [f"Pruning heads together, {rule}: " + ", ".join(parts) + f" of {total} heads can go "
+           f"(full model: {_num(pr.get('unpruned'))} on {pr.get('n_heldout', '?')} held-out examples)."]
+    best = pr.get("recommended")
+    phys = pr.get("physical")
+    if best and phys:
+        out.append(f"The saved plan (prune_plan.json, {best} order) removes {phys['heads_full'] - phys['heads_pruned']} "
+                   f"heads; applied physically (headlens.physical.prune_heads) it keeps "
+                   f"{phys['param_fraction']:.1%} of the parameters and runs {phys['speedup']:.2f}x as fast "
+                   f"({_num(phys['time_full_ms'], 3)} -> {_num(phys['time_pruned_ms'], 3)} ms per batch here).")
+    elif best:
+        out.append(f"The saved plan (prune_plan.json, {best} order) removes no head.")
     return out
 
 
@@ -247,13 +275,15 @@ def _context(report, inline_figures: bool) -> dict:
     sections = []
     for sid, title, text in SECTIONS:
         figs = []
-        for name, path in report.figures.items():
+        for name in figure_order(report.figures):
+            path = report.figures[name]
             section, ftitle, caption = figure_meta(name)
             if section != sid:
                 continue
             rel = Path(path).relative_to(report.out).as_posix() if Path(path).is_absolute() else str(path)
             src = _data_uri(report.out / rel) if inline_figures else rel
-            figs.append(dict(name=name, title=ftitle, caption=caption, src=src, path=rel))
+            figs.append(dict(name=name, title=ftitle, caption=caption, src=src, path=rel,
+                             half=name.startswith("heatmap_")))
         tabs = [dict(t, n_rows=len(t["df"]), html=html_table(t["df"]), markdown=markdown_table(t["df"]))
                 for t in tables.get(sid, [])]
         sections.append(dict(id=sid, title=title, text=text, figures=figs, tables=tabs))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -33,7 +34,8 @@ PACKAGES = ["headlens", "torch", "transformers", "transformer-lens", "scikit-lea
             "scipy", "matplotlib", "seaborn"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ABLATIONS = ("zero", "mean", "resample", "uniform")
-TOLERANCE = 0.1  # pruning: largest removal keeping the held-out metric within 10% of the full model
+SCORE_FIGURES = ("score_previous_token", "score_first_token", "score_separator", "score_entropy_norm",
+                 "score_induction")
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Report:
 def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str = "zero",
            metric: Optional[str] = None, batch_size: int = 16, device: str = "cpu",
            dtype: str = "float32", seed: int = 0, n_examples: int = 64, prune_target: float = 0.5,
+           prune_floor: Optional[float] = 0.9,
            n_bootstrap: int = 1000, n_clusters: Optional[int] = None, progress: bool = True,
            resume: bool = True, force: bool = False, keep_checkpoints: bool = False,
            command: Optional[str] = None) -> Report:
@@ -103,7 +106,9 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     :class:`~headlens.HeadlensModel`. task: a bundled task name or file for
     :func:`headlens.tasks.load_task` (default: the model's default task). ablation: ``zero``,
     ``mean``, ``resample`` or ``uniform``. n_examples: texts for the pattern scores and task
-    examples for the importance sweep. prune_target: fraction of heads the pruning curve goes to.
+    examples for the importance sweep. prune_target: fraction of heads the pruning curve goes to;
+    prune_floor: fraction of the full model's metric a pruning plan must keep (on the selection
+    split; None: the plan prunes to prune_target).
     resume: reuse stages a killed run of the same configuration finished; force: discard them.
     """
     check(ablation in ABLATIONS, f"ablation must be one of {ABLATIONS}, got {ablation!r}")
@@ -111,34 +116,37 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
     check(n_examples >= 2, f"n_examples must be >= 2, got {n_examples}")
     check(0 < prune_target < 1, f"prune_target must be a fraction in (0, 1), got {prune_target}")
+    check(prune_floor is None or 0 < prune_floor <= 1,
+          f"prune_floor must be a fraction in (0, 1] or None, got {prune_floor}")
     check(n_bootstrap >= 0, f"n_bootstrap must be >= 0, got {n_bootstrap}")
     config = dict(model=model if isinstance(model, str) else _model_key(model), task=task,
                   ablation=ablation, metric=metric, batch_size=batch_size, device=device, dtype=dtype,
-                  seed=seed, n_examples=n_examples, prune_target=prune_target, n_bootstrap=n_bootstrap,
+                  seed=seed, n_examples=n_examples, prune_target=prune_target, prune_floor=prune_floor,
+                  n_bootstrap=n_bootstrap,
                   n_clusters=n_clusters)
     folder = ReportFolder(out, dict(config, headlens=_version("headlens")), resume=resume, force=force)
     timings, started = {}, time.perf_counter()
-    try:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=8, desc="headlens report", unit="step", disable=not progress, leave=False)
-        step = _Steps(bar, timings)
+    bar = tqdm(total=7, desc="headlens report", unit="step", disable=not progress, leave=False)
+    step = _Steps(bar, timings)
+    try:
         with step("load model and task"):
             net = _load_model(model, dtype, device)
-            from .tasks import load_task
-
-            the_task = load_task(task or _default_task(net), model=net)
+            the_task = _load_task(net, task, metric, n_examples)
             texts = _pattern_texts(n_examples)
-        result = _analyse(net, the_task, texts, folder, step, config)
+        result = _analyse(net, the_task, texts, folder, step, config, progress)
+        run = _run_record(net, the_task, texts, config, result, command, folder)
         with step("figures"):
-            figures = _figures(net, texts, result, folder.staging / "figures")
+            run["figures"] = _figures(net, texts, result, run, folder.staging / "figures")
         bar.close()
         timings["total"] = time.perf_counter() - started
-        run = _run_record(net, the_task, texts, config, result, figures, timings, command, folder)
+        run["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         rep = Report(folder.out, result["heads"], result["clusters"], result["pruning"], result["plan"],
-                     {k: folder.out / v for k, v in figures.items()}, run)
+                     {k: folder.out / v for k, v in run["figures"].items()}, run)
         _write(rep, folder)
     except BaseException:
+        bar.close()
         folder.abandon()
         raise
     folder.publish(keep_checkpoints=keep_checkpoints)
@@ -185,10 +193,23 @@ def _model_key(model) -> str:
     return f"{model.cfg.name}@{h.hexdigest()[:16]}"
 
 
-def _default_task(model) -> str:
-    from .tasks import default_task
+def _load_task(model, task, metric: Optional[str], n_examples: int):
+    """The task (default: the model's bundled one); ``metric`` picks a text-task kind (``lm``,
+    ``mlm``, ``fidelity``), a fidelity measure (``kl``, ``cosine``) or the task's own metric option
+    (``logit_diff``, ``accuracy``, ``cosine_margin``)."""
+    from .tasks import TEXT_KINDS, default_task_name, load_task
 
-    return default_task(model)
+    kwargs = {}
+    if metric in TEXT_KINDS:
+        kwargs["kind"] = metric
+    elif metric in ("kl", "cosine"):
+        kwargs.update(kind="fidelity", measure=metric)
+    elif metric is not None:
+        kwargs["metric"] = metric
+    try:
+        return load_task(task or default_task_name(model), model=model, n_examples=n_examples, **kwargs)
+    except TypeError as e:  # an option the task's class does not take
+        raise HeadlensError(f"metric {metric!r} does not apply to task {task or default_task_name(model)!r}: {e}") from None
 
 
 def _pattern_texts(n: int) -> list[str]:
@@ -196,99 +217,101 @@ def _pattern_texts(n: int) -> list[str]:
     return lines[:n]
 
 
-def _analyse(model, task, texts, folder: ReportFolder, step, config: dict) -> dict:
+def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progress: bool) -> dict:
     """Scores, roles, clusters, importance, gradients and pruning, each checkpointed in ``folder``."""
     from .ablation import ablation_sweep
     from .clusters import HeadClusterer
     from .gradients import gradient_importance
-    from .pruning import pruning_curve
     from .roles import assign_roles
     from .scores import pattern_scores
 
     seed, batch_size = config["seed"], config["batch_size"]
     with step("pattern scores"):
-        scores = folder.stage("scores", lambda: pattern_scores(model, texts, batch_size=batch_size, seed=seed))
+        scores = folder.stage("scores", lambda: pattern_scores(model, texts, batch_size=batch_size, seed=seed,
+                                                               progress=progress))
         roles = assign_roles(scores)
     with step("clusters"):
-        def fit():
-            c = HeadClusterer(n_clusters=config["n_clusters"], seed=seed).fit(model, texts, scores=scores)
-            return dict(labels=c.labels_, table=c.table_, distance=c.distance_, embedding=c.embedding_,
-                        stability=c.stability_)
-        clusters = folder.stage("clusters", fit)
+        clusterer = folder.stage("clusters", lambda: HeadClusterer(
+            n_clusters=config["n_clusters"], seed=seed, batch_size=batch_size, progress=progress,
+        ).fit(model, texts, scores=roles))
     with step("ablation sweep"):
         sweep = folder.stage("ablation", lambda: ablation_sweep(
             model, task, kind=config["ablation"], n_bootstrap=config["n_bootstrap"], seed=seed,
-            checkpoint_dir=folder.sweep_checkpoints()))
+            batch_size=batch_size, checkpoint_dir=folder.sweep_checkpoints(), progress=progress))
     with step("gradient importance"):
-        grads = folder.stage("gradients", lambda: gradient_importance(model, task))
+        grads = folder.stage("gradients", lambda: gradient_importance(model, task, batch_size=batch_size,
+                                                                       progress=progress))
     with step("pruning curve"):
-        curve, plan = folder.stage("pruning", lambda: pruning_curve(
-            model, task, target=config["prune_target"], seed=seed))
-    heads = (roles.merge(clusters["labels"], on=["layer", "head"])
-             .merge(sweep, on=["layer", "head"]).merge(grads[["layer", "head", "grad_importance"]],
-                                                       on=["layer", "head"]))
+        pruning = folder.stage("pruning", lambda: _prune(model, task, texts, config, progress))
+    heads = (roles.merge(clusterer.labels_, on=["layer", "head"])
+             .merge(sweep.drop(columns=["metric_clean", "n_examples"]), on=["layer", "head"])
+             .merge(grads[["layer", "head", "grad_importance", "grad_importance_raw"]], on=["layer", "head"]))
     first = ["layer", "head", "role", "pattern_class", "cluster", "importance", "importance_se",
-             "importance_ci_low", "importance_ci_high", "grad_importance"]
-    scores_cols = sorted(c for c in heads if c.startswith("score_"))
-    rest = [c for c in heads if c not in first and c not in scores_cols]
-    heads = heads[first + rest + scores_cols].sort_values(["layer", "head"]).reset_index(drop=True)
-    return dict(heads=heads, clusters=_tidy_clusters(clusters["table"]), pruning=curve,
-                plan=_plan_record(plan), cluster_fit=clusters)
+             "importance_ci_low", "importance_ci_high", "damage", "metric_ablated", "grad_importance",
+             "grad_importance_raw"]
+    score_cols = [c for c in heads if c.startswith("score_")]
+    rest = [c for c in heads if c not in first and c not in score_cols]
+    heads = heads[first + rest + score_cols].sort_values(["layer", "head"], ignore_index=True)
+    clusters = clusterer.table_.sort_values("cluster", ignore_index=True)
+    return dict(heads=heads, clusters=clusters, pruning=pruning["curve"], plan=pruning["plan"],
+                pruning_summary=pruning["summary"], clusterer=clusterer,
+                clean_metric=float(sweep["metric_clean"].iloc[0]))
 
 
-def _tidy_clusters(table: pd.DataFrame) -> pd.DataFrame:
-    table = table.copy()
-    for col in table:
-        if table[col].map(lambda v: isinstance(v, (list, tuple))).any():
-            table[col] = table[col].map(lambda v: " ".join(_member(m) for m in v))
-    return table.sort_values("cluster").reset_index(drop=True)
+def _prune(model, task, texts, config: dict, progress: bool) -> dict:
+    """Pruning curves of the three methods, the recommended plan, and what removing its heads
+    physically saves (parameters, forward time)."""
+    from .physical import measure_speedup, prune_heads
+    from .pruning import pruning_curve
+
+    res = pruning_curve(model, task, target=config["prune_target"], floor=config["prune_floor"],
+                        seed=config["seed"], kind=config["ablation"], batch_size=config["batch_size"],
+                        progress=progress)
+    curve = res.curve.sort_values(["method", "seed", "n_pruned"], ignore_index=True, na_position="first")
+    plan = {str(layer): heads for layer, heads in sorted(res.plan.items()) if heads}
+    at = {m: int(sum(len(h) for h in p.values())) for m, p in res.plans.items()}
+    summary = dict(recommended=res.recommended, floor=config["prune_floor"], target=config["prune_target"],
+                   n_heads=len(model.head_labels()), unpruned=float(res.curve.attrs.get("unpruned", np.nan)),
+                   n_selection=res.curve.attrs.get("n_selection"), n_heldout=res.curve.attrs.get("n_heldout"),
+                   methods={m: dict(n_pruned=n, metric=_curve_metric(curve, m, n)) for m, n in at.items()})
+    if plan:
+        batch = model.to_tokens(texts[:8], truncate=True)
+        with torch.no_grad():
+            summary["physical"] = measure_speedup(model, prune_heads(model, plan), batch, repeats=5, warmup=1)
+    return dict(curve=curve, plan=plan, summary=summary)
 
 
-def _member(m) -> str:
-    return f"{m[0]}.{m[1]}" if isinstance(m, (list, tuple)) else str(m)
+def _curve_metric(curve: pd.DataFrame, method: str, n: int) -> float:
+    """Held-out metric of ``method`` with ``n`` heads removed (random: mean over seeds)."""
+    return float(curve[(curve.method == method) & (curve.n_pruned == n)].metric.mean())
 
 
-def _plan_record(plan) -> dict:
-    if isinstance(plan, dict) and "heads" in plan:
-        return plan
-    return {"heads": {str(k): sorted(int(h) for h in v) for k, v in (plan or {}).items()}}
-
-
-def _figures(model, texts, result: dict, folder: Path) -> dict:
+def _figures(model, texts, result: dict, run: dict, folder: Path) -> dict:
     """Draw every figure (PNG + SVG) into ``folder``; returns name -> PNG path relative to the report."""
     from . import figures as fg
+    from . import figures_importance as fi
 
-    heads, fit = result["heads"], result["cluster_fit"]
-    drawn = {}
-
-    def save(name, fig):
-        fg.save_figure(fig, folder / name)
-        drawn[name] = f"figures/{name}.png"
-
-    save("importance", fg.importance_heatmap(heads))
-    save("grad_vs_ablation", fg.importance_scatter(heads, x="importance", y="grad_importance"))
-    save("roles", fg.role_map(heads))
-    for col in ("score_previous_token", "score_first_token", "score_entropy_norm", "score_induction"):
-        if col in heads:
-            save(col, fg.score_heatmap(heads, col))
-    save("distance", fg.distance_clustermap(fit["distance"], fit["labels"]))
-    save("embedding", fg.embedding_plot(fit["embedding"], fit["labels"]))
-    save("gallery", fg.pattern_gallery(model, texts[0], fit["labels"], heads))
-    save("pruning_curve", fg.pruning_plot(result["pruning"]))
-    return drawn
+    scored = render.damage_frame(Report(folder, result["heads"], None, None, {}, {}, run))
+    metric = run["data"].get("metric") or "metric"
+    columns = [c for c in SCORE_FIGURES if c in scored and scored[c].notna().all()]
+    paths = fg.cluster_figures(model, result["clusterer"], _gallery_text(texts), str(folder),
+                               score_columns=columns)
+    paths["importance"] = fi.importance_heatmap(scored, str(folder / "importance"), metric=metric)
+    paths["grad_vs_ablation"] = fi.importance_scatter(scored, str(folder / "grad_vs_ablation"))
+    paths["pruning_curve"] = fi.pruning_plot(result["pruning"], str(folder / "pruning_curve"), metric=metric,
+                                             clean=result["pruning_summary"]["unpruned"])
+    return {name: f"figures/{Path(p[0]).name}" for name, p in paths.items()}
 
 
-def _pruning_summary(curve: pd.DataFrame, n_heads: int) -> dict:
-    """Per method: the most heads removed while the metric stays within TOLERANCE of the full model."""
-    return {"n_heads": n_heads, "tolerance": TOLERANCE, "methods": {}}
+def _gallery_text(texts: list[str]) -> str:
+    """A sentence of middling length for the pattern gallery (readable token labels)."""
+    return min(texts, key=lambda t: (abs(len(t.split()) - 14), t))
 
 
-def _run_record(model, task, texts, config, result, figures, timings, command, folder) -> dict:
+def _run_record(model, task, texts, config, result, command, folder) -> dict:
+    """``run.json`` without figures and timings (added when they are known)."""
     cfg, heads = model.cfg, result["heads"]
-    rho = heads[["grad_importance", "importance"]].rank().corr().iloc[0, 1]
-    fit = result["cluster_fit"]
-    stability = fit["stability"]
-    ari = float(stability) if isinstance(stability, (int, float)) else float(pd.Series(stability).mean())
+    stability = result["clusterer"].stability_
     return {
         "status": "complete",
         "command": command or "headlens.report(" + ", ".join(f"{k}={v!r}" for k, v in config.items()) + ")",
@@ -297,16 +320,13 @@ def _run_record(model, task, texts, config, result, figures, timings, command, f
                       n_heads=cfg.n_heads, n_heads_total=cfg.n_heads_total, source=cfg.source,
                       n_params=sum(p.numel() for p in model.parameters())),
         "data": dict(pattern_texts=len(texts), pattern_source="headlens/data/text/sentences.txt",
-                     task=getattr(task, "name", str(task)), task_examples=len(task),
-                     metric=getattr(task, "metric_name", None)),
-        "results": dict(spearman_grad_vs_ablation=round(float(rho), 6), cluster_stability_ari=ari,
-                        n_clusters=len(result["clusters"]),
-                        pruning=_pruning_summary(result["pruning"], len(heads))),
-        "figures": figures,
+                     task=task.name, task_kind=task.kind, task_examples=len(task), metric=task.metric_name,
+                     higher_is_better=bool(task.higher_is_better), clean_metric=result["clean_metric"]),
+        "results": dict(cluster_stability_ari=stability.get("ari_mean"), n_clusters=len(result["clusters"]),
+                        pruning=result["pruning_summary"]),
         "files": ["heads.csv", "clusters.csv", "pruning.csv", "prune_plan.json", "figures/",
                   "report.md", "run.json", "report.html"],
         "resumed_stages": folder.resumed,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "versions": {p: _version(p) for p in PACKAGES},
         "platform": dict(system=platform.platform(), python=sys.version.split()[0],
                          machine=platform.machine(), torch_threads=torch.get_num_threads()),

@@ -8,10 +8,37 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import headlens
+
 from headlens import render
 from headlens.errors import HeadlensError
 from headlens.outdir import ReportFolder, is_complete, write_table
 from headlens.report import Report, _write
+
+
+def tiny_decoder_folder(folder: Path) -> Path:
+    """A random GPT-2 (3 layers x 4 heads, d_model 32) with a word-level tokenizer over the
+    bundled texts' words (~1.7k tokens, so the LM head is cheap), saved as a transformers folder."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    data = Path(headlens.__file__).parent / "data"
+    text = " ".join(p.read_text() for p in [data / "tasks" / "pydoc_text.txt", data / "text" / "sentences.txt",
+                                              data / "tasks" / "ioi.jsonl"])
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", text.lower())))
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                  bos_token="[BOS]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=3, n_head=4, n_embd=32, n_positions=64, vocab_size=len(tok),
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
 
 
 def fake_report(out: Path, n_layers: int = 3, n_heads: int = 4) -> Report:
@@ -26,7 +53,8 @@ def fake_report(out: Path, n_layers: int = 3, n_heads: int = 4) -> Report:
             rows.append(dict(layer=layer, head=head, role=["previous-token", "first-token sink", "broad"][head % 3],
                              pattern_class="vertical", cluster=head % 2, importance=imp, importance_se=0.01,
                              importance_ci_low=imp - 0.02, importance_ci_high=imp + 0.02,
-                             grad_importance=abs(imp), score_previous_token=rng.random()))
+                             grad_importance=abs(imp), grad_importance_raw=abs(imp) * 2,
+                             score_previous_token=rng.random()))
     heads = pd.DataFrame(rows)
     heads.loc[0, ["importance", "importance_ci_low", "importance_ci_high"]] = [0.5, 0.4, 0.6]
     clusters = pd.DataFrame(dict(cluster=[0, 1], size=[6, 6], members=["0.0 0.2", "0.1 0.3"],
@@ -135,5 +163,91 @@ def test_findings_follow_the_numbers(tmp_path):
     n_above = int((rep.heads.importance_ci_low > 0).sum())
     assert f"{n_above} of 12 heads" in text
     assert "Role census: 6 previous-token, 3 first-token sink, 3 broad." in text
-    rho = rep.heads[["grad_importance", "importance"]].corr(method="spearman").iloc[0, 1]
-    assert f"rho = {rho:.2f}" in text
+    rho = pd.concat([rep.heads.grad_importance_raw, rep.heads.importance.abs()], axis=1).corr(method="spearman")
+    assert f"rho = {rho.iloc[0, 1]:.2f}" in text
+
+
+# --- the pipeline on a tiny model ----------------------------------------------------------
+RUN = dict(task="lm", n_examples=8, n_bootstrap=100, batch_size=8, seed=0, prune_target=0.25)
+TABLES = ["heads.csv", "clusters.csv", "pruning.csv"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return tiny_decoder_folder(tmp_path_factory.mktemp("tiny") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_folder, tmp_path_factory):
+    from headlens.report import report
+
+    return report(str(tiny_folder), out=tmp_path_factory.mktemp("rep") / "r", progress=False, **RUN)
+
+
+def test_report_writes_every_output(tiny_report):
+    rep, out = tiny_report, tiny_report.out
+    for name in ["heads.csv", "heads.parquet", "clusters.csv", "pruning.csv", "prune_plan.json", "report.md",
+                 "run.json", "report.html"]:
+        assert (out / name).is_file(), name
+    assert not (out / ".staging").exists() and not (out / ".checkpoints").exists()
+    heads = pd.read_csv(out / "heads.csv")
+    need = ["layer", "head", "role", "pattern_class", "cluster", "importance", "importance_se",
+            "importance_ci_low", "importance_ci_high", "grad_importance", "score_previous_token",
+            "score_first_token", "score_induction", "score_entropy"]
+    assert list(heads.columns[:2]) == ["layer", "head"] and set(need) <= set(heads.columns)
+    assert list(zip(heads["layer"], heads["head"])) == [(layer, h) for layer in range(3) for h in range(4)]
+    assert (heads.importance_ci_low <= heads.importance).all() and (heads.importance <= heads.importance_ci_high).all()
+    pruning = pd.read_csv(out / "pruning.csv")
+    assert set(pruning.method) == {"michel", "ablation", "random"}
+    for name, rel in rep.run["figures"].items():
+        assert (out / rel).is_file() and (out / rel).with_suffix(".svg").is_file(), name
+    assert {"importance", "grad_vs_ablation", "clustermap", "embedding", "gallery", "pruning_curve"} <= set(rep.figures)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["config"]["seed"] == 0 and run["config"]["task"] == "lm"
+    assert {"headlens", "torch", "transformers", "transformer-lens", "scikit-learn", "pandas"} <= set(run["versions"])
+    assert run["timings_s"]["total"] > 0 and run["platform"]["python"]
+    back = Report.load(out)
+    assert back.heads.shape == rep.heads.shape and back.plan == rep.plan
+
+
+@pytest.mark.slow
+def test_same_seed_gives_byte_identical_tables(tiny_report, tiny_folder, tmp_path):
+    from headlens.report import report
+
+    again = report(str(tiny_folder), out=tmp_path / "again", progress=False, **RUN)
+    for name in TABLES:
+        assert (again.out / name).read_bytes() == (tiny_report.out / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_tables(tiny_report, tiny_folder, tmp_path):
+    """SIGKILL the CLI once a stage has been checkpointed; the re-run resumes (the finished stages
+    are not recomputed), and the tables equal those of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "headlens", "report", "--model", str(tiny_folder), "--out", str(out),
+           "--task", RUN["task"], "--n-examples", str(RUN["n_examples"]), "--n-bootstrap", str(RUN["n_bootstrap"]),
+           "--batch-size", str(RUN["batch_size"]), "--prune-target", str(RUN["prune_target"]), "--no-progress",
+           "--quiet"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / ".checkpoints" / "clusters.pkl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.stem for p in (out / ".checkpoints").glob("*.pkl")}
+    assert "scores" in finished and not (out / "report.html").exists() and not is_complete(out)
+    with pytest.raises(HeadlensError, match="no complete"):
+        Report.load(out)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert finished <= set(run["resumed_stages"])
+    for name in TABLES:
+        assert (out / name).read_bytes() == (tiny_report.out / name).read_bytes(), name

@@ -39,6 +39,10 @@ def add_arguments(p) -> None:
                    help="texts for the pattern scores and task examples for the importance sweep")
     p.add_argument("--prune-target", type=float, default=0.5,
                    help="fraction of all heads the pruning curve goes up to")
+    p.add_argument("--prune-floor", type=float, default=0.9,
+                   help="fraction of the full model's metric a pruning plan must keep (chosen on one "
+                        "half of the task, reported on the other); 1 or more disables it (plans then "
+                        "prune to --prune-target)")
     p.add_argument("--n-bootstrap", type=int, default=1000,
                    help="bootstrap resamples for the importance confidence intervals")
     p.add_argument("--n-clusters", type=int, default=None,
@@ -61,11 +65,13 @@ def run(args) -> int:
                ("--ablation", args.ablation), ("--metric", args.metric), ("--batch-size", args.batch_size),
                ("--device", args.device), ("--dtype", args.dtype), ("--seed", args.seed),
                ("--n-examples", args.n_examples), ("--prune-target", args.prune_target),
+               ("--prune-floor", args.prune_floor),
                ("--n-bootstrap", args.n_bootstrap), ("--n-clusters", args.n_clusters)]
     command = "headlens report " + " ".join(f"{k} {shlex.quote(str(v))}" for k, v in options if v is not None)
     rep = report(model=args.model, task=args.task, out=args.out, ablation=args.ablation, metric=args.metric,
                  batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
-                 n_examples=args.n_examples, prune_target=args.prune_target, n_bootstrap=args.n_bootstrap,
+                 n_examples=args.n_examples, prune_target=args.prune_target,
+                 prune_floor=args.prune_floor if args.prune_floor < 1 else None, n_bootstrap=args.n_bootstrap,
                  n_clusters=args.n_clusters, progress=not args.no_progress, resume=args.resume, force=args.force,
                  keep_checkpoints=args.keep_checkpoints, command=command)
     print(rep.html if args.quiet else rep.summary())
