@@ -7,3 +7,8 @@ from .load import list_models, load
 
 __all__ = ["ModelConfig", "HeadlensError", "HeadlensModel", "from_hf_model", "load", "list_models"]
 __version__ = "0.1.0"
+# the main job: headlens.report(...) -> Report (the module stays importable as headlens.report
+# for "from headlens.report import ..."; the attribute is the function)
+from .report import Report, report  # noqa: E402
+
+__all__ += ["report", "Report"]
