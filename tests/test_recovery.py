@@ -1,0 +1,124 @@
+"""headlens recovers the heads whose roles are known: on the shipped toy models, the pattern scores,
+roles, ablation sweep and clustering must find what the training put there (and what the model
+cards measured directly from ``hook_pattern``)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headlens import toy
+from headlens.ablation import ablation_sweep
+from headlens.checkpoint import load_model, read_card
+from headlens.clusters import HeadClusterer
+from headlens.roles import assign_roles
+from headlens.scores import pattern_scores, probe_tokens
+from headlens.tasks import CallableTask
+
+MODELS = Path(toy.__file__).resolve().parent / "data" / "models"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def two_layer():
+    return load_model(MODELS / "toy-induction-2l")
+
+
+@pytest.fixture(scope="module")
+def segments():
+    """64 sequences of the induction models' training distribution (fresh seed)."""
+    return toy.repeated_segment_tokens(64, 64, 64, torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def two_layer_scores(two_layer, segments):
+    return assign_roles(pattern_scores(two_layer, segments, seed=0))
+
+
+def repeated_half_task(tokens: torch.Tensor, half_len: int) -> CallableTask:
+    """Per-example next-token loss on the second copy of ``[BOS, x, x]`` (lower is better)."""
+    def loss(logits, inputs):
+        ids = inputs["input_ids"]
+        start = ids.shape[1] - 2 * half_len
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        return nll[:, start + half_len: start + 2 * half_len - 1].mean(1)
+
+    return CallableTask(tokens.tolist(), loss, higher_is_better=False, metric_name="repeated_half_loss",
+                        max_tokens=None, name="repeated-half")
+
+
+def test_scores_agree_with_the_direct_measurement(two_layer, two_layer_scores, segments):
+    tokens, T = toy.eval_tokens(two_layer, half_len=31, n_seqs=64, seed=3)
+    ours = pattern_scores(two_layer, tokens, induction=False)
+    direct = toy.head_attention(two_layer, tokens, T)
+    for column in ("previous_token", "first_token", "self"):
+        np.testing.assert_allclose(ours[f"score_{column}"], direct[column], atol=1e-5)
+    ids, start, T = probe_tokens(two_layer, n_seqs=32, half_len=20, seed=0)
+    direct = toy.head_attention(two_layer, ids, T)
+    np.testing.assert_allclose(two_layer_scores["score_induction"], direct["induction"], atol=1e-5)
+
+
+def test_scores_label_layer_one_induction_and_the_best_layer_zero_head_previous_token(two_layer, two_layer_scores):
+    s = two_layer_scores
+    layer0, layer1 = s[s.layer == 0], s[s.layer == 1]
+    assert (layer1["role"] == "induction").all()
+    assert layer1["score_induction"].min() > 0.6
+    assert layer0["score_induction"].max() < 0.1 and "induction" not in set(layer0["role"])
+    best = layer0.loc[layer0["score_previous_token"].idxmax()]
+    assert best["role"] == "previous-token" and best["score_previous_token"] > 0.85
+    card = read_card(MODELS / "toy-induction-2l")
+    documented = max((h for h in card["heads"] if h["layer"] == 0), key=lambda h: h["previous_token"])
+    assert best["head"] == documented["head"]
+
+
+def test_one_layer_control_has_no_induction_head(segments):
+    model = load_model(MODELS / "toy-induction-1l")
+    s = assign_roles(pattern_scores(model, segments, seed=0))
+    assert "induction" not in set(s["role"])
+    assert s["score_induction"].max() < 0.2
+
+
+def test_first_token_model_has_its_first_token_and_previous_token_heads():
+    model = load_model(MODELS / "toy-first-token")
+    card = read_card(MODELS / "toy-first-token")
+    tokens = torch.randint(0, 64, (32, 64), generator=torch.Generator().manual_seed(5))
+    s = assign_roles(pattern_scores(model, tokens, induction=False)).set_index(["layer", "head"])
+    [(fl, fh)], [(pl, ph)] = card["roles"]["first-token"], card["roles"]["previous-token"]
+    assert s.loc[(fl, fh), "role"] == "first-token sink" and s.loc[(fl, fh), "pattern_class"] == "vertical"
+    assert s.loc[(pl, ph), "role"] == "previous-token" and s.loc[(pl, ph), "pattern_class"] == "diagonal"
+
+
+def test_ablating_the_previous_token_head_hurts_more_than_any_induction_head(two_layer, two_layer_scores):
+    tokens, T = toy.eval_tokens(two_layer, n_seqs=64, seed=11)
+    sweep = ablation_sweep(two_layer, repeated_half_task(tokens, T), kind="zero", n_bootstrap=200,
+                           progress=False).set_index(["layer", "head"])
+    s = two_layer_scores
+    layer0 = s[s.layer == 0]
+    prev = tuple(layer0.loc[layer0["score_previous_token"].idxmax(), ["layer", "head"]])
+    induction = [tuple(x) for x in s.loc[s.role == "induction", ["layer", "head"]].to_numpy()]
+    assert len(induction) >= 2
+    assert sweep.loc[prev, "damage"] > 1.0  # K-composition: the induction heads' keys need it
+    assert sweep.loc[prev, "importance_ci_low"] > max(sweep.loc[h, "importance_ci_high"] for h in induction)
+    assert max(sweep.loc[h, "damage"] for h in induction) < 0.2  # redundant: each alone is dispensable
+    gated = toy.head_ablations(two_layer, "induction", tokens, T).set_index(["layer", "head"])
+    np.testing.assert_allclose(sweep["metric_ablated"], gated["ablated_loss_repeated_half"], atol=1e-4)
+
+
+def test_clustering_puts_the_induction_heads_together(two_layer, two_layer_scores, segments):
+    clusterer = HeadClusterer(seed=0, n_bootstrap=5).fit(two_layer, segments)
+    labels = clusterer.labels_.set_index(["layer", "head"])["cluster"]
+    induction = [(1, h) for h in range(4)]
+    assert labels[induction].nunique() == 1
+    others = [h for h in labels.index if h not in induction]
+    assert not (labels[others] == labels[induction[0]]).any()
+    d = clusterer.distance_
+    ind, rest = [4, 5, 6, 7], [0, 1, 2, 3]
+    assert d[np.ix_(ind, ind)].max() < 0.5 * d[np.ix_(ind, rest)].min()
