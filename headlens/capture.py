@@ -123,15 +123,9 @@ def _batches(model, data, batch_size: int, sort_by_length: bool, **encode_kwargs
         check("input_ids" in data, "a batch dict needs 'input_ids'")
         yield {k: v.to(model.device) for k, v in data.items()}
         return
-    if isinstance(data, torch.Tensor) or isinstance(data, str) or not sort_by_length:
-        yield from batches(model, data, batch_size, **encode_kwargs)
-        return
-    seen = False
-    for batch in batches(model, _length_sorted(model, data, 32 * batch_size), batch_size, **encode_kwargs):
-        seen = True
-        yield batch
-    if not seen:
-        raise HeadlensError("the dataset is empty: no texts or token sequences to run")
+    if sort_by_length and not isinstance(data, (torch.Tensor, str)):
+        data = _length_sorted(model, data, 32 * batch_size)
+    yield from batches(model, data, batch_size, **encode_kwargs)
 
 
 def iter_patterns(model, data, batch_size: int = 16, sort_by_length: bool = False,

@@ -31,7 +31,7 @@ from sklearn.preprocessing import StandardScaler
 from .capture import HeadStatsAccumulator, PatternBatch, stream_head_stats
 from .errors import check
 from .roles import assign_roles
-from .scores import SCORE_COLUMNS, probe_means, scores_table, text_statistics
+from .scores import PROBE_COLUMNS, SCORE_COLUMNS, probe_means, scores_table, text_statistics
 
 METHODS = ("agglomerative", "kmeans", "gmm")
 EMBEDDINGS = ("mds", "tsne", None)
@@ -49,10 +49,11 @@ BEHAVIOURS = [  # (score column, what a high value means), for the cluster descr
 ]
 
 
-def js_statistics(eps: float = 1e-3):
+def js_statistics(eps: float = 1e-3, pair_budget: int = 2 ** 20):
     """Statistic (see :func:`headlens.capture.stream_head_stats`): per example, the JS divergence
     between every pair of heads summed over its real query rows, ``{"js": (totals [B, N, N],
-    counts [B])}``."""
+    counts [B])}``. Vectorised over blocks of head pairs, query rows and keys; a block holds at
+    most ``pair_budget`` floats (4 MB in float32)."""
     check(0 < eps < 1, f"eps must be in (0, 1), got {eps}")
 
     def statistics(pb: PatternBatch) -> dict:
@@ -66,18 +67,21 @@ def js_statistics(eps: float = 1e-3):
         entropy = torch.special.entr(rows).sum(-1)  # [N, R]
         # invisible keys get 1/2 in every head: there s = p + q = 1 and s log s = 0
         rows = rows + 0.5 * (~visible[real])[None].to(rows.dtype)
-        totals = A.new_zeros(B, N, N)
-        s_buf, log_buf = torch.empty_like(rows[1:]), torch.empty_like(rows[1:])
         half_entropy = 0.5 * entropy
-        for h in range(N - 1):
-            s, log_s = s_buf[: N - h - 1], log_buf[: N - h - 1]
-            torch.add(rows[h: h + 1], rows[h + 1:], out=s)  # p + q, [N-h-1, R, S]
-            torch.log(s, out=log_s)
-            s_log_s = log_s.mul_(s).sum(-1)  # [N-h-1, R]
-            # JS = H(m) - (H(p) + H(q)) / 2 with H(m) = log 2 - sum(s log s) / 2, in bits
-            js = (math.log(2) - 0.5 * s_log_s - half_entropy[h: h + 1] - half_entropy[h + 1:]) / math.log(2)
-            per_example = A.new_zeros(N - h - 1, B).index_add_(1, example, js)  # [N-h-1, B]
-            totals[:, h, h + 1:] = per_example.T
+        R, S = rows.shape[1:]
+        size = max(1, min(N, math.isqrt(max(1, pair_budget // max(1, R * S)))))  # heads per block
+        totals = A.new_zeros(B, N, N)
+        for lo in range(0, N, size):  # blocks of heads [lo, lo + size) x [lo2, lo2 + size), lo <= lo2
+            p, hp = rows[lo: lo + size], half_entropy[lo: lo + size]
+            for lo2 in range(lo, N, size):
+                q, hq = rows[lo2: lo2 + size], half_entropy[lo2: lo2 + size]
+                s = p[:, None] + q[None]  # p + q, [b, b2, R, S]
+                s_log_s = torch.log(s).mul_(s).sum(-1)  # [b, b2, R]
+                # JS = H(m) - (H(p) + H(q)) / 2 with H(m) = log 2 - sum(s log s) / 2, in bits
+                js = (math.log(2) - 0.5 * s_log_s - hp[:, None] - hq[None]) / math.log(2)
+                per_example = js.new_zeros(*js.shape[:2], B).index_add_(2, example, js)  # [b, b2, B]
+                totals[:, lo: lo + size, lo2: lo2 + size] = per_example.permute(2, 0, 1)
+        totals = totals.triu(1)  # each pair once (diagonal blocks computed both ways)
         totals = totals + totals.transpose(1, 2)
         return {"js": (totals, real.sum(-1))}
 
@@ -236,7 +240,8 @@ class HeadClusterer:
     def fit(self, model, data, scores: Optional[pd.DataFrame] = None) -> "HeadClusterer":
         """Stream ``data`` (texts or token ids) once through ``model`` and cluster its heads.
         ``scores``: a :func:`headlens.scores.pattern_scores` table to describe (and, for k-means /
-        GMM, cluster) the heads with; computed in the same pass when None."""
+        GMM, cluster) the heads with; computed in the same pass when None (its induction and
+        duplicate-token columns then also serve the bootstrap replicates)."""
         heads = model.head_labels()
         self._check_params(len(heads))
         stats = {"js": js_statistics(self.eps), "text": text_statistics(model)}
@@ -244,8 +249,8 @@ class HeadClusterer:
         acc = HeadStatsAccumulator(self.n_bootstrap, self.seed, replicate_names=needed)
         stream_head_stats(model, data, stats, self.batch_size, accumulator=acc, progress=self.progress,
                           truncate=self.truncate)
-        probe = probe_means(model, seed=self.seed, batch_size=self.batch_size) if self.induction else {}
         if scores is None:
+            probe = probe_means(model, seed=self.seed, batch_size=self.batch_size) if self.induction else {}
             scores = scores_table(model, {**acc.means(), **probe})
         else:
             check(isinstance(scores, pd.DataFrame) and "layer" in scores and "head" in scores,
@@ -253,6 +258,7 @@ class HeadClusterer:
             scores = scores.sort_values(["layer", "head"], ignore_index=True)
             got = list(zip(scores["layer"].astype(int), scores["head"].astype(int)))
             check(got == heads, "scores has other heads than the model (one row per model.head_labels())")
+            probe = {c: scores[c].to_numpy() for c in PROBE_COLUMNS if c in scores}
         self.scores_ = assign_roles(scores) if "role" not in scores else scores.copy()
         self.distance_ = _clean_distance(acc.mean("js"))
         features = self._features(self.scores_) if self.method != "agglomerative" else None

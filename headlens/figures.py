@@ -93,6 +93,8 @@ def distance_clustermap(distance: np.ndarray, labels: pd.DataFrame, path: str = 
                           cbar_kws={"label": "mean JS divergence (bits)"}, dendrogram_ratio=0.12)
     fontsize = max(4, min(9, int(400 / max(N, 1))))
     grid.ax_heatmap.tick_params(labelsize=fontsize)
+    for mesh in grid.ax_heatmap.collections:
+        mesh.set_rasterized(True)  # an N x N mesh as one image in the SVG; labels stay text
     grid.figure.suptitle(title, y=1.01)
     try:
         return save_figure(grid.figure, path)
@@ -133,7 +135,8 @@ def pattern_gallery(model, text, heads: dict, path: str = "pattern_gallery", max
 
     ``text``: a string (or a token-id sequence); ``heads``: ``{group: [(layer, head), ...]}``
     (e.g. each cluster's most typical heads); ``captions``: ``{group: str}`` shown in titles.
-    The example is cut to its first ``max_tokens`` tokens for legibility.
+    The example is cut to its first ``max_tokens`` tokens for legibility; at most ``columns``
+    panels per row.
     """
     from .capture import capture_patterns
 
@@ -145,7 +148,7 @@ def pattern_gallery(model, text, heads: dict, path: str = "pattern_gallery", max
     pb = capture_patterns(model, [text] if isinstance(text, str) else [list(text)], batch_size=1)[0]
     T = min(int(pb.lengths[0]), max_tokens)
     tokens = _token_labels(model, pb.input_ids[0, :T])
-    cols = min(columns, len(panels))
+    cols = min(columns, math.ceil(math.sqrt(len(panels))))
     rows = math.ceil(len(panels) / cols)
     side = max(3.2, 0.17 * T + 1.2)
     fig = Figure(figsize=(side * cols, side * rows + 0.4))
@@ -154,12 +157,13 @@ def pattern_gallery(model, text, heads: dict, path: str = "pattern_gallery", max
         pattern = pb.patterns[0, index[(layer, head)], :T, :T].cpu().numpy()
         sns.heatmap(pattern, ax=ax, cmap="Blues", vmin=0, vmax=1, cbar=False, square=True,
                     xticklabels=tokens, yticklabels=tokens)
+        ax.collections[0].set_rasterized(True)
         ax.tick_params(labelsize=6, length=0)
         caption = (captions or {}).get(group, "")
         ax.set_title(f"head {layer}.{head} (cluster {group})" + (f"\n{caption}" if caption else ""), fontsize=8)
         ax.set_xlabel("key", fontsize=7)
         ax.set_ylabel("query", fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=2.0)
     return save_figure(fig, path)
 
 

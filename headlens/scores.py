@@ -58,6 +58,7 @@ SCORE_COLUMNS = [
     "score_local",
 ]
 EXTRA_COLUMNS = ["peak_offset", "score_peak_offset"]
+PROBE_COLUMNS = ["score_induction", "score_duplicate_token"]  # from the repeated-token probe
 DETECTOR_NAMES = ("previous_token_head", "duplicate_token_head", "induction_head")
 
 
@@ -203,7 +204,7 @@ def probe_means(model, n_seqs: int = 32, half_len: int = 20, seed: int = 0, batc
     """``{"score_induction": [N], "score_duplicate_token": [N]}`` on the repeated-token probe."""
     ids, start, T = probe_tokens(model, n_seqs, half_len, seed)
     acc = stream_head_stats(model, ids, {"probe": probe_statistics(start, T)}, batch_size, sort_by_length=False)
-    return {name: acc.mean(name) for name in ("score_induction", "score_duplicate_token")}
+    return {name: acc.mean(name) for name in PROBE_COLUMNS}
 
 
 def pattern_scores(model, data, batch_size: int = 16, seed: int = 0, induction: bool = True,
