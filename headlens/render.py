@@ -67,13 +67,17 @@ def figure_meta(name: str) -> tuple[str, str, str]:
     return "patterns", name.replace("_", " ").capitalize(), ""
 
 
+SCORE_ORDER = ["previous_token", "first_token", "separator", "entropy_norm", "induction"]
+
+
 def figure_order(names) -> list[str]:
-    """``names`` in the order of :data:`FIGURES` (score heatmaps in the given order)."""
+    """``names`` in the order of :data:`FIGURES`; score heatmaps in :data:`SCORE_ORDER`."""
     def rank(name):
         for i, key in enumerate(FIGURES):
             if name == key or (key.endswith("_") and name.startswith(key)):
-                return i
-        return len(FIGURES)
+                score = name[len(key):]
+                return i, SCORE_ORDER.index(score) if score in SCORE_ORDER else len(SCORE_ORDER), name
+        return len(FIGURES), 0, name
     return sorted(names, key=rank)
 
 
@@ -84,7 +88,9 @@ def head_name(layer, head) -> str:
 def _num(x, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "n/a"
-    return f"{x:.{digits}g}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.{digits}f}"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}g}" if abs(x) < 1e-3 else f"{x:.{digits}f}"
 
 
 def _signed(x, digits: int = 3) -> str:
@@ -143,7 +149,7 @@ def findings(report) -> list[str]:
         if len(helps):
             names = ", ".join(head_name(r.layer, r.head) for r in helps.sort_values("damage").head(5).itertuples())
             out.append(f"Removing {len(helps)} head(s) alone improves {metric} (CI entirely on the "
-                       f"improving side): {names}{' ...' if len(helps) > 5 else ''}.")
+                       f"improving side): {names}{', ...' if len(helps) > 5 else '.'}")
         by_layer = dmg.groupby("layer").damage.sum().clip(lower=0)
         if by_layer.sum() > 0:
             layer = int(by_layer.idxmax())
@@ -162,12 +168,13 @@ def findings(report) -> list[str]:
     return out
 
 
-def _cluster_findings(report) -> list[str]:
+def cluster_notes(report) -> list[str]:
+    """One sentence per cluster: what its heads do and how much ablating one of them hurts."""
     clusters, heads = report.clusters, report.heads
     if clusters is None or not len(clusters) or "cluster" not in heads:
         return []
-    out = []
     dmg = damage_frame(report) if "importance" in heads else None
+    out = []
     for row in clusters.itertuples():
         members = heads.cluster == row.cluster
         desc = str(getattr(row, "description", "") or "").rstrip(".")
@@ -176,8 +183,28 @@ def _cluster_findings(report) -> list[str]:
             desc = f"{int(members.sum())} head(s), layers {layers.min()}-{layers.max()}"
         imp = f"; mean damage when one of them is ablated {_signed(dmg.damage[members].mean())}" if dmg is not None else ""
         out.append(f"Cluster {row.cluster}: {desc}{imp}.")
+    return out
+
+
+def _cluster_findings(report) -> list[str]:
+    clusters, heads = report.clusters, report.heads
+    if clusters is None or not len(clusters) or "cluster" not in heads:
+        return []
+    sizes = heads.cluster.value_counts()
+    big = int(sizes.idxmax())
+    desc = {int(r.cluster): str(getattr(r, "description", "") or "").rstrip(".") for r in clusters.itertuples()}
+    text = (f"The heads fall into {len(clusters)} clusters by attention pattern; the largest, cluster {big}, is "
+            f"{desc.get(big) or f'{sizes.max()} heads'}")
+    if "importance" in heads:
+        mean = damage_frame(report).groupby("cluster").damage.mean()
+        top = int(mean.idxmax())
+        if top != big:
+            text += f"; ablating heads of cluster {top} hurts most on average ({_signed(mean.max())}): {desc.get(top)}"
+        else:
+            text += f", and ablating its heads hurts most on average ({_signed(mean.max())})"
+    out = [text + "."]
     ari = report.run.get("results", {}).get("cluster_stability_ari")
-    if ari is not None:
+    if ari is not None and np.isfinite(ari):
         verdict = "stable" if ari >= 0.75 else "moderately stable" if ari >= 0.5 else "not stable"
         out.append(f"The clusters are {verdict} across bootstrap resamples of the data "
                    f"(mean adjusted Rand index {_num(ari, 2)}).")
@@ -210,7 +237,7 @@ def _pruning_findings(report) -> list[str]:
 # --- tables --------------------------------------------------------------------------------
 def _cell(x, digits=3) -> str:
     if isinstance(x, (float, np.floating)):
-        return _num(float(x), digits)
+        return "" if np.isnan(x) else f"{float(x):.{digits}g}"
     return str(x)
 
 
@@ -275,7 +302,7 @@ def _context(report, inline_figures: bool) -> dict:
     sections = []
     for sid, title, text in SECTIONS:
         figs = []
-        for name in figure_order(report.figures):
+        for name in figure_order(n for n in report.figures if n in report.run.get("figures", report.figures)):
             path = report.figures[name]
             section, ftitle, caption = figure_meta(name)
             if section != sid:
@@ -286,7 +313,10 @@ def _context(report, inline_figures: bool) -> dict:
                              half=name.startswith("heatmap_")))
         tabs = [dict(t, n_rows=len(t["df"]), html=html_table(t["df"]), markdown=markdown_table(t["df"]))
                 for t in tables.get(sid, [])]
-        sections.append(dict(id=sid, title=title, text=text, figures=figs, tables=tabs))
+        notes = cluster_notes(report) if sid == "clusters" else []
+        if figs or tabs:
+            sections.append(dict(id=sid, title=title, text=text, figures=figs, tables=tabs, notes=notes))
+    sections += [_study_section(report, sec, inline_figures) for sec in run.get("sections", [])]
     m = run.get("model", {})
     return dict(title=f"Attention heads of {m.get('name', 'a model')}",
                 subtitle=f"headlens report on task {run.get('data', {}).get('task', '?')}",
@@ -294,6 +324,19 @@ def _context(report, inline_figures: bool) -> dict:
                 findings=findings(report), sections=sections, command=run.get("command", ""),
                 files=run.get("files", []), created=run.get("created", ""),
                 platform=run.get("platform", {}).get("system", ""))
+
+
+def _study_section(report, sec: dict, inline_figures: bool) -> dict:
+    """A section added with :meth:`headlens.report.Report.add_section`, ready for the templates."""
+    tables = []
+    for t in sec["tables"]:
+        df = pd.read_csv(report.out / t["file"], keep_default_na=False, na_values=[""])
+        tables.append(dict(title=t["title"], note=f"also in {t['file']}", folded=len(df) > 40, n_rows=len(df),
+                           html=html_table(df), markdown=markdown_table(df)))
+    figures = [dict(f, src=_data_uri(report.out / f["path"]) if inline_figures else f["path"], half=False)
+               for f in sec["figures"]]
+    return dict(id=sec["id"], title=sec["title"], text=" ".join(sec["paragraphs"]), notes=sec["notes"],
+                tables=tables, figures=figures)
 
 
 def _data_uri(path: Path) -> str:

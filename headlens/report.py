@@ -26,10 +26,9 @@ import torch
 
 from . import render
 from .errors import HeadlensError, check
-from .outdir import ReportFolder, is_complete, write_json, write_table
+from .outdir import ReportFolder, atomic_write, is_complete, write_json, write_table
 
 DEFAULT_MODEL = "minilm"
-SENTENCES = Path(__file__).resolve().parent / "data" / "text" / "sentences.txt"
 PACKAGES = ["headlens", "torch", "transformers", "transformer-lens", "scikit-learn", "pandas", "numpy",
             "scipy", "matplotlib", "seaborn"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -45,8 +44,10 @@ class Report:
     heads: one row per head (``layer, head, role, pattern_class, cluster, importance,
     importance_se, importance_ci_low, importance_ci_high, grad_importance, score_*``);
     clusters: one row per cluster; pruning: the pruning curve (one row per method, seed and step);
-    plan: ``prune_plan.json`` (``{"heads": {layer: [heads]}, ...}``); figures: name -> PNG path;
-    run: ``run.json`` (configuration, versions, timings, results).
+    plan: ``prune_plan.json``, the recommended plan ``{layer: [heads]}`` (give it to
+    :func:`headlens.physical.prune_heads`); figures: name -> PNG path; run: ``run.json``
+    (configuration, versions, timings, results); distance: the head x head Jensen-Shannon
+    distance (``distance.csv``: column ``head`` then one column per head, ``"layer.head"``).
     """
 
     out: Path
@@ -56,6 +57,7 @@ class Report:
     plan: dict
     figures: dict = field(default_factory=dict)
     run: dict = field(default_factory=dict)
+    distance: Optional[pd.DataFrame] = None
 
     @property
     def html(self) -> Path:
@@ -72,6 +74,36 @@ class Report:
         """The ``n`` heads whose ablation hurts the task most (see :func:`headlens.render.ranked`)."""
         return render.ranked(self).head(n)
 
+    def add_section(self, title: str, paragraphs=(), notes=(), tables: Optional[dict] = None,
+                    figures: Optional[dict] = None) -> None:
+        """Append a section of study-specific results to the finished report and re-render it.
+
+        paragraphs: sentences of text; notes: bullet points; tables: ``{title: DataFrame}``
+        (saved as ``<section>_<n>.csv``); figures: ``{title: (png_path, caption)}`` (copied into
+        ``figures/``, an ``.svg`` beside the PNG too). Stored in ``run.json`` so that
+        :meth:`load` and re-rendering keep it; the pages are rewritten atomically.
+        """
+        import re
+        import shutil
+
+        check(is_complete(self.out), f"{self.out} is not a complete report")
+        sid = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+        section = dict(id=sid, title=title, paragraphs=list(paragraphs), notes=list(notes), tables=[], figures=[])
+        for i, (name, df) in enumerate((tables or {}).items()):
+            write_table(df, self.out / f"{sid}_{i}.csv")
+            section["tables"].append(dict(title=name, file=f"{sid}_{i}.csv"))
+        for i, (name, (png, caption)) in enumerate((figures or {}).items()):
+            stem = f"{sid}_{i}"
+            for src in (Path(png), Path(png).with_suffix(".svg")):
+                if src.is_file():
+                    shutil.copyfile(src, self.out / "figures" / f"{stem}{src.suffix}")
+            self.figures[stem] = self.out / "figures" / f"{stem}.png"
+            section["figures"].append(dict(name=stem, title=name, caption=caption, path=f"figures/{stem}.png"))
+        self.run["sections"] = [x for x in self.run.get("sections", []) if x["id"] != sid] + [section]
+        write_json(self.out / "run.json", self.run)
+        atomic_write(self.out / "report.md", render.render_markdown(self).encode())
+        atomic_write(self.out / "report.html", render.render_html(self).encode())
+
     def __repr__(self) -> str:
         m = self.run.get("model", {})
         return (f"Report({str(self.out)!r}: {m.get('name', '?')}, {len(self.heads)} heads, "
@@ -87,26 +119,31 @@ class Report:
                                 "status 'complete' or report.html missing: the run failed or is "
                                 "still going); re-run the same command to resume it")
         run = json.loads((folder / "run.json").read_text())
-        read = lambda name: pd.read_csv(folder / name, keep_default_na=False, na_values=[""])  # noqa: E731
+        text = {"role": str, "pattern_class": str, "members": str, "medoid": str, "description": str,
+                "roles": str, "method": str}
+        read = lambda name: pd.read_csv(folder / name, dtype=text, keep_default_na=False, na_values=[""])  # noqa: E731
         plan = json.loads((folder / "prune_plan.json").read_text())
         figures = {name: folder / rel for name, rel in run.get("figures", {}).items()}
-        return cls(folder, read("heads.csv"), read("clusters.csv"), read("pruning.csv"), plan, figures, run)
+        figures.update({f["name"]: folder / f["path"] for sec in run.get("sections", []) for f in sec["figures"]})
+        distance = pd.read_csv(folder / "distance.csv", dtype={"head": str}) if (folder / "distance.csv").is_file() else None
+        return cls(folder, read("heads.csv"), read("clusters.csv"), read("pruning.csv"), plan, figures, run, distance)
 
 
 def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str = "zero",
            metric: Optional[str] = None, batch_size: int = 16, device: str = "cpu",
-           dtype: str = "float32", seed: int = 0, n_examples: int = 64, prune_target: float = 0.5,
+           dtype: str = "float32", seed: int = 0, n_examples: int = 48, prune_target: float = 0.5,
            prune_floor: Optional[float] = 0.9,
            n_bootstrap: int = 1000, n_clusters: Optional[int] = None, progress: bool = True,
            resume: bool = True, force: bool = False, keep_checkpoints: bool = False,
-           command: Optional[str] = None) -> Report:
+           data=None, command: Optional[str] = None) -> Report:
     """Run the whole analysis of ``model`` on ``task`` and write the report folder ``out``.
 
     model: bundled name (``headlens models``), checkpoint or transformers folder, or a loaded
     :class:`~headlens.HeadlensModel`. task: a bundled task name or file for
     :func:`headlens.tasks.load_task` (default: the model's default task). ablation: ``zero``,
     ``mean``, ``resample`` or ``uniform``. n_examples: texts for the pattern scores and task
-    examples for the importance sweep. prune_target: fraction of heads the pruning curve goes to;
+    examples for the importance sweep. data: texts for the pattern scores and clustering
+    (default: the first n_examples bundled sentences). prune_target: fraction of heads the pruning curve goes to;
     prune_floor: fraction of the full model's metric a pruning plan must keep (on the selection
     split; None: the plan prunes to prune_target).
     resume: reuse stages a killed run of the same configuration finished; force: discard them.
@@ -123,9 +160,9 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
                   ablation=ablation, metric=metric, batch_size=batch_size, device=device, dtype=dtype,
                   seed=seed, n_examples=n_examples, prune_target=prune_target, prune_floor=prune_floor,
                   n_bootstrap=n_bootstrap,
-                  n_clusters=n_clusters)
+                  n_clusters=n_clusters, data=None if data is None else _texts_key(data))
     folder = ReportFolder(out, dict(config, headlens=_version("headlens")), resume=resume, force=force)
-    timings, started = {}, time.perf_counter()
+    timings, started, cpu_started = {}, time.perf_counter(), time.process_time()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=7, desc="headlens report", unit="step", disable=not progress, leave=False)
@@ -134,16 +171,18 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
         with step("load model and task"):
             net = _load_model(model, dtype, device)
             the_task = _load_task(net, task, metric, n_examples)
-            texts = _pattern_texts(n_examples)
+            texts = _pattern_texts(n_examples) if data is None else list(data)
+            check(len(texts) >= 2 and all(isinstance(t, str) for t in texts), "data must be at least 2 texts")
         result = _analyse(net, the_task, texts, folder, step, config, progress)
         run = _run_record(net, the_task, texts, config, result, command, folder)
         with step("figures"):
             run["figures"] = _figures(net, texts, result, run, folder.staging / "figures")
         bar.close()
         timings["total"] = time.perf_counter() - started
+        timings["total (cpu)"] = time.process_time() - cpu_started
         run["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         rep = Report(folder.out, result["heads"], result["clusters"], result["pruning"], result["plan"],
-                     {k: folder.out / v for k, v in run["figures"].items()}, run)
+                     {k: folder.out / v for k, v in run["figures"].items()}, run, result["distance"])
         _write(rep, folder)
     except BaseException:
         bar.close()
@@ -165,10 +204,11 @@ class _Steps:
 
     def __enter__(self):
         self.bar.set_postfix_str(self.name)
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def __exit__(self, *exc):
         self.timings[self.name] = round(time.perf_counter() - self.t0, 3)
+        self.timings[f"{self.name} (cpu)"] = round(time.process_time() - self.c0, 3)
         self.bar.update(1)
 
 
@@ -193,6 +233,13 @@ def _model_key(model) -> str:
     return f"{model.cfg.name}@{h.hexdigest()[:16]}"
 
 
+def _texts_key(texts) -> str:
+    import hashlib
+
+    texts = list(texts)
+    return f"{len(texts)} texts, sha256 {hashlib.sha256(chr(10).join(texts).encode()).hexdigest()[:16]}"
+
+
 def _load_task(model, task, metric: Optional[str], n_examples: int):
     """The task (default: the model's bundled one); ``metric`` picks a text-task kind (``lm``,
     ``mlm``, ``fidelity``), a fidelity measure (``kl``, ``cosine``) or the task's own metric option
@@ -213,8 +260,9 @@ def _load_task(model, task, metric: Optional[str], n_examples: int):
 
 
 def _pattern_texts(n: int) -> list[str]:
-    lines = [s for s in SENTENCES.read_text().splitlines() if s.strip()]
-    return lines[:n]
+    from .capture import bundled_sentences
+
+    return bundled_sentences(n)
 
 
 def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progress: bool) -> dict:
@@ -253,7 +301,9 @@ def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progr
     rest = [c for c in heads if c not in first and c not in score_cols]
     heads = heads[first + rest + score_cols].sort_values(["layer", "head"], ignore_index=True)
     clusters = clusterer.table_.sort_values("cluster", ignore_index=True)
-    return dict(heads=heads, clusters=clusters, pruning=pruning["curve"], plan=pruning["plan"],
+    names = [f"{layer}.{head}" for layer, head in model.head_labels()]
+    distance = pd.DataFrame(clusterer.distance_, index=pd.Index(names, name="head"), columns=names).reset_index()
+    return dict(heads=heads, clusters=clusters, distance=distance, pruning=pruning["curve"], plan=pruning["plan"],
                 pruning_summary=pruning["summary"], clusterer=clusterer,
                 clean_metric=float(sweep["metric_clean"].iloc[0]))
 
@@ -319,12 +369,13 @@ def _run_record(model, task, texts, config, result, command, folder) -> dict:
         "model": dict(name=cfg.name, family=cfg.family, causal=cfg.causal, n_layers=cfg.n_layers,
                       n_heads=cfg.n_heads, n_heads_total=cfg.n_heads_total, source=cfg.source,
                       n_params=sum(p.numel() for p in model.parameters())),
-        "data": dict(pattern_texts=len(texts), pattern_source="headlens/data/text/sentences.txt",
+        "data": dict(pattern_texts=len(texts), pattern_source=("headlens/data/text/sentences.txt"
+                                                               if config["data"] is None else "the texts given"),
                      task=task.name, task_kind=task.kind, task_examples=len(task), metric=task.metric_name,
                      higher_is_better=bool(task.higher_is_better), clean_metric=result["clean_metric"]),
         "results": dict(cluster_stability_ari=stability.get("ari_mean"), n_clusters=len(result["clusters"]),
                         pruning=result["pruning_summary"]),
-        "files": ["heads.csv", "clusters.csv", "pruning.csv", "prune_plan.json", "figures/",
+        "files": ["heads.csv", "clusters.csv", "pruning.csv", "prune_plan.json", "distance.csv", "figures/",
                   "report.md", "run.json", "report.html"],
         "resumed_stages": folder.resumed,
         "versions": {p: _version(p) for p in PACKAGES},
@@ -348,6 +399,8 @@ def _write(rep: Report, folder: ReportFolder) -> None:
     write_table(rep.clusters, stage / "clusters.csv")
     write_table(rep.pruning, stage / "pruning.csv")
     write_json(stage / "prune_plan.json", rep.plan)
+    if rep.distance is not None:
+        write_table(rep.distance, stage / "distance.csv")
     staged = Report(stage, rep.heads, rep.clusters, rep.pruning, rep.plan,
                     {k: stage / Path(v).relative_to(rep.out) for k, v in rep.figures.items()}, rep.run)
     (stage / "report.md").write_text(render.render_markdown(staged))

@@ -251,3 +251,24 @@ def test_killed_run_resumes_to_the_same_tables(tiny_report, tiny_folder, tmp_pat
     assert finished <= set(run["resumed_stages"])
     for name in TABLES:
         assert (out / name).read_bytes() == (tiny_report.out / name).read_bytes(), name
+
+
+def test_a_study_section_is_added_and_survives_load(tmp_path):
+    import matplotlib.pyplot as plt
+
+    rep = fake_report(tmp_path / "r")
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1])
+    fig.savefig(tmp_path / "extra.png")
+    plt.close(fig)
+    rep.add_section("Within vs between layers", paragraphs=["Heads in a layer look alike."],
+                    notes=["mean JS within 0.1", "between 0.3"],
+                    tables={"Distances": pd.DataFrame(dict(layer=[0, 1], within=[0.1, 0.2]))},
+                    figures={"Extra figure": (tmp_path / "extra.png", "A line.")})
+    back = Report.load(rep.out)
+    page = (rep.out / "report.html").read_text()
+    assert "Within vs between layers" in page and "Heads in a layer look alike." in page
+    assert page.count("<img") == 5 and "mean JS within 0.1" in page
+    assert (rep.out / "within_vs_between_layers_0.csv").is_file()
+    assert "figures/within_vs_between_layers_0.png" in (rep.out / "report.md").read_text()
+    assert back.run["sections"][0]["title"] == "Within vs between layers" and len(back.figures) == 5

@@ -35,7 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed for bootstrap, clustering, random pruning and data sampling; the same "
                         "seed gives byte-identical tables")
-    p.add_argument("--n-examples", type=int, default=64,
+    p.add_argument("--n-examples", type=int, default=48,
                    help="texts for the pattern scores and task examples for the importance sweep")
     p.add_argument("--prune-target", type=float, default=0.5,
                    help="fraction of all heads the pruning curve goes up to")
