@@ -87,7 +87,7 @@ class Report:
         import shutil
 
         check(is_complete(self.out), f"{self.out} is not a complete report")
-        sid = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+        sid = "_".join(re.sub(r"[^a-z0-9]+", " ", title.lower()).split()[:3]) or "section"
         section = dict(id=sid, title=title, paragraphs=list(paragraphs), notes=list(notes), tables=[], figures=[])
         for i, (name, df) in enumerate((tables or {}).items()):
             write_table(df, self.out / f"{sid}_{i}.csv")
@@ -139,11 +139,11 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     """Run the whole analysis of ``model`` on ``task`` and write the report folder ``out``.
 
     model: bundled name (``headlens models``), checkpoint or transformers folder, or a loaded
-    :class:`~headlens.HeadlensModel`. task: a bundled task name or file for
-    :func:`headlens.tasks.load_task` (default: the model's default task). ablation: ``zero``,
+    :class:`~headlens.HeadlensModel`. task: a bundled task name, a task file or a
+    :class:`headlens.tasks.Task` (default: the model's bundled task). ablation: ``zero``,
     ``mean``, ``resample`` or ``uniform``. n_examples: texts for the pattern scores and task
-    examples for the importance sweep. data: texts for the pattern scores and clustering
-    (default: the first n_examples bundled sentences). prune_target: fraction of heads the pruning curve goes to;
+    examples for the importance sweep. data: texts or token-id sequences for the pattern scores
+    and clustering (default: the first n_examples bundled sentences). prune_target: fraction of heads the pruning curve goes to;
     prune_floor: fraction of the full model's metric a pruning plan must keep (on the selection
     split; None: the plan prunes to prune_target).
     resume: reuse stages a killed run of the same configuration finished; force: discard them.
@@ -156,7 +156,8 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     check(prune_floor is None or 0 < prune_floor <= 1,
           f"prune_floor must be a fraction in (0, 1] or None, got {prune_floor}")
     check(n_bootstrap >= 0, f"n_bootstrap must be >= 0, got {n_bootstrap}")
-    config = dict(model=model if isinstance(model, str) else _model_key(model), task=task,
+    config = dict(model=model if isinstance(model, str) else _model_key(model),
+                  task=task if task is None or isinstance(task, str) else _task_key(task),
                   ablation=ablation, metric=metric, batch_size=batch_size, device=device, dtype=dtype,
                   seed=seed, n_examples=n_examples, prune_target=prune_target, prune_floor=prune_floor,
                   n_bootstrap=n_bootstrap,
@@ -171,8 +172,8 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
         with step("load model and task"):
             net = _load_model(model, dtype, device)
             the_task = _load_task(net, task, metric, n_examples)
-            texts = _pattern_texts(n_examples) if data is None else list(data)
-            check(len(texts) >= 2 and all(isinstance(t, str) for t in texts), "data must be at least 2 texts")
+            texts = _pattern_texts(n_examples) if data is None else _as_list(data)
+            check(len(texts) >= 2, "data must hold at least 2 texts or token sequences")
         result = _analyse(net, the_task, texts, folder, step, config, progress)
         run = _run_record(net, the_task, texts, config, result, command, folder)
         with step("figures"):
@@ -233,11 +234,24 @@ def _model_key(model) -> str:
     return f"{model.cfg.name}@{h.hexdigest()[:16]}"
 
 
-def _texts_key(texts) -> str:
+def _as_list(data) -> list:
+    """Texts or token sequences (a ``[N, P]`` tensor, lists of ints) as a list."""
+    return data.tolist() if isinstance(data, torch.Tensor) else list(data)
+
+
+def _texts_key(data) -> str:
     import hashlib
 
-    texts = list(texts)
-    return f"{len(texts)} texts, sha256 {hashlib.sha256(chr(10).join(texts).encode()).hexdigest()[:16]}"
+    items = _as_list(data)
+    return f"{len(items)} sequences, sha256 {hashlib.sha256(repr(items).encode()).hexdigest()[:16]}"
+
+
+def _task_key(task) -> str:
+    """Identify a Task object for the checkpoint fingerprint: class, name and every example."""
+    import hashlib
+
+    rows = repr([task.rows(i) for i in range(len(task))])
+    return f"{type(task).__name__} {task.name!r} ({len(task)} examples, sha256 {hashlib.sha256(rows.encode()).hexdigest()[:16]})"
 
 
 def _load_task(model, task, metric: Optional[str], n_examples: int):
@@ -253,10 +267,11 @@ def _load_task(model, task, metric: Optional[str], n_examples: int):
         kwargs.update(kind="fidelity", measure=metric)
     elif metric is not None:
         kwargs["metric"] = metric
+    source = task if task is not None else default_task_name(model)
     try:
-        return load_task(task or default_task_name(model), model=model, n_examples=n_examples, **kwargs)
+        return load_task(source, model=model, n_examples=n_examples, **kwargs)
     except TypeError as e:  # an option the task's class does not take
-        raise HeadlensError(f"metric {metric!r} does not apply to task {task or default_task_name(model)!r}: {e}") from None
+        raise HeadlensError(f"metric {metric!r} does not apply to task {source!r}: {e}") from None
 
 
 def _pattern_texts(n: int) -> list[str]:
@@ -353,8 +368,10 @@ def _figures(model, texts, result: dict, run: dict, folder: Path) -> dict:
     return {name: f"figures/{Path(p[0]).name}" for name, p in paths.items()}
 
 
-def _gallery_text(texts: list[str]) -> str:
+def _gallery_text(texts: list):
     """A sentence of middling length for the pattern gallery (readable token labels)."""
+    if not all(isinstance(t, str) for t in texts):
+        return texts[0]
     return min(texts, key=lambda t: (abs(len(t.split()) - 14), t))
 
 

