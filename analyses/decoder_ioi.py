@@ -51,7 +51,7 @@ def name_attention(model, task, batch_size: int = 16) -> pd.DataFrame:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-examples", type=int, default=64, help="IOI prompts (of 320)")
+    parser.add_argument("--n-examples", type=int, default=32, help="IOI prompts (of 320)")
     parser.add_argument("--model", default="smollm2", help="a decoder (bundled name or folder)")
     parser.add_argument("--out", default=str(OUT), help="report folder")
     args = parser.parse_args(argv)
