@@ -43,7 +43,11 @@ def from_hf_state(config, hf_state: dict, tokenizer=None, dtype: Optional[torch.
     state = {k: v.detach().to(device=device, dtype=dtype or v.dtype, copy=True,
                               memory_format=torch.contiguous_format)
              for k, v in state.items()}
-    return HeadlensModel.from_state_dict(cfg, state, tokenizer)
+    model = HeadlensModel.from_state_dict(cfg, state, tokenizer)
+    from .load import check_vocab  # the tokenizer must fit the embedding matrix
+
+    check_vocab(model)
+    return model
 
 
 def _fill_special_tokens(cfg, tokenizer) -> None:

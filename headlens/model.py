@@ -8,6 +8,7 @@ Hook names follow TransformerLens (``hook_embed``, ``blocks.{l}.hook_resid_pre``
 from __future__ import annotations
 
 from collections.abc import Mapping
+from numbers import Integral
 from typing import Optional, Sequence, Union
 
 import torch
@@ -129,6 +130,8 @@ class HeadlensModel(HookedRootModule):
             if tuple(p.shape) != tuple(state[name].shape):
                 raise HeadlensError(f"weight {name!r} has shape {tuple(state[name].shape)}, "
                                     f"the config needs {tuple(p.shape)}")
+            if state[name].is_floating_point() and not bool(torch.isfinite(state[name]).all()):
+                raise HeadlensError(f"weight {name!r} holds NaN or infinite values (a corrupted checkpoint?)")
         model.load_state_dict(state, strict=True, assign=True)
         device = next(iter(state.values())).device
         for module in model.modules():
@@ -187,8 +190,45 @@ class HeadlensModel(HookedRootModule):
         check(len(head_gate) == L, f"head_gate must have one row per layer ({L}), got {len(head_gate)}")
         for layer in range(L):
             H = self.blocks[layer].attn.n_heads
-            n = head_gate[layer].shape[-1]
+            row = head_gate[layer]
+            check(isinstance(row, torch.Tensor) and row.ndim == 1,
+                  f"head_gate must be a [n_layers, n_heads] tensor or a list of 1-d tensors; row {layer} is "
+                  f"{type(row).__name__}{tuple(row.shape) if isinstance(row, torch.Tensor) else ''}")
+            n = row.shape[-1]
             check(n >= H, f"head_gate row {layer} has {n} entries, layer {layer} has {H} heads")
+        rows = [head_gate] if isinstance(head_gate, torch.Tensor) else head_gate
+        check(all(bool(torch.isfinite(r.detach()).all()) for r in rows), "head_gate holds NaN or infinite values")
+
+    def check_inputs(self, B: int, P: int, input_ids, attention_mask, token_type_ids, position_ids,
+                     residual, start_at_layer: int, stop_at_layer: Optional[int]) -> None:
+        """Shapes, dtypes, ranges and finiteness of :meth:`forward`'s arguments."""
+        cfg, L = self.cfg, self.cfg.n_layers
+        if input_ids is not None:
+            check(not input_ids.is_floating_point() and not input_ids.is_complex(),
+                  f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+            check(input_ids.numel() > 0, f"input_ids is empty (shape {tuple(input_ids.shape)}): need at least one token")
+            check(int(input_ids.min()) >= 0 and int(input_ids.max()) < cfg.vocab_size,
+                  f"input_ids must lie in [0, {cfg.vocab_size}) for this model's vocabulary")
+        if residual is not None:
+            check(residual.ndim == 3 and residual.shape[-1] == cfg.d_model and residual.numel() > 0,
+                  f"residual must be [batch, pos, d_model={cfg.d_model}], got shape {tuple(residual.shape)}")
+            check(bool(torch.isfinite(residual.detach()).all()), "residual holds NaN or infinite values")
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            check(t is None or tuple(t.shape) == (B, P),
+                  f"{name} must have the shape of input_ids {(B, P)}, got {tuple(t.shape) if t is not None else None}")
+        if token_type_ids is not None and self.W_token_type is not None:
+            check(int(token_type_ids.min()) >= 0 and int(token_type_ids.max()) < cfg.n_token_types,
+                  f"token_type_ids must lie in [0, {cfg.n_token_types})")
+        if position_ids is not None:
+            check(position_ids.ndim == 2 and position_ids.shape[0] in (1, B) and position_ids.shape[1] == P,
+                  f"position_ids must be [batch, pos] = {(B, P)} (or [1, pos]), got {tuple(position_ids.shape)}")
+            check(int(position_ids.min()) >= 0 and int(position_ids.max()) < cfg.n_ctx,
+                  f"position_ids must lie in [0, {cfg.n_ctx})")
+        stop = L if stop_at_layer is None else stop_at_layer
+        check(isinstance(start_at_layer, Integral) and 0 <= start_at_layer <= L,
+              f"start_at_layer must be an int in [0, {L}], got {start_at_layer!r}")
+        check(isinstance(stop, Integral) and start_at_layer <= stop <= L,
+              f"stop_at_layer must be an int in [start_at_layer={start_at_layer}, {L}], got {stop_at_layer!r}")
 
     def embed(self, input_ids, token_type_ids=None, position_ids=None) -> torch.Tensor:
         """``input_ids [B, P]`` -> residual stream before layer 0, ``[B, P, D]``."""
@@ -228,13 +268,18 @@ class HeadlensModel(HookedRootModule):
         cfg = self.cfg
         if residual is None:
             check(input_ids is not None, "forward needs input_ids (or residual with start_at_layer)")
-            check(input_ids.ndim == 2, f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
+            check(isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2,
+                  "input_ids must be a [batch, pos] tensor, got " + (f"shape {tuple(input_ids.shape)}" if
+                  isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
             check(start_at_layer == 0, "start_at_layer > 0 needs the residual stream entering that layer")
+        else:
+            check(isinstance(residual, torch.Tensor) and residual.ndim == 3,
+                  "residual must be a [batch, pos, d_model] tensor, got " + (f"shape {tuple(residual.shape)}" if
+                  isinstance(residual, torch.Tensor) else type(residual).__name__))
         B, P = (residual if residual is not None else input_ids).shape[:2]
         check(P <= cfg.n_ctx, f"sequence length {P} exceeds the model's context of {cfg.n_ctx} tokens")
-        if input_ids is not None:
-            check(int(input_ids.min()) >= 0 and int(input_ids.max()) < cfg.vocab_size,
-                  f"input_ids must lie in [0, {cfg.vocab_size}) for this model's vocabulary")
+        self.check_inputs(B, P, input_ids if residual is None else None, attention_mask, token_type_ids,
+                          position_ids, residual, start_at_layer, stop_at_layer)
         if head_gate is not None:
             self.check_gate(head_gate)
         if position_ids is None:
