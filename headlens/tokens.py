@@ -5,6 +5,8 @@ plus ``token_type_ids`` for encoders that have them.
 """
 from __future__ import annotations
 
+import os
+from numbers import Integral
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -33,6 +35,8 @@ def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int
     limit = min(max_length or cfg.n_ctx, cfg.n_ctx)
     if isinstance(texts, str):
         texts = [texts]
+    check(texts is None or (hasattr(texts, "__len__") and hasattr(texts, "__getitem__")),
+          f"texts must be a string, a list of strings or token ids, got {type(texts).__name__}")
     check(texts is not None and len(texts) > 0, "texts is empty: give at least one text or token sequence")
     if _is_token_input(texts):
         batch = _pad_ids(texts, cfg.pad_token_id or 0)
@@ -81,6 +85,11 @@ def _pad_ids(seqs, pad_id: int) -> dict:
         ids = seqs[None] if seqs.ndim == 1 else seqs
         check(not ids.is_floating_point(), "token ids must be integers")
         return {"input_ids": ids.long(), "attention_mask": torch.ones_like(ids, dtype=torch.long)}
+    for i, s in enumerate(seqs):
+        check(hasattr(s, "__len__") and not isinstance(s, str)
+              and all(isinstance(t, Integral) or (isinstance(t, torch.Tensor) and t.ndim == 0
+                                                  and not t.is_floating_point()) for t in s),
+              f"token sequence {i} must be a list of integer ids")
     lengths = [len(s) for s in seqs]
     check(min(lengths) > 0, "a token sequence is empty")
     P = max(lengths)
@@ -98,9 +107,11 @@ def batches(model, data: Union[Texts, Iterable], batch_size: int = 16, **encode_
     ``data``: texts, token ids (``[N, P]`` tensor or lists), or any iterable of texts (e.g. a
     generator reading a file lazily) — it is consumed in chunks, never held whole in memory.
     """
-    check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+    check(isinstance(batch_size, Integral) and batch_size >= 1, f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(data, str):
         data = [data]
+    check(isinstance(data, (torch.Tensor, Iterable)),
+          f"data must be texts, token ids or an iterable of texts, got {type(data).__name__}")
     if isinstance(data, torch.Tensor):
         check(data.ndim == 2, f"token ids must be [batch, pos], got shape {tuple(data.shape)}")
         check(data.shape[0] > 0, "the dataset is empty")
@@ -119,6 +130,28 @@ def batches(model, data: Union[Texts, Iterable], batch_size: int = 16, **encode_
         yield encode(model, chunk, **encode_kwargs)
     if seen == 0:
         raise HeadlensError("the dataset is empty: no texts or token sequences to run")
+
+
+def read_lines(path, limit: Optional[int] = None) -> Iterator[str]:
+    """The non-empty lines of a UTF-8 text file, stripped, read lazily one at a time (at most
+    ``limit``): a dataset larger than memory streams through :func:`batches` (and every analysis
+    that takes an iterable of texts). Raises :class:`HeadlensError` at once if the file is missing."""
+    path = os.fspath(path)
+    check(os.path.isfile(path), f"text file {path!r} does not exist")
+    check(limit is None or limit >= 1, f"limit must be >= 1 or None, got {limit}")
+
+    def lines() -> Iterator[str]:
+        n = 0
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    yield line
+                    n += 1
+                    if limit is not None and n >= limit:
+                        return
+
+    return lines()
 
 
 def repeated_random_tokens(n_seqs: int, half_len: int, vocab_size: int, seed: int = 0,
