@@ -3,8 +3,9 @@ of any set of heads, and exact single-head sweeps with bootstrap confidence inte
 
 One mechanism, configured by ``kind``: a TransformerLens hook replaces each ablated head's ``z``
 (``blocks.{l}.attn.hook_z [B, P, H, d]``) by 0 (``zero``), its dataset mean over real tokens
-(``mean``; per position or averaged over positions), or another row's ``z`` (``resample``: a
-derangement of the task's rows, fixed by ``seed``); ``uniform`` replaces the head's pattern
+(``mean``; per position or averaged over positions), or another row's ``z`` at the same
+positions (``resample``: a derangement of the task's rows, fixed by ``seed``; past that row's end
+its padding positions' ``z``); ``uniform`` replaces the head's pattern
 (``hook_pattern [B, H, P, S]``) by uniform attention over the keys the query may see (Kovaleva
 et al. 2019). Hooks live only inside ``model.hooks(...)``: the model is never left altered.
 
@@ -53,16 +54,20 @@ def resolve_heads(model, heads=None) -> list[tuple[int, int]]:
             check(str(layer).lstrip("-").isdigit() and 0 <= int(layer) < L,
                   f"layer {layer!r} is out of range: the model has layers 0..{L - 1}")
             hs = model.cfg.heads_in_layer(int(layer)) if hs is None else hs
+            check(isinstance(hs, (list, tuple, set, range, np.ndarray)),
+                  f"heads[{layer!r}] must be a list of head indices or None, got {type(hs).__name__}")
             pairs += [(int(layer), h) for h in hs]
     elif isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(x, (int, np.integer)) for x in heads):
         pairs = [heads]
     else:
+        check(hasattr(heads, "__iter__") and not isinstance(heads, (str, bytes)),
+              f"heads must be None, a (layer, head) pair, a list of pairs or {{layer: [heads]}}, got {heads!r}")
         pairs = list(heads)
     out = set()
     for pair in pairs:
-        check(isinstance(pair, (tuple, list)) and len(pair) == 2,
-              f"a head must be a (layer, head) pair, got {pair!r}")
-        layer, head = int(pair[0]), int(pair[1])
+        check(isinstance(pair, (tuple, list)) and len(pair) == 2 and None not in map(_index, pair),
+              f"a head must be a (layer, head) pair of integers, got {pair!r}")
+        layer, head = _index(pair[0]), _index(pair[1])
         check(0 <= layer < L, f"head {(layer, head)}: layer {layer} is out of range (the model has layers 0..{L - 1})")
         kept = model.cfg.heads_in_layer(layer)
         check(head in kept, f"head {(layer, head)}: head {head} is out of range (layer {layer} has heads "
@@ -70,6 +75,21 @@ def resolve_heads(model, heads=None) -> list[tuple[int, int]]:
         out.add((layer, head))
     check(len(out) > 0, "heads is empty: give at least one (layer, head)")
     return sorted(out)
+
+
+def _index(x) -> Optional[int]:
+    """``x`` as an int if it is one (an int, numpy int, integral float or digit string), else None."""
+    if isinstance(x, (bool, np.bool_)):
+        return None
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, torch.Tensor) and x.ndim == 0 and not x.is_floating_point() and x.dtype != torch.bool:
+        return int(x)
+    if isinstance(x, (float, np.floating)) and float(x).is_integer():
+        return int(x)
+    if isinstance(x, str) and x.strip().lstrip("-").isdigit():
+        return int(x)
+    return None
 
 
 def local_index(model, layer: int, head: int) -> int:

@@ -22,6 +22,9 @@ def normalize_plan(model, plan) -> dict:
     """``{layer: [heads]}`` (keys may be strings, as read from JSON) -> ``{int: sorted [int]}``,
     every head checked against the model."""
     check(isinstance(plan, dict), f"plan must be a dict {{layer: [heads]}}, got {type(plan).__name__}")
+    for layer, heads in plan.items():
+        check(isinstance(heads, (list, tuple, set, range, np.ndarray)),
+              f"plan[{layer!r}] must be a list of head indices, got {type(heads).__name__}")
     pairs = resolve_heads(model, {int(k) if str(k).lstrip("-").isdigit() else k: list(v)
                                   for k, v in plan.items() if len(v)}) if any(len(v) for v in plan.values()) else []
     out = {}
