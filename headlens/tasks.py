@@ -166,11 +166,12 @@ class Task:
         return values
 
     @torch.no_grad()
-    def evaluate(self, model, head_gate=None, fwd_hooks=(), batch_size: int = 16) -> np.ndarray:
+    def evaluate(self, model, head_gate=None, fwd_hooks=(), batch_size: int = 16, batches=None) -> np.ndarray:
         """Metric per example ``[N]`` of ``model`` run with ``head_gate`` and ``fwd_hooks``
-        (TransformerLens ``(name, fn)`` pairs, removed afterwards)."""
+        (TransformerLens ``(name, fn)`` pairs, removed afterwards); ``batches``: this task's
+        :meth:`batches` for ``model``, when the caller already has them."""
         out = []
-        for batch in self.batches(model, batch_size):
+        for batch in batches if batches is not None else self.batches(model, batch_size):
             ref = model(batch.inputs, return_type="hidden") if self.needs_reference else None
             with model.hooks(fwd_hooks=list(fwd_hooks)):
                 hidden = model(batch.inputs, head_gate=head_gate, return_type="hidden")
@@ -284,7 +285,12 @@ class CallableTask(_TextTask):
 
     def score(self, model, hidden, batch, reference=None):
         out = logits_from_hidden(model, hidden) if self.output == "logits" else hidden
-        return torch.as_tensor(self.fn(out, batch.inputs), device=hidden.device)
+        values = self.fn(out, batch.inputs)
+        try:
+            return torch.as_tensor(values, device=hidden.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise HeadlensError(f"task {self.name!r}: fn must return one number per example (a [B] tensor "
+                                f"or list), got {type(values).__name__}") from None
 
 
 class ContrastTask(Task):
