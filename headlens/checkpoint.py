@@ -31,10 +31,7 @@ def is_headlens_folder(folder) -> bool:
 
 def save_model(model: HeadlensModel, folder, card: Optional[dict] = None, card_md: Optional[str] = None) -> Path:
     """Write ``model`` (and its tokenizer and card) to ``folder``, atomically per file."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise HeadlensError(f"output folder {str(folder)!r} is a file")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = output_folder(folder)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state = {k: v for k, v in state.items() if k != "unembed.W_U"}
@@ -82,6 +79,21 @@ def load_model(folder, dtype: Optional[torch.dtype] = None, device=None) -> Head
 def read_card(folder) -> Optional[dict]:
     path = Path(folder) / "card.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def output_folder(folder) -> Path:
+    """Create ``folder`` if needed and check that files can be written in it."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise HeadlensError(f"output folder {str(folder)!r} is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise HeadlensError(f"output folder {str(folder)!r} is not writable: {e.strerror or e}") from None
+    return folder
 
 
 def _atomic(path: Path, write) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import _atomic
+from .checkpoint import _atomic, output_folder
 from .config import ModelConfig
 from .errors import HeadlensError
 from .families import FAMILIES
@@ -63,15 +63,12 @@ def save_hf(model: HeadlensModel, folder) -> Path:
     ``"headlens_kept_heads"`` in ``config.json``; only ``headlens.load(folder)`` reads those, since
     stock ``transformers`` 5.x cannot build layers with different head counts.
     """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise HeadlensError(f"output folder {str(folder)!r} is a file")
     hf_config, hf_state = to_hf_state(model)
+    folder = output_folder(folder)
     hf_config.dtype = str(model.dtype).removeprefix("torch.")
     config = hf_config.to_dict()
     if model.cfg.kept_heads is not None:
         config["headlens_kept_heads"] = model.cfg.kept_heads
-    folder.mkdir(parents=True, exist_ok=True)
     _atomic(folder / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
     _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
     if model.tokenizer is not None:

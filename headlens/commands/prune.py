@@ -45,13 +45,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import pandas as pd
 
-    from ..errors import HeadlensError
+    from ..checkpoint import output_folder
     from ..physical import measure_speedup, prune_heads
     from ..pruning import pruning_curve
 
     start = time.perf_counter()
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise HeadlensError(f"--out {args.out!r} is a file, expected a folder")
+    output_folder(args.out)  # a file or an unwritable folder fails now, not after the analysis
     model, task = load_model_and_task(args)
     result = pruning_curve(model, task, methods=args.methods, target=args.target, floor=args.floor, step=args.step,
                            n_random=args.n_random, split=args.split, seed=args.seed, kind=args.kind,

@@ -39,6 +39,10 @@ def run(args) -> int:
 
     if args.figures and not args.out:
         raise HeadlensError("--figures needs --out FOLDER")
+    if args.out:
+        from ..checkpoint import output_folder
+
+        output_folder(args.out)  # fail before the analysis, not after it
     start = time.perf_counter()
     model = load(args.model)
     texts = read_texts(args.text or SENTENCES_PATH, args.n)
