@@ -151,7 +151,9 @@ def sharp_pair(tiny_gpt2_hf, bert_tokenizer):
     with torch.no_grad():
         for block in hf.transformer.h:
             block.attn.c_attn.weight[:, : hf.config.n_embd] *= 30
-    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(hf), tokenizer=bert_tokenizer)
+    # the bridge sets a BOS token on its tokenizer: a copy keeps the shared fixture intact
+    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(hf),
+                                                 tokenizer=copy.deepcopy(bert_tokenizer))
     return bridge, headlens.from_hf_model(hf, bert_tokenizer)
 
 
