@@ -114,14 +114,13 @@ def pruning_curve(model, task, methods=METHODS, target: float = 0.5, floor=None,
             perm = np.random.default_rng(s).permutation(len(heads))
             orders[("random", s)] = [heads[i] for i in perm]
 
-    cache = {}
+    cache, encoded = {}, [(t, t.batches(model, batch_size)) for t in (select, held)]
 
     def score(removed):
         key = frozenset(removed)
         if key not in cache:
             gate = gate_without(model, list(removed))
-            cache[key] = tuple(float(t.evaluate(model, head_gate=gate, batch_size=batch_size).mean())
-                               for t in (select, held))
+            cache[key] = tuple(float(t.evaluate(model, head_gate=gate, batches=b).mean()) for t, b in encoded)
         return cache[key]
 
     rows = []
