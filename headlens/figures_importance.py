@@ -34,8 +34,9 @@ def importance_heatmap(heads: pd.DataFrame, path: str = "importance", metric: st
     lim = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
     fig = Figure(figsize=(max(4.5, 0.62 * H + 2.2), max(2.6, 0.48 * L + 1.3)))
     ax = fig.add_subplot()
-    sns.heatmap(grid, ax=ax, cmap="RdBu_r", center=0, vmin=-lim, vmax=lim, annot=text if L * H <= 200 else False,
-                fmt="", annot_kws={"fontsize": 6.5}, linewidths=0.5, linecolor="white",
+    sns.heatmap(grid, ax=ax, cmap="RdBu_r", center=0, vmin=-lim, vmax=lim,
+                annot=text if L * H <= 200 else False, fmt="", annot_kws={"fontsize": 6.5}, linewidths=0.5,
+                linecolor="white",
                 cbar_kws={"label": f"damage ({metric} change, + = hurts)"})
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
@@ -70,7 +71,8 @@ def pruning_plot(curve: pd.DataFrame, path: str = "pruning_curve", metric: str =
                  clean: Optional[float] = None, title: Optional[str] = None) -> list[str]:
     """Metric vs heads removed, one line per method; methods with several seeds (random) show
     their mean and min-max band. ``clean``: the full model's metric, drawn as a dashed line."""
-    check({"method", "n_pruned", "metric"} <= set(curve.columns), "curve needs method, n_pruned, metric columns")
+    check({"method", "n_pruned", "metric"} <= set(curve.columns),
+          "curve needs method, n_pruned, metric columns")
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
     for method, part in curve.groupby("method", sort=True):

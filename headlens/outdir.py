@@ -56,7 +56,7 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
     Parquet beside it when pyarrow is importable."""
     atomic_write(path, df.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n").encode())
     try:
-        import pyarrow  # noqa: F401
+        import pyarrow  # noqa: F401  (Parquet needs it)
     except ImportError:
         return
     df.to_parquet(path.with_suffix(".parquet"), index=False)

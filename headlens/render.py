@@ -143,11 +143,13 @@ def findings(report) -> list[str]:
                    + "; ".join(parts) + ".")
         needed = int((dmg.damage_low > 0).sum())
         helps = dmg[dmg.damage_high < 0]
+        rest = (f" Removing any one of the other {n - needed} alone makes no measurable difference or helps."
+                if needed < n else "")
         out.append(f"{needed} of {n} heads ({needed / n:.0%}) are needed: their confidence interval lies "
-                   f"entirely on the harmful side. Removing any one of the other {n - needed} alone "
-                   "makes no measurable difference or helps.")
+                   f"entirely on the harmful side.{rest}")
         if len(helps):
-            names = ", ".join(head_name(r.layer, r.head) for r in helps.sort_values("damage").head(5).itertuples())
+            first = helps.sort_values("damage").head(5)
+            names = ", ".join(head_name(r.layer, r.head) for r in first.itertuples())
             out.append(f"Removing {len(helps)} head(s) alone improves {metric} (CI entirely on the "
                        f"improving side): {names}{', ...' if len(helps) > 5 else '.'}")
         by_layer = dmg.groupby("layer").damage.sum().clip(lower=0)
@@ -181,7 +183,8 @@ def cluster_notes(report) -> list[str]:
         if not desc:
             layers = heads.layer[members]
             desc = f"{int(members.sum())} head(s), layers {layers.min()}-{layers.max()}"
-        imp = f"; mean damage when one of them is ablated {_signed(dmg.damage[members].mean())}" if dmg is not None else ""
+        imp = "" if dmg is None else \
+            f"; mean damage when one of them is ablated {_signed(dmg.damage[members].mean())}"
         out.append(f"Cluster {row.cluster}: {desc}{imp}.")
     return out
 
@@ -193,13 +196,14 @@ def _cluster_findings(report) -> list[str]:
     sizes = heads.cluster.value_counts()
     big = int(sizes.idxmax())
     desc = {int(r.cluster): str(getattr(r, "description", "") or "").rstrip(".") for r in clusters.itertuples()}
-    text = (f"The heads fall into {len(clusters)} clusters by attention pattern; the largest, cluster {big}, is "
-            f"{desc.get(big) or f'{sizes.max()} heads'}")
+    text = (f"The heads fall into {len(clusters)} clusters by attention pattern; the largest, cluster {big}, "
+            f"is {desc.get(big) or f'{sizes.max()} heads'}")
     if "importance" in heads:
         mean = damage_frame(report).groupby("cluster").damage.mean()
         top = int(mean.idxmax())
         if top != big:
-            text += f"; ablating heads of cluster {top} hurts most on average ({_signed(mean.max())}): {desc.get(top)}"
+            text += (f"; ablating heads of cluster {top} hurts most on average ({_signed(mean.max())}): "
+                     f"{desc.get(top)}")
         else:
             text += f", and ablating its heads hurts most on average ({_signed(mean.max())})"
     out = [text + "."]
@@ -216,7 +220,7 @@ def _pruning_findings(report) -> list[str]:
     if not pr.get("methods"):
         return []
     total, floor = pr["n_heads"], pr.get("floor")
-    rule = (f"keeping at least {floor:.0%} of the full model's metric on the selection split"
+    rule = (f"losing at most {1 - floor:.0%} of the full model's metric on the selection split"
             if floor else f"up to the target of {pr.get('target', 0):.0%} of the heads")
     parts = [f"{m} {r['n_pruned']} ({r['n_pruned'] / total:.0%}; held-out {_num(r['metric'])})"
              for m, r in sorted(pr["methods"].items())]
@@ -225,8 +229,9 @@ def _pruning_findings(report) -> list[str]:
     best = pr.get("recommended")
     phys = pr.get("physical")
     if best and phys:
-        out.append(f"The saved plan (prune_plan.json, {best} order) removes {phys['heads_full'] - phys['heads_pruned']} "
-                   f"heads; applied physically (headlens.physical.prune_heads) it keeps "
+        removed = phys["heads_full"] - phys["heads_pruned"]
+        out.append(f"The saved plan (prune_plan.json, {best} order) removes {removed} heads; applied "
+                   f"physically (headlens.physical.prune_heads) it keeps "
                    f"{phys['param_fraction']:.1%} of the parameters and runs {phys['speedup']:.2f}x as fast "
                    f"({_num(phys['time_full_ms'], 3)} -> {_num(phys['time_pruned_ms'], 3)} ms per batch here).")
     elif best:

@@ -88,7 +88,8 @@ class Report:
 
         check(is_complete(self.out), f"{self.out} is not a complete report")
         sid = "_".join(re.sub(r"[^a-z0-9]+", " ", title.lower()).split()[:3]) or "section"
-        section = dict(id=sid, title=title, paragraphs=list(paragraphs), notes=list(notes), tables=[], figures=[])
+        section = dict(id=sid, title=title, paragraphs=list(paragraphs), notes=list(notes), tables=[],
+                       figures=[])
         for i, (name, df) in enumerate((tables or {}).items()):
             write_table(df, self.out / f"{sid}_{i}.csv")
             section["tables"].append(dict(title=name, file=f"{sid}_{i}.csv"))
@@ -121,12 +122,18 @@ class Report:
         run = json.loads((folder / "run.json").read_text())
         text = {"role": str, "pattern_class": str, "members": str, "medoid": str, "description": str,
                 "roles": str, "method": str}
-        read = lambda name: pd.read_csv(folder / name, dtype=text, keep_default_na=False, na_values=[""])  # noqa: E731
+
+        def read(name):
+            return pd.read_csv(folder / name, dtype=text, keep_default_na=False, na_values=[""])
         plan = json.loads((folder / "prune_plan.json").read_text())
         figures = {name: folder / rel for name, rel in run.get("figures", {}).items()}
-        figures.update({f["name"]: folder / f["path"] for sec in run.get("sections", []) for f in sec["figures"]})
-        distance = pd.read_csv(folder / "distance.csv", dtype={"head": str}) if (folder / "distance.csv").is_file() else None
-        return cls(folder, read("heads.csv"), read("clusters.csv"), read("pruning.csv"), plan, figures, run, distance)
+        for section in run.get("sections", []):
+            figures.update({f["name"]: folder / f["path"] for f in section["figures"]})
+        distance = None
+        if (folder / "distance.csv").is_file():
+            distance = pd.read_csv(folder / "distance.csv", dtype={"head": str})
+        return cls(folder, read("heads.csv"), read("clusters.csv"), read("pruning.csv"), plan, figures, run,
+                   distance)
 
 
 def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str = "zero",
@@ -143,7 +150,8 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     :class:`headlens.tasks.Task` (default: the model's bundled task). ablation: ``zero``,
     ``mean``, ``resample`` or ``uniform``. n_examples: texts for the pattern scores and task
     examples for the importance sweep. data: texts or token-id sequences for the pattern scores
-    and clustering (default: the first n_examples bundled sentences). prune_target: fraction of heads the pruning curve goes to;
+    and clustering (default: the first n_examples bundled sentences). prune_target: fraction of
+    heads the pruning curve goes to;
     prune_floor: fraction of the full model's metric a pruning plan must keep (on the selection
     split; None: the plan prunes to prune_target).
     resume: reuse stages a killed run of the same configuration finished; force: discard them.
@@ -250,8 +258,8 @@ def _task_key(task) -> str:
     """Identify a Task object for the checkpoint fingerprint: class, name and every example."""
     import hashlib
 
-    rows = repr([task.rows(i) for i in range(len(task))])
-    return f"{type(task).__name__} {task.name!r} ({len(task)} examples, sha256 {hashlib.sha256(rows.encode()).hexdigest()[:16]})"
+    digest = hashlib.sha256(repr([task.rows(i) for i in range(len(task))]).encode()).hexdigest()[:16]
+    return f"{type(task).__name__} {task.name!r} ({len(task)} examples, sha256 {digest})"
 
 
 def _load_task(model, task, metric: Optional[str], n_examples: int):
@@ -317,8 +325,9 @@ def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progr
     heads = heads[first + rest + score_cols].sort_values(["layer", "head"], ignore_index=True)
     clusters = clusterer.table_.sort_values("cluster", ignore_index=True)
     names = [f"{layer}.{head}" for layer, head in model.head_labels()]
-    distance = pd.DataFrame(clusterer.distance_, index=pd.Index(names, name="head"), columns=names).reset_index()
-    return dict(heads=heads, clusters=clusters, distance=distance, pruning=pruning["curve"], plan=pruning["plan"],
+    distance = pd.DataFrame(clusterer.distance_, index=pd.Index(names, name="head"), columns=names)
+    return dict(heads=heads, clusters=clusters, distance=distance.reset_index(), pruning=pruning["curve"],
+                plan=pruning["plan"],
                 pruning_summary=pruning["summary"], clusterer=clusterer,
                 clean_metric=float(sweep["metric_clean"].iloc[0]))
 
@@ -377,7 +386,7 @@ def _gallery_text(texts: list):
 
 def _run_record(model, task, texts, config, result, command, folder) -> dict:
     """``run.json`` without figures and timings (added when they are known)."""
-    cfg, heads = model.cfg, result["heads"]
+    cfg = model.cfg
     stability = result["clusterer"].stability_
     return {
         "status": "complete",
@@ -386,8 +395,8 @@ def _run_record(model, task, texts, config, result, command, folder) -> dict:
         "model": dict(name=cfg.name, family=cfg.family, causal=cfg.causal, n_layers=cfg.n_layers,
                       n_heads=cfg.n_heads, n_heads_total=cfg.n_heads_total, source=cfg.source,
                       n_params=sum(p.numel() for p in model.parameters())),
-        "data": dict(pattern_texts=len(texts), pattern_source=("headlens/data/text/sentences.txt"
-                                                               if config["data"] is None else "the texts given"),
+        "data": dict(pattern_texts=len(texts),
+                     pattern_source="headlens/data/text/sentences.txt" if config["data"] is None else "given",
                      task=task.name, task_kind=task.kind, task_examples=len(task), metric=task.metric_name,
                      higher_is_better=bool(task.higher_is_better), clean_metric=result["clean_metric"]),
         "results": dict(cluster_stability_ari=stability.get("ari_mean"), n_clusters=len(result["clusters"]),

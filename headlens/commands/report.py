@@ -65,14 +65,14 @@ def run(args) -> int:
                ("--ablation", args.ablation), ("--metric", args.metric), ("--batch-size", args.batch_size),
                ("--device", args.device), ("--dtype", args.dtype), ("--seed", args.seed),
                ("--n-examples", args.n_examples), ("--prune-target", args.prune_target),
-               ("--prune-floor", args.prune_floor),
-               ("--n-bootstrap", args.n_bootstrap), ("--n-clusters", args.n_clusters)]
+               ("--prune-floor", args.prune_floor), ("--n-bootstrap", args.n_bootstrap),
+               ("--n-clusters", args.n_clusters)]
     command = "headlens report " + " ".join(f"{k} {shlex.quote(str(v))}" for k, v in options if v is not None)
     rep = report(model=args.model, task=args.task, out=args.out, ablation=args.ablation, metric=args.metric,
                  batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
                  n_examples=args.n_examples, prune_target=args.prune_target,
                  prune_floor=args.prune_floor if args.prune_floor < 1 else None, n_bootstrap=args.n_bootstrap,
-                 n_clusters=args.n_clusters, progress=not args.no_progress, resume=args.resume, force=args.force,
-                 keep_checkpoints=args.keep_checkpoints, command=command)
+                 n_clusters=args.n_clusters, progress=not args.no_progress, resume=args.resume,
+                 force=args.force, keep_checkpoints=args.keep_checkpoints, command=command)
     print(rep.html if args.quiet else rep.summary())
     return 0
