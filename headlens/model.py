@@ -75,6 +75,7 @@ class Unembed(nn.Module):
     def forward(self, x: torch.Tensor, W_E: torch.Tensor) -> torch.Tensor:
         if self.cfg.unembed == "mlm":
             x = self.transform_ln(ACTIVATIONS["gelu"](self.transform(x)))
+        x = x.contiguous()  # a slice (e.g. hidden[:, :-1]) would send the matmul down a slower batched path
         logits = x @ (W_E.T if self.cfg.tie_embeddings else self.W_U)
         return logits + self.b_U if self.b_U is not None else logits
 
@@ -266,6 +267,8 @@ class HeadlensModel(HookedRootModule):
             attention_mask = batch.get("attention_mask", attention_mask)
             token_type_ids = batch.get("token_type_ids", token_type_ids)
         cfg = self.cfg
+        check(return_type in ("logits", "hidden", None),
+              f"return_type must be 'logits', 'hidden' or None, got {return_type!r}")
         if residual is None:
             check(input_ids is not None, "forward needs input_ids (or residual with start_at_layer)")
             check(isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2,
@@ -300,5 +303,4 @@ class HeadlensModel(HookedRootModule):
             return None
         if return_type == "hidden" or self.unembed is None:
             return x
-        check(return_type == "logits", f"return_type must be 'logits', 'hidden' or None, got {return_type!r}")
         return self.unembed(x, self.W_E.weight)

@@ -6,6 +6,7 @@ plus ``token_type_ids`` for encoders that have them.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from numbers import Integral
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -35,7 +36,8 @@ def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int
     limit = min(max_length or cfg.n_ctx, cfg.n_ctx)
     if isinstance(texts, str):
         texts = [texts]
-    check(texts is None or (hasattr(texts, "__len__") and hasattr(texts, "__getitem__")),
+    check(texts is None or (hasattr(texts, "__len__") and hasattr(texts, "__getitem__")
+                            and not isinstance(texts, Mapping)),
           f"texts must be a string, a list of strings or token ids, got {type(texts).__name__}")
     check(texts is not None and len(texts) > 0, "texts is empty: give at least one text or token sequence")
     if _is_token_input(texts):
