@@ -25,8 +25,10 @@ def normalize_plan(model, plan) -> dict:
     for layer, heads in plan.items():
         check(isinstance(heads, (list, tuple, set, range, np.ndarray)),
               f"plan[{layer!r}] must be a list of head indices, got {type(heads).__name__}")
-    pairs = resolve_heads(model, {int(k) if str(k).lstrip("-").isdigit() else k: list(v)
-                                  for k, v in plan.items() if len(v)}) if any(len(v) for v in plan.values()) else []
+    merged = {}  # {0: [1], "0": [2]} (int and JSON string keys) is one layer
+    for k, v in plan.items():
+        merged.setdefault(int(k) if str(k).lstrip("-").isdigit() else k, []).extend(v)
+    pairs = resolve_heads(model, {k: v for k, v in merged.items() if v}) if any(merged.values()) else []
     out = {}
     for layer, head in pairs:
         out.setdefault(layer, []).append(head)
