@@ -9,11 +9,15 @@ processes hits every contender alike.
     python benchmarks/bench.py --device cuda --dtype bf16     # one GPU, < 5 min
     python benchmarks/bench.py --quick                        # tiny sizes: checks the code paths
 
-Writes ``benchmarks/results/{device}[-{dtype}].json`` (``--out`` to change). FLOPs are counted
-analytically from the config (matrix multiplies only: projections, QK^T, AV, MLP, unembedding).
-Peak memory is measured in a fresh subprocess per setting: on CPU the process's peak resident set
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and its growth over the resident set after the
-model is built and one batch has run (``psutil``); on CUDA ``torch.cuda.max_memory_allocated``.
+Writes ``benchmarks/results/{device}[-{dtype}].json`` (``--out`` to change); ``--profile`` only
+profiles one zero-ablation sweep each way (torch.profiler) into ``results/profile-{device}.txt``.
+FLOPs are counted analytically from the config (matrix multiplies only: Q/K/V/O projections,
+QK^T, AV, MLP, unembedding) and checked against torch's FlopCounterMode on the small model. The
+matrix-multiply peak is the best median GFLOP/s of square multiplies in the same dtype and thread
+count. Peak memory is measured in a fresh subprocess per setting, after the model is built and one
+batch has run: on CPU the kernel's peak resident set (``VmHWM`` in /proc/self/status, reset
+through /proc/self/clear_refs just before the run) and its growth over the resident set at that
+moment (``VmRSS``); on CUDA also ``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
 
@@ -201,7 +205,7 @@ def tl_sweep(bridge, ids: torch.Tensor, kind: str) -> torch.Tensor:
                     z[:, :, h] = means[layer][:, h] if kind == "mean" else 0.0
                     return z
                 logits = bridge.run_with_hooks(ids, fwd_hooks=[(name, ablate)])
-                out[layer, h] = lm_loss_per_example(logits, ids).mean() - clean
+                out[layer, h] = (lm_loss_per_example(logits, ids).mean() - clean).item()
     return out
 
 
