@@ -98,7 +98,8 @@ def local_index(model, layer: int, head: int) -> int:
 
 
 def gate_without(model, heads, dtype=torch.float32) -> torch.Tensor:
-    """Head gate ``[L, max H]`` that is 1 everywhere except 0 on ``heads`` (local indices)."""
+    """Head gate ``[L, max H]`` (local head order) that is 1 everywhere except 0 on ``heads``
+    (original ``(layer, head)`` ids, see :func:`resolve_heads`)."""
     H = max(b.attn.n_heads for b in model.blocks)
     gate = torch.ones(model.cfg.n_layers, max(H, 1), dtype=dtype, device=model.device)
     for layer, head in resolve_heads(model, heads) if heads else []:

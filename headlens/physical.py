@@ -63,27 +63,29 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _timed(model, batch) -> float:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(batch)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
 def measure_speedup(model, pruned, batch, repeats: int = 10, warmup: int = 2) -> dict:
-    """Parameters and forward time (median of ``repeats`` after ``warmup``) of ``model`` and
-    ``pruned`` on ``batch`` (a batch dict or ``[B, P]`` token ids)."""
+    """Parameters and forward time of ``model`` and ``pruned`` on ``batch`` (a batch dict or
+    ``[B, P]`` token ids): medians of ``repeats`` after ``warmup``, the two models alternating so
+    that both see the same machine load."""
     check(repeats >= 1 and warmup >= 0, "repeats must be >= 1 and warmup >= 0")
-
-    def median_time(m):
-        for _ in range(warmup):
-            m(batch)
-        times = []
-        for _ in range(repeats):
-            if m.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            m(batch)
-            if m.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
-
-    t_full, t_pruned = median_time(model), median_time(pruned)
+    times = {"full": [], "pruned": []}
+    for i in range(warmup + repeats):
+        for name, m in (("full", model), ("pruned", pruned)):
+            t = _timed(m, batch)
+            if i >= warmup:
+                times[name].append(t)
+    t_full, t_pruned = float(np.median(times["full"])), float(np.median(times["pruned"]))
     n_full, n_pruned = parameter_count(model), parameter_count(pruned)
     return {"heads_full": model.cfg.n_heads_total, "heads_pruned": pruned.cfg.n_heads_total,
             "params_full": n_full, "params_pruned": n_pruned, "param_fraction": n_pruned / n_full,

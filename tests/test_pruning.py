@@ -104,7 +104,7 @@ def test_prune_command(tiny_gpt2, tmp_path, capsys):
 
     save_model(tiny_gpt2, tmp_path / "model")
     out, saved = tmp_path / "out", tmp_path / "pruned"
-    assert main(["prune", "--model", str(tmp_path / "model"), "--task", "lm", "--n-examples", "12", "--step", "0.25",
+    assert main(["prune", "--model", str(tmp_path / "model"), "--task", "ioi", "--n-examples", "12", "--step", "0.25",
                  "--n-random", "1", "--no-progress", "--out", str(out), "--save-model", str(saved)]) == 0
     record = json.loads((out / "prune_plan.json").read_text())
     assert record["recommended"] in ("michel", "ablation") and (out / "pruning.csv").is_file()
