@@ -3,6 +3,7 @@ indirect-object identification behaviour (Wang et al. 2022) on the bundled IOI p
 
     python analyses/decoder_ioi.py                    # writes reports/decoder_ioi/
     python analyses/decoder_ioi.py --n-examples 16    # a quick look
+    python analyses/decoder_ioi.py --section-only     # redo only the study section
 
 Model: the bundled ``smollm2`` (SmolLM2-135M-Instruct, LLaMA architecture, 30 layers x 9 query
 heads over 3 key/value heads), dequantized from the 4-bit GGUF file that ships in the
@@ -49,36 +50,29 @@ def name_attention(model, task, batch_size: int = 16) -> pd.DataFrame:
     return heads.assign(**{f"attn_to_{k}": (v / n).numpy() for k, v in sums.items()})
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-examples", type=int, default=32, help="IOI prompts (of 320)")
-    parser.add_argument("--model", default="smollm2", help="a decoder (bundled name or folder)")
-    parser.add_argument("--out", default=str(OUT), help="report folder")
-    args = parser.parse_args(argv)
-
+def study(rep, model_name: str) -> None:
+    """Add the IOI section to the finished report ``rep``."""
     import headlens
     from headlens.gradients import attribution_patching
     from headlens.tasks import load_task
 
-    started = time.perf_counter()
-    rep = headlens.report(args.model, task="ioi", out=args.out, ablation="mean", n_examples=args.n_examples, seed=0,
-                          command=f"python analyses/decoder_ioi.py --n-examples {args.n_examples} --model {args.model}")
-    model = headlens.load(args.model)
-    task = load_task("ioi", model=model, n_examples=args.n_examples)
+    model = headlens.load(model_name)
+    task = load_task("ioi", model=model, n_examples=rep.run["config"]["n_examples"])
     clean = task.evaluate(model)
     acc = float((clean > 0).mean())
     attribution = attribution_patching(model, task, corruption="corrupted")
     looks = name_attention(model, task)
-    table = (rep.heads[["layer", "head", "role", "cluster", "importance", "importance_ci_low", "importance_ci_high"]]
-             .merge(attribution[["layer", "head", "attribution"]], on=["layer", "head"])
+    columns = ["layer", "head", "role", "cluster", "importance", "importance_ci_low", "importance_ci_high"]
+    table = (rep.heads[columns].merge(attribution[["layer", "head", "attribution"]], on=["layer", "head"])
              .merge(looks, on=["layer", "head"]))
     rho = float(table[["importance", "attribution"]].corr(method="spearman").iloc[0, 1])
     top = table.sort_values("importance").head(12)  # higher logit diff is better: most negative = most needed
     movers = table.sort_values("attn_to_io", ascending=False).head(8)
     n_needed = int((table.importance_ci_high < 0).sum())
+    low, high = np.quantile(clean, [0.025, 0.975])
     notes = [
-        f"The full model gets {acc:.0%} of the {len(task)} prompts right (IO logit above S), mean logit difference "
-        f"{clean.mean():.2f} (95% of prompts between {np.quantile(clean, 0.025):.2f} and {np.quantile(clean, 0.975):.2f}).",
+        f"The full model gets {acc:.0%} of the {len(task)} prompts right (IO logit above S), mean logit "
+        f"difference {clean.mean():.2f} (95% of prompts between {low:.2f} and {high:.2f}).",
         f"{n_needed} of {len(table)} heads are needed (mean-ablating one alone lowers the logit difference, CI "
         f"below zero); the top one is {int(top.layer.iloc[0])}.{int(top['head'].iloc[0])} "
         f"({top.importance.iloc[0]:+.3f}).",
@@ -93,7 +87,7 @@ def main(argv=None) -> None:
     ]
     rep.add_section(
         "IOI: exact sweep, attribution patching and where the important heads look",
-        paragraphs=[f"Model {args.model}; {len(task)} IOI prompts from headlens/data/tasks/ioi.jsonl; metric "
+        paragraphs=[f"Model {model_name}; {len(task)} IOI prompts from headlens/data/tasks/ioi.jsonl; metric "
                     "logit(IO) - logit(S) at the last position; importance = metric(mean-ablated) - "
                     "metric(clean), so negative means the head helps. Attribution patching estimates "
                     "metric(head patched from the corrupted ABC prompt) - metric(clean). SmolLM2's weights "
@@ -102,6 +96,27 @@ def main(argv=None) -> None:
         notes=notes,
         tables={"Most needed heads": top, "Name-mover candidates (attention from the final position to IO)": movers,
                 "Every head": table})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-examples", type=int, default=32, help="IOI prompts (of 320)")
+    parser.add_argument("--model", default="smollm2", help="a decoder (bundled name or folder)")
+    parser.add_argument("--out", default=str(OUT), help="report folder")
+    parser.add_argument("--section-only", action="store_true",
+                        help="redo only the study section on the finished report (no new sweep)")
+    args = parser.parse_args(argv)
+
+    import headlens
+
+    started = time.perf_counter()
+    if args.section_only:
+        rep = headlens.Report.load(args.out)
+    else:
+        rep = headlens.report(args.model, task="ioi", out=args.out, ablation="mean", n_examples=args.n_examples,
+                              seed=0, command=f"python analyses/decoder_ioi.py --n-examples {args.n_examples} "
+                                              f"--model {args.model}")
+    study(rep, args.model)
     finish(rep, started)
 
 

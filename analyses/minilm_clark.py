@@ -1,7 +1,8 @@
 """Clark et al. 2019 ("What Does BERT Look At?") on MiniLM-L6: what each of the 72 heads attends
 to on real English sentences, and how the heads group by attention pattern.
 
-    python analyses/minilm_clark.py          # writes reports/minilm_clark/ (about 10 min here)
+    python analyses/minilm_clark.py                  # writes reports/minilm_clark/ (15 min here)
+    python analyses/minilm_clark.py --section-only   # redo only the study section from the tables
 
 The full headlens report (pattern scores on all 400 bundled sentences, roles, Jensen-Shannon
 clustering, and the importance of every head for the bundled paraphrase task) plus a section with
@@ -10,6 +11,7 @@ layer, and whether heads of the same layer behave alike (within- vs between-laye
 """
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -37,8 +39,11 @@ def layer_distances(distance: pd.DataFrame) -> tuple[pd.DataFrame, float, float]
     layer = np.array([int(n.split(".")[0]) for n in names])
     same = layer[:, None] == layer[None, :]
     off = ~np.eye(len(names), dtype=bool)
-    rows = [dict(layer=int(a), within=d[np.ix_(layer == a, layer == a)][off[np.ix_(layer == a, layer == a)]].mean(),
-                 to_other_layers=d[np.ix_(layer == a, layer != a)].mean()) for a in sorted(set(layer))]
+    rows = []
+    for a in sorted(set(layer)):
+        block, block_off = d[np.ix_(layer == a, layer == a)], off[np.ix_(layer == a, layer == a)]
+        rows.append(dict(layer=int(a), within=block[block_off].mean(),
+                         to_other_layers=d[np.ix_(layer == a, layer != a)].mean()))
     return pd.DataFrame(rows), float(d[same & off].mean()), float(d[~same].mean())
 
 
@@ -52,14 +57,8 @@ def best_heads(heads: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main() -> None:
-    import headlens
-    from headlens.capture import bundled_sentences
-
-    started = time.perf_counter()
-    sentences = bundled_sentences()
-    rep = headlens.report("minilm", task="paraphrase", out=OUT, data=sentences, n_examples=96, seed=0,
-                          command="python analyses/minilm_clark.py")
+def study(rep) -> None:
+    """Add the Clark et al. section to the finished report ``rep`` (from its tables only)."""
     heads = rep.heads
     layers = per_layer(heads)
     dist_layers, within, between = layer_distances(rep.distance)
@@ -75,33 +74,57 @@ def main() -> None:
     cls_layer = int(layers.score_first_token.idxmax())
     sep_layer = int(layers.score_separator.idxmax())
     classes = heads.pattern_class.value_counts()
+    alike = ("as Clark et al. report for BERT" if between > 1.1 * within
+             else "so, unlike Clark et al.'s BERT, layer membership says little here")
     notes = [
         f"Attention to [CLS] peaks in layer {cls_layer} ({layers.score_first_token.max():.2f} of the mass on "
         f"average); attention to [SEP] peaks in layer {sep_layer} ({layers.score_separator.max():.2f}); "
         f"punctuation gets {layers.score_punctuation.mean():.2f} on average. (Clark et al. found BERT-base's "
         "middle layers putting most of their attention on [SEP].)",
         f"Normalised attention entropy goes from {layers.score_entropy_norm.iloc[0]:.2f} in layer 0 to "
-        f"{layers.score_entropy_norm.iloc[-1]:.2f} in layer {int(layers.layer.iloc[-1])}; the broadest layer is "
-        f"{int(layers.score_entropy_norm.idxmax())}.",
-        f"Heads of the same layer attend alike: mean Jensen-Shannon distance {within:.3f} within a layer vs "
-        f"{between:.3f} between layers ({between / within:.2f}x), as Clark et al. report for BERT.",
+        f"{layers.score_entropy_norm.iloc[-1]:.2f} in layer {int(layers.layer.iloc[-1])}; the broadest layer "
+        f"is {int(layers.score_entropy_norm.idxmax())}, the most focused {int(layers.score_entropy_norm.idxmin())} "
+        f"({layers.score_entropy_norm.min():.2f}).",
+        f"Mean Jensen-Shannon distance between heads: {within:.3f} within a layer vs {between:.3f} between "
+        f"layers ({between / within:.2f}x), {alike}.",
         "Kovaleva et al. pattern classes: " + ", ".join(f"{n} {c}" for c, n in classes.items()) + ".",
         "Strongest head per behaviour: " + "; ".join(f"{r.behaviour} {r.head} ({r.score:.2f})"
                                                    for r in best.itertuples()) + ".",
     ]
     rep.add_section(
         "Clark et al. 2019, on MiniLM",
-        paragraphs=[f"Pattern scores over all {len(sentences)} bundled sentences (real prose from the Python "
-                    "documentation), averaged per layer as in Clark et al.'s Figures 2 and 4; distances are "
-                    "the Jensen-Shannon distances between heads used for the clustering above. MiniLM-L6 is "
-                    "a 6-layer distillation of a BERT-style encoder, so its layers compress BERT-base's 12."],
+        paragraphs=[f"Pattern scores over the {rep.run['data']['pattern_texts']} bundled sentences (real prose from "
+                    "the Python documentation), averaged per layer as in Clark et al.'s Figures 2 and 4; "
+                    "distances are the Jensen-Shannon distances between heads used for the clustering above. "
+                    "MiniLM-L6 is a 6-layer distillation of a BERT-style encoder, so its layers compress "
+                    "BERT-base's 12."],
         notes=notes,
         tables={"Per-layer means": layers, "Within- and between-layer distance": dist_layers,
                 "Strongest head per behaviour": best},
-        figures={"Attention to [CLS], [SEP] and punctuation by layer": (fig_behaviour, "Mean attention mass per "
-                 "layer on [CLS], [SEP] and punctuation tokens (Clark et al. Fig. 2)."),
-                 "Attention entropy by layer": (fig_entropy, "Mean normalised entropy of the heads' attention "
-                                                "per layer (Clark et al. Fig. 4).")})
+        figures={"Attention to [CLS], [SEP] and punctuation by layer": (
+                     fig_behaviour, "Mean attention mass per layer on [CLS], [SEP] and punctuation tokens "
+                                    "(Clark et al. Fig. 2)."),
+                 "Attention entropy by layer": (
+                     fig_entropy, "Mean normalised entropy of the heads' attention per layer (Clark et al. "
+                                  "Fig. 4).")})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--section-only", action="store_true",
+                        help="redo only the study section on the finished report (no model runs)")
+    args = parser.parse_args(argv)
+
+    import headlens
+    from headlens.capture import bundled_sentences
+
+    started = time.perf_counter()
+    if args.section_only:
+        rep = headlens.Report.load(OUT)
+    else:
+        rep = headlens.report("minilm", task="paraphrase", out=OUT, data=bundled_sentences(), n_examples=96,
+                              seed=0, command="python analyses/minilm_clark.py")
+    study(rep)
     finish(rep, started)
 
 

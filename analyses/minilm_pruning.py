@@ -1,7 +1,8 @@
 """Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") on MiniLM-L6: how many of its
 72 heads a real task needs, alone and together, and what removing them physically saves.
 
-    python analyses/minilm_pruning.py          # writes reports/minilm_pruning/
+    python analyses/minilm_pruning.py                  # writes reports/minilm_pruning/
+    python analyses/minilm_pruning.py --section-only   # redo only the study section
 
 Task: the bundled ``paraphrase`` triples (anchor, paraphrase, distractor), metric: the cosine
 margin cos(anchor, paraphrase) - cos(anchor, distractor) of MiniLM's mean-pooled sentence
@@ -14,6 +15,7 @@ stay on real sentences.
 """
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ import pandas as pd
 from common import REPORTS, finish
 
 OUT = REPORTS / "minilm_pruning"
+N_EXAMPLES = 96
 
 
 def histogram(values: np.ndarray, path: Path, xlabel: str, title: str) -> Path:
@@ -41,16 +44,14 @@ def histogram(values: np.ndarray, path: Path, xlabel: str, title: str) -> Path:
     return path
 
 
-def main() -> None:
+def study(rep) -> None:
+    """Add the Michel et al. section to the finished report ``rep``."""
     import headlens
     from headlens.ablation import ablation_effect, gate_without
     from headlens.capture import bundled_sentences
     from headlens.tasks import FidelityTask, load_task
 
-    started = time.perf_counter()
-    n_examples = 96
-    rep = headlens.report("minilm", task="paraphrase", out=OUT, n_examples=n_examples, prune_target=0.9, seed=0,
-                          command="python analyses/minilm_pruning.py")
+    n_examples = rep.run["config"]["n_examples"]
     model = headlens.load("minilm")
     task = load_task("paraphrase", model=model, n_examples=n_examples)
     heads, clean = rep.heads, rep.run["data"]["clean_metric"]
@@ -79,8 +80,9 @@ def main() -> None:
                      cosine=float(fidelity.evaluate(model, head_gate=gate_without(model, plan)).mean()))]
     for seed in range(3):
         pick = np.random.default_rng(seed).permutation(len(all_heads))[:n_plan]
+        gate = gate_without(model, [all_heads[i] for i in pick])
         faithful.append(dict(plan=f"random {n_plan} heads, seed {seed}",
-                             cosine=float(fidelity.evaluate(model, head_gate=gate_without(model, [all_heads[i] for i in pick])).mean())))
+                             cosine=float(fidelity.evaluate(model, head_gate=gate).mean())))
     faithful = pd.DataFrame(faithful)
 
     scratch = Path(tempfile.mkdtemp())
@@ -111,6 +113,23 @@ def main() -> None:
         tables={"Best head of each layer alone": one_head, "Embedding fidelity of pruned models": faithful},
         figures={"Single-head removals": (hist, "Histogram of the change of the cosine margin when one head is "
                                           "zeroed, in % of the full model's margin (Michel et al. Fig. 1).")})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--section-only", action="store_true",
+                        help="redo only the study section on the finished report (no new sweep)")
+    args = parser.parse_args(argv)
+
+    import headlens
+
+    started = time.perf_counter()
+    if args.section_only:
+        rep = headlens.Report.load(OUT)
+    else:
+        rep = headlens.report("minilm", task="paraphrase", out=OUT, n_examples=N_EXAMPLES, prune_target=0.9,
+                              seed=0, command="python analyses/minilm_pruning.py")
+    study(rep)
     finish(rep, started)
 
 

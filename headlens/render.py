@@ -335,7 +335,8 @@ def _study_section(report, sec: dict, inline_figures: bool) -> dict:
     """A section added with :meth:`headlens.report.Report.add_section`, ready for the templates."""
     tables = []
     for t in sec["tables"]:
-        df = pd.read_csv(report.out / t["file"], keep_default_na=False, na_values=[""])
+        df = pd.read_csv(report.out / t["file"], dtype={c: str for c in t.get("text_columns", [])},
+                         keep_default_na=False, na_values=[""])
         tables.append(dict(title=t["title"], note=f"also in {t['file']}", folded=len(df) > 40, n_rows=len(df),
                            html=html_table(df), markdown=markdown_table(df)))
     figures = [dict(f, src=_data_uri(report.out / f["path"]) if inline_figures else f["path"], half=False)

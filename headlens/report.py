@@ -92,7 +92,8 @@ class Report:
                        figures=[])
         for i, (name, df) in enumerate((tables or {}).items()):
             write_table(df, self.out / f"{sid}_{i}.csv")
-            section["tables"].append(dict(title=name, file=f"{sid}_{i}.csv"))
+            text = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+            section["tables"].append(dict(title=name, file=f"{sid}_{i}.csv", text_columns=text))
         for i, (name, (png, caption)) in enumerate((figures or {}).items()):
             stem = f"{sid}_{i}"
             for src in (Path(png), Path(png).with_suffix(".svg")):
