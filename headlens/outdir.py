@@ -83,6 +83,7 @@ class ReportFolder:
     def __init__(self, out, config: dict, resume: bool = True, force: bool = False):
         self.out = Path(out).expanduser()
         self.key = fingerprint(config)
+        self.created = not self.out.exists()
         self.resumed: list[str] = []
         if self.out.exists() and not self.out.is_dir():
             raise HeadlensError(f"out {str(self.out)!r} is a file; give a folder for the report")
@@ -162,5 +163,10 @@ class ReportFolder:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
 
     def abandon(self) -> None:
-        """Drop the half-written staging folder (the checkpoints stay for a resume)."""
+        """Drop the half-written staging folder. Checkpoints of finished stages stay for a resume;
+        when no stage finished, nothing of this run is left (nor the folder, if it made it)."""
         shutil.rmtree(self.staging, ignore_errors=True)
+        if not any(p.name != MARKER for p in self.checkpoints.iterdir()):
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            if self.created and not any(self.out.iterdir()):
+                self.out.rmdir()

@@ -107,9 +107,18 @@ def test_stage_checkpoints_resume_and_refuse_other_configuration(tmp_path):
     assert folder.stage("a", lambda: 7) == 7
 
 
+def test_a_run_that_fails_before_any_stage_leaves_nothing(tmp_path):
+    from headlens.report import report
+
+    with pytest.raises(HeadlensError, match="no-such-model"):
+        report("no-such-model", out=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_unfinished_folder_is_never_complete(tmp_path):
     out = tmp_path / "r"
     folder = ReportFolder(out, {})
+    folder.stage("scores", lambda: 1)
     (folder.staging / "report.html").write_text("<html>half</html>")
     folder.abandon()
     assert not (out / "report.html").exists() and not is_complete(out)
