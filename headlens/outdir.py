@@ -13,6 +13,7 @@ move removes the old ``report.html`` and ``run.json`` first and puts the new ``r
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -55,11 +56,8 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
     """Write ``df`` as CSV with a fixed float format and ``\\n`` line ends (byte-stable), and as
     Parquet beside it when pyarrow is importable."""
     atomic_write(path, df.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n").encode())
-    try:
-        import pyarrow  # noqa: F401  (Parquet needs it)
-    except ImportError:
-        return
-    df.to_parquet(path.with_suffix(".parquet"), index=False)
+    if importlib.util.find_spec("pyarrow") is not None:
+        df.to_parquet(path.with_suffix(".parquet"), index=False)
 
 
 def is_complete(folder) -> bool:
@@ -81,7 +79,7 @@ class ReportFolder:
     """
 
     def __init__(self, out, config: dict, resume: bool = True, force: bool = False):
-        self.out = Path(out).expanduser()
+        self.out = Path(out).expanduser().resolve()
         self.key = fingerprint(config)
         self.created = not self.out.exists()
         self.resumed: list[str] = []

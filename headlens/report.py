@@ -140,22 +140,24 @@ class Report:
 def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str = "zero",
            metric: Optional[str] = None, batch_size: int = 16, device: str = "cpu",
            dtype: str = "float32", seed: int = 0, n_examples: int = 48, prune_target: float = 0.5,
-           prune_floor: Optional[float] = 0.9,
-           n_bootstrap: int = 1000, n_clusters: Optional[int] = None, progress: bool = True,
-           resume: bool = True, force: bool = False, keep_checkpoints: bool = False,
+           prune_floor: Optional[float] = 0.9, n_bootstrap: int = 1000, n_clusters: Optional[int] = None,
+           progress: bool = True, resume: bool = True, force: bool = False, keep_checkpoints: bool = False,
            data=None, command: Optional[str] = None) -> Report:
     """Run the whole analysis of ``model`` on ``task`` and write the report folder ``out``.
 
     model: bundled name (``headlens models``), checkpoint or transformers folder, or a loaded
-    :class:`~headlens.HeadlensModel`. task: a bundled task name, a task file or a
-    :class:`headlens.tasks.Task` (default: the model's bundled task). ablation: ``zero``,
-    ``mean``, ``resample`` or ``uniform``. n_examples: texts for the pattern scores and task
-    examples for the importance sweep. data: texts or token-id sequences for the pattern scores
-    and clustering (default: the first n_examples bundled sentences). prune_target: fraction of
-    heads the pruning curve goes to;
-    prune_floor: fraction of the full model's metric a pruning plan must keep (on the selection
-    split; None: the plan prunes to prune_target).
-    resume: reuse stages a killed run of the same configuration finished; force: discard them.
+    :class:`~headlens.HeadlensModel` (used as it is: ``dtype`` and ``device`` then do not apply).
+    task: a bundled task name, a task file or a :class:`headlens.tasks.Task` (default: the
+    model's bundled task); metric: a text-task kind or the task's metric option (see
+    :func:`_load_task`). ablation: ``zero``, ``mean``, ``resample`` or ``uniform``.
+    n_examples: task examples for the importance sweep and pruning (and, without ``data``, the
+    number of bundled sentences for the pattern scores). data: texts or token-id sequences for
+    the pattern scores and clustering. prune_target: fraction of heads the pruning curve goes
+    to; prune_floor: fraction of the full model's metric a pruning plan must keep on the
+    selection split (None: plans prune to prune_target). seed: bootstrap, clustering, random
+    pruning orders, task splits. resume: reuse the stages a killed run of the same configuration
+    finished in ``out``; force: discard them. keep_checkpoints: leave ``out/.checkpoints``.
+    command: how the run was started, for ``run.json``.
     """
     check(ablation in ABLATIONS, f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     check(dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
@@ -169,8 +171,8 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
                   task=task if task is None or isinstance(task, str) else _task_key(task),
                   ablation=ablation, metric=metric, batch_size=batch_size, device=device, dtype=dtype,
                   seed=seed, n_examples=n_examples, prune_target=prune_target, prune_floor=prune_floor,
-                  n_bootstrap=n_bootstrap,
-                  n_clusters=n_clusters, data=None if data is None else _texts_key(data))
+                  n_bootstrap=n_bootstrap, n_clusters=n_clusters,
+                  data=None if data is None else _texts_key(data))
     folder = ReportFolder(out, dict(config, headlens=_version("headlens")), resume=resume, force=force)
     timings, started, cpu_started = {}, time.perf_counter(), time.process_time()
     from tqdm.auto import tqdm
