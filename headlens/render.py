@@ -273,7 +273,7 @@ def _tables(report) -> dict:
         heads = ranked(report)
     key = heads[[c for c in HEAD_COLUMNS if c in heads]]
     tables = {"importance": [dict(title="Heads by importance", df=key, folded=False,
-                                  note="click a column header to sort")],
+                                  note="click a column header to sort", md_note="")],
               "patterns": [dict(title="All per-head columns", df=heads, folded=True, note="")]}
     if report.clusters is not None and len(report.clusters):
         tables["clusters"] = [dict(title="Clusters", df=report.clusters, folded=False, note="")]
@@ -291,7 +291,9 @@ def facts(report) -> list[tuple[str, str]]:
                       f"{m.get('n_heads')} heads = {m.get('n_heads_total')} heads, "
                       f"{m.get('n_params', 0) / 1e6:.1f}M parameters")]
     if d.get("pattern_texts"):
-        rows.append(("Pattern data", f"{d['pattern_texts']} texts from {d.get('pattern_source', '?')}"))
+        source = d.get("pattern_source", "?")
+        source = "given to headlens.report (data=)" if source.endswith("given") else f"from {source}"
+        rows.append(("Pattern data", f"{d['pattern_texts']} texts {source}"))
     rows.append(("Task", f"{d.get('task', '?')}: {d.get('task_examples', '?')} examples, metric "
                          f"{d.get('metric', '?')} (full model: {_num(d.get('clean_metric'))})"))
     rows.append(("Ablation", f"{cfg.get('ablation')} ablation of one head at a time, "
@@ -316,7 +318,8 @@ def _context(report, inline_figures: bool) -> dict:
             src = _data_uri(report.out / rel) if inline_figures else rel
             figs.append(dict(name=name, title=ftitle, caption=caption, src=src, path=rel,
                              half=name.startswith("heatmap_")))
-        tabs = [dict(t, n_rows=len(t["df"]), html=html_table(t["df"]), markdown=markdown_table(t["df"]))
+        tabs = [dict({"md_note": t["note"]}, **t, n_rows=len(t["df"]), html=html_table(t["df"]),
+                     markdown=markdown_table(t["df"]))
                 for t in tables.get(sid, [])]
         notes = cluster_notes(report) if sid == "clusters" else []
         if figs or tabs:
@@ -337,7 +340,8 @@ def _study_section(report, sec: dict, inline_figures: bool) -> dict:
     for t in sec["tables"]:
         df = pd.read_csv(report.out / t["file"], dtype={c: str for c in t.get("text_columns", [])},
                          keep_default_na=False, na_values=[""])
-        tables.append(dict(title=t["title"], note=f"also in {t['file']}", folded=len(df) > 40, n_rows=len(df),
+        tables.append(dict(title=t["title"], note=f"also in {t['file']}", md_note=t["file"],
+                           folded=len(df) > 40, n_rows=len(df),
                            html=html_table(df), markdown=markdown_table(df)))
     figures = [dict(f, src=_data_uri(report.out / f["path"]) if inline_figures else f["path"], half=False)
                for f in sec["figures"]]
