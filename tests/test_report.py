@@ -281,3 +281,15 @@ def test_a_study_section_is_added_and_survives_load(tmp_path):
     assert (rep.out / "within_vs_between_0.csv").is_file()
     assert "figures/within_vs_between_0.png" in (rep.out / "report.md").read_text()
     assert back.run["sections"][0]["title"] == "Within vs between layers" and len(back.figures) == 5
+
+
+def test_metric_option_picks_the_task_and_its_metric(tiny_folder):
+    from headlens.report import _load_task
+
+    model = headlens.load(str(tiny_folder))
+    assert _load_task(model, None, None, 4).name == "ioi"  # a decoder's bundled task
+    assert _load_task(model, "ioi", "accuracy", 4).metric_name == "accuracy"
+    assert _load_task(model, "text", "kl", 4).metric_name == "kl_divergence"
+    assert _load_task(model, "text", "lm", 4).metric_name == "lm_loss"
+    with pytest.raises(HeadlensError, match="metric 'accuracy' does not apply"):
+        _load_task(model, "lm", "accuracy", 4)
