@@ -264,10 +264,17 @@ class SweepCheckpoint:
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise HeadlensError(f"checkpoint_dir {str(folder)!r} is a file, expected a folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HeadlensError(f"checkpoint_dir {str(folder)!r} is not writable: {e.strerror or e}") from None
         meta = self.folder / "sweep.json"
         if meta.is_file():
-            old = json.loads(meta.read_text())
+            try:
+                old = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                raise HeadlensError(f"checkpoint_dir {str(folder)!r} has an unreadable sweep.json: "
+                                    "delete the folder to start the sweep again") from None
             if old != fingerprint:
                 diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
                 raise HeadlensError(f"checkpoint_dir {str(folder)!r} holds a different sweep (differs in "
@@ -279,8 +286,18 @@ class SweepCheckpoint:
         return self.folder / f"layer{layer:03d}_heads{'-'.join(str(h) for h in heads)}.npy"
 
     def load(self, layer: int, heads) -> Optional[np.ndarray]:
+        """The saved ``[len(heads), N]`` metrics, or None if not saved (or unreadable: recomputed)."""
         path = self._path(layer, heads)
-        return np.load(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            values = np.load(path)
+        except (OSError, ValueError, EOFError):
+            values = None
+        if values is None or values.ndim != 2 or values.shape[0] != len(heads):
+            path.unlink(missing_ok=True)  # damaged: compute this unit again
+            return None
+        return values
 
     def save(self, layer: int, heads, values: np.ndarray) -> None:
         self._atomic(self._path(layer, heads), lambda f: np.save(f, values))
