@@ -145,6 +145,10 @@ CASES = [
     ("save_model under a file", lambda m, t: save_model(m, _write(t / "f", "x") / "sub"), "not writable"),
     ("save_hf to a file", lambda m, t: save_hf(m, _write(t / "f", "x")), "is a file"),
     ("save_hf under a file", lambda m, t: save_hf(m, _write(t / "f", "x") / "sub"), "not writable"),
+    ("sweep checkpoints in a file", lambda m, t: ablation_sweep(m, LMLossTask(TEXTS), progress=False,
+                                                                checkpoint_dir=_write(t / "f", "x")), "is a file"),
+    ("sweep checkpoints under a file", lambda m, t: ablation_sweep(
+        m, LMLossTask(TEXTS), progress=False, checkpoint_dir=_write(t / "f", "x") / "sub"), "not writable"),
 ]
 
 

@@ -147,6 +147,29 @@ def test_killed_sweep_resumes_without_recomputing(model_dir, tmp_path):
     assert len(table) == N_HEADS and not table.duplicated(["layer", "head"]).any()
 
 
+def test_damaged_checkpoint_files_are_recomputed_not_trusted(tiny_gpt2, tmp_path, monkeypatch):
+    """A sweep chunk file that cannot be read (truncated, or holding the wrong shape) is computed
+    again, and only it; an unreadable sweep.json is refused with a HeadlensError."""
+    import numpy as np
+
+    kwargs = dict(batch_size=2, n_bootstrap=50, memory_budget_mb=1e-6, progress=False, checkpoint_dir=tmp_path)
+    task = LMLossTask(TEXTS)
+    first = ablation_sweep(tiny_gpt2, task, "zero", **kwargs)
+    files = sorted(tmp_path.glob("*.npy"))
+    assert len(files) == N_HEADS
+    files[3].write_bytes(files[3].read_bytes()[:40])  # torn
+    np.save(files[7], np.zeros((3, 6)))  # not this unit's shape
+    calls = []
+    original = LMLossTask.score
+    monkeypatch.setattr(LMLossTask, "score", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    again = ablation_sweep(tiny_gpt2, task, "zero", **kwargs)
+    pd.testing.assert_frame_equal(again, first, check_exact=True)
+    assert len(calls) == 3 * (1 + 2)  # 3 batches: the clean metric and the two damaged heads
+    (tmp_path / "sweep.json").write_text("{not json")
+    with pytest.raises(HeadlensError, match="unreadable sweep.json"):
+        ablation_sweep(tiny_gpt2, task, "zero", **kwargs)
+
+
 TABLES = ["heads.csv", "clusters.csv", "pruning.csv", "prune_plan.json"]
 
 
