@@ -100,7 +100,7 @@ def study(rep, model_name: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-examples", type=int, default=32, help="IOI prompts (of 320)")
+    parser.add_argument("--n-examples", type=int, default=16, help="IOI prompts (of 320)")
     parser.add_argument("--model", default="smollm2", help="a decoder (bundled name or folder)")
     parser.add_argument("--out", default=str(OUT), help="report folder")
     parser.add_argument("--section-only", action="store_true",
