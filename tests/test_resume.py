@@ -121,6 +121,7 @@ def mtimes(folder) -> dict:
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.npy")}
 
 
+@pytest.mark.slow  # two interpreter starts
 def test_killed_sweep_resumes_without_recomputing(model_dir, tmp_path):
     checkpoints, out = tmp_path / "checkpoints", tmp_path / "sweep.csv"
     first, second = tmp_path / "first.log", tmp_path / "second.log"

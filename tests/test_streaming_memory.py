@@ -134,6 +134,7 @@ def measure_in_this_process(model_dir: str) -> dict:
     return out
 
 
+@pytest.mark.slow  # a fresh interpreter, 13k sequences
 def test_memory_does_not_grow_with_the_dataset(tiny_gpt2, tmp_path):
     import json
     import os
