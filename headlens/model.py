@@ -207,7 +207,8 @@ class HeadlensModel(HookedRootModule):
         if input_ids is not None:
             check(not input_ids.is_floating_point() and not input_ids.is_complex(),
                   f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-            check(input_ids.numel() > 0, f"input_ids is empty (shape {tuple(input_ids.shape)}): need at least one token")
+            check(input_ids.numel() > 0,
+                  f"input_ids is empty (shape {tuple(input_ids.shape)}): need at least one token")
             check(int(input_ids.min()) >= 0 and int(input_ids.max()) < cfg.vocab_size,
                   f"input_ids must lie in [0, {cfg.vocab_size}) for this model's vocabulary")
         if residual is not None:
