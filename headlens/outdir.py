@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -83,6 +84,7 @@ class ReportFolder:
         self.key = fingerprint(config)
         self.created = not self.out.exists()
         self.resumed: list[str] = []
+        self.seconds: dict = {}
         if self.out.exists() and not self.out.is_dir():
             raise HeadlensError(f"out {str(self.out)!r} is a file; give a folder for the report")
         if self.out.is_dir() and any(self.out.iterdir()) and not self._is_ours():
@@ -120,18 +122,24 @@ class ReportFolder:
 
     def stage(self, name: str, compute: Callable[[], object]):
         """Return the result of stage ``name``: from its checkpoint when a previous run of the same
-        configuration finished it, else ``compute()`` (saved before it is returned)."""
+        configuration finished it, else ``compute()`` (saved before it is returned). The seconds
+        the computation took (wall, CPU) are kept in :attr:`seconds`, also for resumed stages."""
         path = self.checkpoints / f"{name}.pkl"
         if path.is_file():
             try:
                 with open(path, "rb") as f:
-                    result = pickle.load(f)
+                    saved = pickle.load(f)
                 self.resumed.append(name)
-                return result
-            except (OSError, EOFError, pickle.UnpicklingError):
-                path.unlink()  # a torn checkpoint: compute it again
+                self.seconds[name] = saved["seconds"]
+                return saved["result"]
+            except (OSError, EOFError, KeyError, TypeError, pickle.UnpicklingError):
+                path.unlink()  # a torn or foreign checkpoint: compute it again
+        wall, cpu = time.perf_counter(), time.process_time()
         result = compute()
-        atomic_write(path, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+        self.seconds[name] = dict(wall=round(time.perf_counter() - wall, 3),
+                                  cpu=round(time.process_time() - cpu, 3))
+        saved = dict(result=result, seconds=self.seconds[name])
+        atomic_write(path, pickle.dumps(saved, protocol=pickle.HIGHEST_PROTOCOL))
         return result
 
     def sweep_checkpoints(self) -> Path:

@@ -407,6 +407,7 @@ def _run_record(model, task, texts, config, result, command, folder) -> dict:
         "files": ["heads.csv", "clusters.csv", "pruning.csv", "prune_plan.json", "distance.csv", "figures/",
                   "report.md", "run.json", "report.html"],
         "resumed_stages": folder.resumed,
+        "stage_seconds": folder.seconds,
         "versions": {p: _version(p) for p in PACKAGES},
         "platform": dict(system=platform.platform(), python=sys.version.split()[0],
                          machine=platform.machine(), torch_threads=torch.get_num_threads()),

@@ -100,7 +100,7 @@ def test_stage_checkpoints_resume_and_refuse_other_configuration(tmp_path):
     folder.abandon()  # the run dies here
     folder = ReportFolder(tmp_path / "r", {"seed": 0})
     assert folder.stage("a", lambda: calls.append(1) or 99) == 41 and calls == [1]
-    assert folder.resumed == ["a"]
+    assert folder.resumed == ["a"] and set(folder.seconds["a"]) == {"wall", "cpu"}
     with pytest.raises(HeadlensError, match="another configuration"):
         ReportFolder(tmp_path / "r", {"seed": 1})
     folder = ReportFolder(tmp_path / "r", {"seed": 1}, force=True)
@@ -258,6 +258,7 @@ def test_killed_run_resumes_to_the_same_tables(tiny_report, tiny_folder, tmp_pat
     assert res.returncode == 0, res.stderr[-2000:]
     run = json.loads((out / "run.json").read_text())
     assert finished <= set(run["resumed_stages"])
+    assert set(run["stage_seconds"]) == {"scores", "clusters", "ablation", "gradients", "pruning"}
     for name in TABLES:
         assert (out / name).read_bytes() == (tiny_report.out / name).read_bytes(), name
 
