@@ -225,10 +225,19 @@ def main(argv=None) -> int:
         f"from an induction head to any other head {d[np.ix_(ind_ix, rest_ix)].min():.3f}.", "",
         f"![embedding]({rel(scatter)})", "",
     ]
+    lines.insert(4, "The same 2-layer model through `headlens.report` (scores, clusters, sweep, gradient "
+                    "importance, pruning curve and these checks on one HTML page): "
+                    "[html/report.html](html/report.html).\n")
     (out / "report.md").write_text("\n".join(lines))
     if not args.svg:
         for paths in (loss_fig, *heat, gallery, bars, scatter):
             Path(paths[1]).unlink()
+    html = headlens.report(two, task=task, data=segments, out=out / "html", n_examples=args.n, seed=SEED,
+                           progress=False, command="python analyses/induction_toy.py")
+    html.add_section("Recovery checks", notes=[f"{'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks],
+                     tables={"Loss on the first and the repeated half": losses, "Group ablations": gtable})
+    for path in [*html.out.glob("*.parquet"), *([] if args.svg else html.out.glob("figures/*.svg"))]:
+        path.unlink()
     losses.to_csv(out / "losses.csv", index=False)
     print("\n".join(f"[{'ok' if ok else 'FAIL'}] {text}" for text, ok in checks))
     print(f"wrote {out / 'report.md'} in {seconds:.1f} s")
