@@ -85,6 +85,13 @@ def study(rep, model_name: str) -> None:
         "The 12 most needed heads look from the final position at IO / S / BOS with mean weights "
         f"{top.attn_to_io.mean():.2f} / {top.attn_to_s.mean():.2f} / {top.attn_to_bos.mean():.2f}.",
     ]
+    against = movers.head(5)[movers.head(5).importance_ci_low > 0]
+    if len(against):
+        names = ", ".join(f"{int(r.layer)}.{int(r['head'])}" for _, r in against.iterrows())
+        verb = "raises" if len(against) == 1 else "raise"
+        notes.append(f"{len(against)} of the 5 heads that attend most to IO ({names}) {verb} the logit difference "
+                     "when ablated (CI above zero): attending to the right name yet pushing against it, like the "
+                     "negative name-mover heads Wang et al. found in GPT-2 small.")
     rep.add_section(
         "IOI: exact sweep, attribution patching and where the important heads look",
         paragraphs=[f"Model {model_name}; {len(task)} IOI prompts from headlens/data/tasks/ioi.jsonl; metric "
