@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from test_report import fake_report
+from test_report import fake_report, tiny_folder, tiny_report  # noqa: F401 (fixtures)
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: run "
@@ -85,3 +85,11 @@ def test_probe_catches_a_broken_figure_and_a_script_error(tmp_path):
     seen = probe(rep.html, tmp_path)
     assert len(seen["broken"]) == 1 and seen["failed_resources"] == ["IMG"]
     assert seen["errors"] == ["Uncaught ReferenceError: undefinedFunction is not defined"]
+
+
+@pytest.mark.slow
+def test_a_real_report_page_loads_with_every_figure(tiny_report, tmp_path):
+    """The page of a real run (tiny GPT-2 through the whole pipeline): all its figures decode."""
+    seen = probe(tiny_report.html, tmp_path)
+    assert seen["images"] == len(tiny_report.figures) >= 10
+    assert seen["broken"] == [] and seen["errors"] == [] and seen["failed_resources"] == [] and seen["external"] == 0
