@@ -155,7 +155,7 @@ class HeadClusterer:
     After :meth:`fit`: ``labels_`` (DataFrame ``layer, head, cluster``), ``table_`` (one row per
     cluster: ``cluster, size, members, medoid, description, mean_score_*``), ``distance_``
     (``[N, N]``), ``embedding_`` (``[N, 2]``), ``stability_`` (dict: ``ari_mean, ari_std, ari_min,
-    ari``), ``scores_`` (the scores table with roles), ``silhouettes_`` (``{k: silhouette}``),
+    ari, n_empty``), ``scores_`` (the scores table with roles), ``silhouettes_`` (``{k: silhouette}``),
     ``n_clusters_``, ``medoids_`` (``{cluster: (layer, head)}``).
     """
 
@@ -329,18 +329,24 @@ class HeadClusterer:
         if self.method != "agglomerative":
             names = [n for n in acc.rep_totals if n != "js"]
             reps = {n: acc.replicate_means(n) for n in names}
-        aris = []
+        aris, empty = [], 0
         for r in range(self.n_bootstrap):
             distance = _clean_distance(js[r])
+            if np.isnan(distance).any():  # the resample drew no example (likely with very few texts)
+                empty += 1
+                continue
             features = None
             if self.method != "agglomerative":
                 rep_scores = scores_table(model, {**{n: v[r] for n, v in reps.items()}, **probe})
                 features = self._features(rep_scores)
             rep_labels = self._cluster(self.n_clusters_, distance, features)
             aris.append(float(adjusted_rand_score(labels, rep_labels)))
-        return {"n_bootstrap": self.n_bootstrap, "ari_mean": float(np.mean(aris)),
-                "ari_std": float(np.std(aris)), "ari_min": float(np.min(aris)), "ari": aris,
-                "resampling": "Poisson bootstrap over examples, same number of clusters"}
+        nan = float("nan")
+        return {"n_bootstrap": self.n_bootstrap, "ari_mean": float(np.mean(aris)) if aris else nan,
+                "ari_std": float(np.std(aris)) if aris else nan, "ari_min": float(np.min(aris)) if aris else nan,
+                "ari": aris, "n_empty": empty,
+                "resampling": "Poisson bootstrap over examples, same number of clusters; resamples that "
+                              "drew no example (n_empty) are skipped"}
 
     def fit_predict(self, model, data, scores=None) -> pd.DataFrame:
         return self.fit(model, data, scores).labels_

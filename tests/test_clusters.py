@@ -104,3 +104,11 @@ def test_bad_parameters(planted):
             HeadClusterer(**kwargs).fit(model, data)
     with pytest.raises(HeadlensError, match="eps"):
         js_distance(model, data, eps=0)
+
+
+def test_stability_skips_resamples_without_examples(planted):
+    """Two texts: some Poisson resamples draw none (NaN distances); they are skipped, not a crash."""
+    model, data = planted
+    st = HeadClusterer(n_bootstrap=20, seed=0, induction=False).fit(model, data[:2]).stability_
+    assert st["n_empty"] > 0 and len(st["ari"]) == 20 - st["n_empty"]
+    assert np.isfinite(st["ari_mean"])
