@@ -91,6 +91,7 @@ def induction_section(rep, n_seqs: int, half_len: int, top_k: int, out_dir) -> d
     shown = ["layer", "head", "score_induction", "score_previous_token", "score_duplicate_token",
              "score_first_token"]
     table = scores[shown].merge(text_damage, on=["layer", "head"])
+    table.insert(2, "kv_head", table["head"] // model.cfg.group_size)  # the key/value head it reads
     top_ind = table.sort_values(["score_induction", "layer", "head"], ascending=[False, True, True]).head(10)
     top_prev = table.sort_values(["score_previous_token", "layer", "head"], ascending=[False, True, True]).head(10)
     induction = [(int(a), int(b)) for a, b in top_ind[["layer", "head"]].to_numpy()[:top_k]]
@@ -132,10 +133,15 @@ def induction_section(rep, n_seqs: int, half_len: int, top_k: int, out_dir) -> d
         return ", ".join(f"{int(r.layer)}.{int(r.head)} ({getattr(r, col):.2f})" for r in df.head(top_k).itertuples())
 
     lm = top_ind.head(top_k)
+    groups_kv = [(int(layer), int(kv), part) for (layer, kv), part in lm.groupby(["layer", "kv_head"]) if len(part) > 1]
+    sharing = "; ".join(", ".join(f"{layer}.{int(h)}" for h in sorted(part["head"])) + f" all read key/value head {kv} of "
+                        f"layer {layer}" for layer, kv, part in groups_kv) or "no two of them share a key/value head"
     lm_free = int(((lm.lm_importance_ci_low <= 0) & (lm.lm_importance_ci_high >= 0)).sum())
     notes = [
         f"Top induction heads (attention from the second copy to the token after the earlier occurrence): "
         f"{fmt(top_ind, 'score_induction')}.",
+        f"Under grouped-query attention ({model.cfg.group_size} query heads per key/value head) among the top "
+        f"{top_k} induction heads: {sharing}.",
         f"Top previous-token heads (attention to the token just before, over all positions of the same "
         f"sequences): {fmt(top_prev, 'score_previous_token')}.",
         f"The loss falls from {full.loss_first_half:.3f} nats on the first copy of x to "
@@ -184,7 +190,7 @@ def main(argv=None) -> None:
     parser.add_argument("--half-len", type=int, default=20, help="length of x in [BOS, x, x]")
     parser.add_argument("--top-k", type=int, default=5, help="heads ablated together")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: measured 1.6-2.7x faster than 2 on the shared 2-core CPU)")
+                        help="torch threads (1: measured 1.6-2.7x faster than 2 while other jobs share the 2-core CPU)")
     parser.add_argument("--section-only", action="store_true", help="keep the report, redo the section")
     args = parser.parse_args(argv)
 
