@@ -29,19 +29,12 @@ from headlens.pruning import pruning_curve
 from headlens.scores import pattern_scores, text_statistics
 from headlens.tasks import CallableTask, LMLossTask, load_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 TEXTS = ["the cat sat on the mat", "a dog ran far away from home today", "birds sing in the morning",
          "it rains", "we walked to the old bridge and back", "one two three"]
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

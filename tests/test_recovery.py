@@ -16,15 +16,9 @@ from headlens.roles import assign_roles
 from headlens.scores import pattern_scores, probe_tokens
 from headlens.tasks import CallableTask
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 MODELS = Path(toy.__file__).resolve().parent / "data" / "models"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -28,18 +28,12 @@ from headlens.scores import pattern_scores
 from headlens.tasks import CallableTask, LMLossTask, load_task
 from headlens.tokens import batches, encode, read_lines
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 TEXTS = ["the cat sat on the mat", "a dog ran far away from home today", "birds sing in the morning",
          "we walked to the old bridge and back"]
 LONG = "word " * 100  # 100+ tokens; the tiny model's context is 64
 NAN = float("nan")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -22,17 +22,11 @@ from headlens.scores import SCORE_COLUMNS, pattern_scores
 from headlens.tasks import LMLossTask
 from headlens.tokens import encode
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 L, H, D, CTX, V = 3, 4, 32, 64, 30522  # the tiny GPT-2 of conftest.py
 SETTINGS = dict(deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 TEXTS = ["the cat sat on the mat", "a dog ran far away from home today", "it rains", "one two three four"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -29,17 +29,11 @@ from headlens.pruning import pruning_curve
 from headlens.scores import pattern_scores
 from headlens.tasks import LMLossTask
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 TEXTS = ["the cat sat on the mat", "a dog ran far away from home today", "birds sing in the morning",
          "it rains", "we walked to the old bridge and back", "one two three", "the end is near",
          "she sells sea shells"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _clusters(model, seed):

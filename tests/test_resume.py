@@ -26,7 +26,8 @@ from headlens.errors import HeadlensError
 from headlens.outdir import is_complete, write_table
 from headlens.tasks import LMLossTask
 
-pytestmark = pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+pytestmark = [pytest.mark.skipif(os.name != "posix", reason="SIGKILL"),
+              pytest.mark.usefixtures("one_thread")]
 
 TEXTS = ["the cat sat on the mat", "a dog ran far away from home today", "birds sing in the morning",
          "it rains", "we walked to the old bridge and back", "one two three"]
@@ -67,14 +68,6 @@ else:
     from headlens.cli import main
     sys.exit(main(sys.argv[1:]))
 ''' % {"texts": TEXTS}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,14 @@ from headlens.capture import stream_head_stats
 from headlens.scores import pattern_scores, text_statistics
 from headlens.tokens import read_lines
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 psutil = pytest.importorskip("psutil")
 
 WORDS = ("the a cat dog sat ran on in mat park bird sings morning river old bridge walked we they it rains "
          "and then slowly across over under").split()
 BATCH = 32
 SMALL, LARGE = 1_200, 6_000  # SMALL is already more than one length-sorting chunk (32 x BATCH)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def sentences(n: int, seed: int = 0):

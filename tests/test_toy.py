@@ -10,17 +10,10 @@ from headlens import HeadlensError, toy
 from headlens.checkpoint import load_model, read_card
 from headlens.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 MODELS = Path(toy.__file__).resolve().parent / "data" / "models"
 SHIPPED = {spec.name: kind for kind, spec in toy.TOY_KINDS.items()}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread when the CPU is shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def heads_of(card_or_table, layer=None):
