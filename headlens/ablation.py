@@ -14,9 +14,10 @@ Sign convention: ``importance = mean over examples of metric(ablated) - metric(c
 (logit difference, cosine margin) a negative one does. ``damage`` is ``importance`` signed so
 that positive always means "ablating the head hurts".
 
-The fast sweep caches the clean residual stream entering each layer, resumes the model from it
-(``start_at_layer``), and runs several single-head ablations in one forward pass by stacking
-copies of the batch, each copy ablating a different head. ``method="naive"`` (one full forward
+The fast sweep caches the clean residual stream entering each layer and that layer's clean
+attention output; ablating one head changes that output by an exact per-head term, so each
+ablation resumes at the layer's MLP, and several single-head ablations run in one forward pass by
+stacking copies of the batch, each copy ablating a different head. ``method="naive"`` (one full forward
 per head and batch) is the reference it is tested against.
 """
 from __future__ import annotations
@@ -121,23 +122,27 @@ def hook_name(kind: str, layer: int) -> str:
     return f"blocks.{layer}.attn.hook_{'pattern' if kind == 'uniform' else 'z'}"
 
 
+ACTIVATION_HOOKS = {"z": "attn.hook_z", "v": "attn.hook_v", "attn_out": "hook_attn_out"}
+
+
 @torch.no_grad()
-def clean_z(model, batches, layer: int, resid=None) -> tuple[list, list]:
-    """Clean ``z [R, P, H, d]`` of ``layer`` per batch, and the residual stream after it.
-    ``resid``: per-batch residual entering ``layer`` (else computed from the input)."""
-    zs, nxt = [], []
-
-    def save(z, hook):
-        zs.append(z.clone())
-
-    with model.hooks(fwd_hooks=[(hook_name("zero", layer), save)]):
+def clean_activations(model, batches, layer: int, resid=None, names=("z",)) -> tuple[dict, list]:
+    """Clean activations of ``layer`` per batch, ``{name: [per batch]}`` with ``z [R, P, H, d]``,
+    ``v [R, S, K, d]``, ``attn_out [R, P, D]``; and the residual stream after the layer
+    ``[R, P, D]`` per batch. ``resid``: per-batch residual entering ``layer`` (else computed
+    from the input)."""
+    acts = {name: [] for name in names}
+    hooks = [(f"blocks.{layer}.{ACTIVATION_HOOKS[name]}", lambda t, hook, keep=acts[name]: keep.append(t.clone()))
+             for name in names]
+    nxt = []
+    with model.hooks(fwd_hooks=hooks):
         for i, b in enumerate(batches):
             if resid is None:
                 nxt.append(model(b.inputs, stop_at_layer=layer + 1))
             else:
                 nxt.append(model(residual=resid[i], attention_mask=b.inputs["attention_mask"],
                                  start_at_layer=layer, stop_at_layer=layer + 1))
-    return zs, nxt
+    return acts, nxt
 
 
 class Replacement:
@@ -158,6 +163,15 @@ class Replacement:
             self.perm = derangement(self.z.shape[0], seed).to(self.z.device)
             self.offsets = np.cumsum([0] + [b.n_rows for b in batches])
 
+    def head_z(self, i: int, j: int, v: Optional[torch.Tensor], attn) -> torch.Tensor | float:
+        """What local head ``j``'s ``z`` becomes in batch ``i``: ``[R or 1, P or 1, d]`` (or 0 for
+        zero ablation). ``v [R, S, K, d]``: the layer's clean values (uniform ablation only)."""
+        if self.kind == "zero":
+            return 0.0
+        if self.kind == "uniform":
+            return self.value(i)[:, 0].to(v.dtype) @ v[:, :, int(attn.kv_map[j])]
+        return self.value(i)[:, :, j]
+
     def value(self, i: int) -> Optional[torch.Tensor]:
         if self.kind == "mean":
             return self.mean
@@ -167,7 +181,7 @@ class Replacement:
             mask = self.batches[i].inputs["attention_mask"]
             P = mask.shape[1]
             visible = (self.model.attention_mask_bias(mask, P, torch.float32) == 0).float()  # [R, 1, P, S]
-            return visible / visible.sum(-1, keepdim=True)
+            return visible / visible.sum(-1, keepdim=True).clamp(min=1)  # a padded query may see no key
         return None
 
 
@@ -204,7 +218,7 @@ def ablate(model, task, heads, kind: str = "zero", per_position: bool = True, se
     layers = sorted({layer for layer, _ in pairs})
     repl = {}
     for layer in layers:
-        zs = clean_z(model, batches, layer)[0] if kind in ("mean", "resample") else None
+        zs = clean_activations(model, batches, layer)[0]["z"] if kind in ("mean", "resample") else None
         repl[layer] = Replacement(model, kind, batches, zs, per_position, seed)
     out = []
     for i, b in enumerate(batches):
@@ -330,39 +344,41 @@ def _rows_per_chunk(model, task, batches, n_heads: int, memory_budget_mb: float)
 
 @torch.no_grad()
 def _sweep_fast(model, task, batches, pairs, kind, repl_args, refs, store, bar, memory_budget_mb):
+    """Per layer: one clean pass records the layer's ``z``, ``v`` and attention output and steps
+    the cached residual stream. Ablating local head ``j`` changes the attention output by
+    ``(z_new - z)[:, :, j] @ W_O[j]`` (exact: the output is linear in each head's ``z``), so each
+    stacked copy starts at the layer's MLP and runs only what follows."""
     results = {}
     by_layer = {}
     for layer, head in pairs:
         by_layer.setdefault(layer, []).append(head)
     resid = [model(b.inputs, stop_at_layer=0) for b in batches]
+    names = ("z", "attn_out") + (("v",) if kind == "uniform" else ())
     for layer in range(max(by_layer) + 1):
         heads = by_layer.get(layer, [])
         k = _rows_per_chunk(model, task, batches, max(len(heads), 1), memory_budget_mb)
-        chunks = [heads[i:i + k] for i in range(0, len(heads), k)]
         todo = []
-        for chunk in chunks:
+        for chunk in [heads[i:i + k] for i in range(0, len(heads), k)]:
             done = store.load(layer, chunk) if store else None
             if done is not None:
                 results.update({(layer, h): done[j] for j, h in enumerate(chunk)})
                 bar.update(len(chunk))
             else:
                 todo.append(chunk)
-        nxt = None
-        if todo and kind in ("mean", "resample"):
-            zs, nxt = clean_z(model, batches, layer, resid)
-            repl = Replacement(model, kind, batches, zs, **repl_args)
-        elif todo:
-            repl = Replacement(model, kind, batches, **repl_args)
+        acts, nxt = clean_activations(model, batches, layer, resid, names if todo else ())
+        repl = Replacement(model, kind, batches, acts.get("z"), **repl_args) if todo else None
+        attn = model.blocks[layer].attn
         for chunk in todo:
-            local = [[local_index(model, layer, h)] for h in chunk]
+            local = [local_index(model, layer, h) for h in chunk]
             values = [[] for _ in chunk]
             for i, b in enumerate(batches):
-                R = b.n_rows
-                x = resid[i].repeat(len(chunk), 1, 1)
-                mask = b.inputs["attention_mask"].repeat(len(chunk), 1)
-                hook = (hook_name(kind, layer), ablation_hook(kind, local, R, repl.value(i)))
-                with model.hooks(fwd_hooks=[hook]):
-                    hidden = model(residual=x, attention_mask=mask, start_at_layer=layer, return_type="hidden")
+                R, z = b.n_rows, acts["z"][i]
+                v = acts["v"][i] if kind == "uniform" else None
+                attn_out = torch.cat([acts["attn_out"][i] + (repl.head_z(i, j, v, attn) - z[:, :, j]) @ attn.W_O[j]
+                                      for j in local])  # [len(chunk) * R, P, D]
+                x = model.blocks[layer](resid[i].repeat(len(chunk), 1, 1), None, attn_out=attn_out)
+                hidden = model(residual=x, attention_mask=b.inputs["attention_mask"].repeat(len(chunk), 1),
+                               start_at_layer=layer + 1, return_type="hidden")
                 for c in range(len(chunk)):
                     values[c].append(task.compute(model, hidden[c * R:(c + 1) * R], b, refs[i]).double().cpu())
             values = np.stack([torch.cat(v).numpy() for v in values])
@@ -370,10 +386,7 @@ def _sweep_fast(model, task, batches, pairs, kind, repl_args, refs, store, bar, 
                 store.save(layer, chunk, values)
             results.update({(layer, h): values[j] for j, h in enumerate(chunk)})
             bar.update(len(chunk))
-        if layer < max(by_layer):
-            resid = nxt if nxt is not None else [
-                model(residual=r, attention_mask=b.inputs["attention_mask"], start_at_layer=layer,
-                      stop_at_layer=layer + 1) for r, b in zip(resid, batches)]
+        resid = nxt
     return results
 
 
@@ -384,7 +397,7 @@ def _sweep_naive(model, task, batches, pairs, kind, repl_args, refs, store, bar)
         done = store.load(layer, [head]) if store else None
         if done is None:
             if repl_layer != layer:
-                zs = clean_z(model, batches, layer)[0] if kind in ("mean", "resample") else None
+                zs = clean_activations(model, batches, layer)[0]["z"] if kind in ("mean", "resample") else None
                 repl, repl_layer = Replacement(model, kind, batches, zs, **repl_args), layer
             vals = []
             for i, b in enumerate(batches):
@@ -401,21 +414,15 @@ def _sweep_naive(model, task, batches, pairs, kind, repl_args, refs, store, bar)
     return results
 
 
-def ablation_sweep(model, task, kind: str = "zero", heads=None, method: str = "fast",
-                   n_bootstrap: int = 1000, seed: int = 0, checkpoint_dir=None, batch_size: int = 16,
-                   per_position: bool = True, memory_budget_mb: float = 512, progress: bool = True) -> pd.DataFrame:
-    """Ablate each head alone; one row per head: ``layer, head, importance, importance_se,
-    importance_ci_low, importance_ci_high, damage, metric_clean, metric_ablated, n_examples``.
-
-    ``kind``: zero / mean / resample / uniform (see the module doc; ``per_position`` and ``seed``
-    configure mean and resample). ``method``: ``"fast"`` (cached residuals, ablations stacked
-    along the batch up to ``memory_budget_mb``) or ``"naive"`` (one forward per head and batch).
-    CIs: percentile bootstrap over examples (``n_bootstrap`` resamples, ``seed``; 0 skips).
-    ``checkpoint_dir``: finished heads are saved there as they complete; re-running the same
-    sweep resumes and recomputes nothing finished."""
+def sweep_metrics(model, task, kind: str = "zero", heads=None, method: str = "fast", seed: int = 0,
+                  checkpoint_dir=None, batch_size: int = 16, per_position: bool = True,
+                  memory_budget_mb: float = 512, progress: bool = True) -> tuple[list, np.ndarray, dict]:
+    """Ablate each head alone and keep every example's metric: ``(heads, clean [N], ablated
+    {(layer, head): [N]})``, examples in the task's order. The arguments are
+    :func:`ablation_sweep`'s; a subset of examples gives that subset's table through
+    :func:`importance_table`."""
     check(kind in KINDS, f"kind must be one of {KINDS}, got {kind!r}")
     check(method in ("fast", "naive"), f"method must be 'fast' or 'naive', got {method!r}")
-    check(n_bootstrap >= 0, f"n_bootstrap must be >= 0, got {n_bootstrap}")
     check(memory_budget_mb > 0, f"memory_budget_mb must be > 0, got {memory_budget_mb}")
     task = load_task(task, model)
     pairs = resolve_heads(model, heads)
@@ -435,6 +442,25 @@ def ablation_sweep(model, task, kind: str = "zero", heads=None, method: str = "f
             results = _sweep_fast(model, task, batches, pairs, kind, repl_args, refs, store, bar, memory_budget_mb)
         else:
             results = _sweep_naive(model, task, batches, pairs, kind, repl_args, refs, store, bar)
+    return pairs, clean, results
+
+
+def ablation_sweep(model, task, kind: str = "zero", heads=None, method: str = "fast",
+                   n_bootstrap: int = 1000, seed: int = 0, checkpoint_dir=None, batch_size: int = 16,
+                   per_position: bool = True, memory_budget_mb: float = 512, progress: bool = True) -> pd.DataFrame:
+    """Ablate each head alone; one row per head: ``layer, head, importance, importance_se,
+    importance_ci_low, importance_ci_high, damage, metric_clean, metric_ablated, n_examples``.
+
+    ``kind``: zero / mean / resample / uniform (see the module doc; ``per_position`` and ``seed``
+    configure mean and resample). ``method``: ``"fast"`` (cached residuals, ablations stacked
+    along the batch up to ``memory_budget_mb``) or ``"naive"`` (one forward per head and batch).
+    CIs: percentile bootstrap over examples (``n_bootstrap`` resamples, ``seed``; 0 skips).
+    ``checkpoint_dir``: finished heads are saved there as they complete; re-running the same
+    sweep resumes and recomputes nothing finished. Per-example metrics: :func:`sweep_metrics`."""
+    check(n_bootstrap >= 0, f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    task = load_task(task, model)
+    pairs, clean, results = sweep_metrics(model, task, kind, heads, method, seed, checkpoint_dir, batch_size,
+                                          per_position, memory_budget_mb, progress)
     table = importance_table(pairs, clean, results, task, n_bootstrap, seed)
     table.attrs.update(kind=kind, method=method)
     return table

@@ -37,12 +37,15 @@ class Block(nn.Module):
         for name in ("resid_pre", "attn_in", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def forward(self, x, mask, gate=None, rotary_cos_sin=None):
-        """``x [B, P, D]`` -> ``[B, P, D]``."""
+    def forward(self, x, mask, gate=None, rotary_cos_sin=None, attn_out=None):
+        """``x [B, P, D]`` -> ``[B, P, D]``. ``attn_out [B, P, D]``: take this as the attention
+        sublayer's output instead of computing it (the rest of the layer runs as usual)."""
         x = self.hook_resid_pre(x)
         post = self.cfg.norm_position == "post"
-        attn_in = self.hook_attn_in(x if post else self.ln1(x))
-        attn_out = self.hook_attn_out(self.attn(attn_in, mask, gate, rotary_cos_sin))
+        if attn_out is None:
+            attn_in = self.hook_attn_in(x if post else self.ln1(x))
+            attn_out = self.attn(attn_in, mask, gate, rotary_cos_sin)
+        attn_out = self.hook_attn_out(attn_out)
         if self.mlp is None:
             resid = x + attn_out
             return self.hook_resid_post(self.ln1(resid) if post else resid)

@@ -189,16 +189,9 @@ def test_physically_pruned_config_equals_gating(case, tmp_path):
     H = cfg.n_heads
     kept = [[0], list(range(1, H)), [h for h in range(H) if h % 2 == 0]]
     pruned_cfg = cfg.replace(kept_heads=kept)
-    state = dict(model.state_dict())
     for layer, heads in enumerate(kept):
-        kv = pruned_cfg.kv_heads_in_layer(layer)
-        assert kv == sorted({h // cfg.group_size for h in heads})
-        p = f"blocks.{layer}.attn."
-        for n, idx, dim in (("W_Q", heads, 1), ("b_Q", heads, 0), ("W_O", heads, 0),
-                            ("W_K", kv, 1), ("b_K", kv, 0), ("W_V", kv, 1), ("b_V", kv, 0)):
-            if p + n in state:
-                state[p + n] = state[p + n].index_select(dim, torch.tensor(idx)).clone()
-    pruned = headlens.HeadlensModel.from_state_dict(pruned_cfg, state, model.tokenizer)
+        assert pruned_cfg.kv_heads_in_layer(layer) == sorted({h // cfg.group_size for h in heads})
+    pruned = headlens.HeadlensModel.from_state_dict(pruned_cfg, _kept_state(model, kept), model.tokenizer)
     gate = torch.zeros(cfg.n_layers, H)
     for layer, heads in enumerate(kept):
         gate[layer, heads] = 1.0
@@ -264,3 +257,37 @@ def test_families_are_registered():
     for model_type in ("llama", "qwen2", "mistral", "gpt_neox"):
         assert family_for_model_type(model_type).name == model_type
         assert FAMILIES[model_type].description
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean", "resample", "uniform"])
+def test_fast_sweep_equals_naive_loop(case, kind):
+    """The fast sweep's per-head shortcut (grouped-query values, parallel blocks, rotary, a
+    sliding window, a physically pruned layer) equals one hooked forward per head."""
+    from headlens.ablation import ablation_sweep
+    from headlens.tasks import LMLossTask
+
+    _, _, _, model = case
+    kept = [[0], list(range(1, model.cfg.n_heads)), list(range(model.cfg.n_heads))]
+    pruned = headlens.HeadlensModel.from_state_dict(
+        model.cfg.replace(kept_heads=kept), _kept_state(model, kept), model.tokenizer)
+    task = LMLossTask([topics["assert"][:60], topics["pass"][:30], topics["if"][:45]])
+    for m in (model, pruned):
+        args = dict(kind=kind, batch_size=2, n_bootstrap=0, progress=False)
+        fast = ablation_sweep(m, task, memory_budget_mb=0.01, **args)
+        naive = ablation_sweep(m, task, method="naive", **args)
+        assert (fast["importance"] - naive["importance"]).abs().max() < 1e-4
+        assert fast["importance"].abs().max() > 1e-2  # heads matter: the comparison can fail
+
+
+def _kept_state(model, kept):
+    """The model's weights sliced to ``kept`` query heads per layer (and the key/value heads they read)."""
+    cfg = model.cfg.replace(kept_heads=kept)
+    state = dict(model.state_dict())
+    for layer, heads in enumerate(kept):
+        kv = cfg.kv_heads_in_layer(layer)
+        p = f"blocks.{layer}.attn."
+        for n, idx, dim in (("W_Q", heads, 1), ("b_Q", heads, 0), ("W_O", heads, 0),
+                            ("W_K", kv, 1), ("b_K", kv, 0), ("W_V", kv, 1), ("b_V", kv, 0)):
+            if p + n in state:
+                state[p + n] = state[p + n].index_select(dim, torch.tensor(idx)).clone()
+    return state
