@@ -22,10 +22,6 @@ per head and batch) is the reference it is tested against.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -34,7 +30,8 @@ import torch
 from scipy.stats import bootstrap
 from tqdm.auto import tqdm
 
-from .errors import HeadlensError, check
+from .errors import check
+from .sweep_store import SweepCheckpoint, sweep_fingerprint
 from .tasks import Task, load_task
 
 KINDS = ("zero", "mean", "resample", "uniform")
@@ -269,70 +266,6 @@ def importance_table(heads, clean: np.ndarray, ablated: dict, task: Task, n_boot
     return table.sort_values(["layer", "head"], ignore_index=True)
 
 
-# --- checkpointing ----------------------------------------------------------------------------
-class SweepCheckpoint:
-    """Finished units of a sweep, one ``.npy`` per unit (a layer's chunk of heads), written
-    atomically; ``sweep.json`` fingerprints the sweep so a folder is only resumed by the same one."""
-
-    def __init__(self, folder, fingerprint: dict):
-        self.folder = Path(folder)
-        if self.folder.exists() and not self.folder.is_dir():
-            raise HeadlensError(f"checkpoint_dir {str(folder)!r} is a file, expected a folder")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise HeadlensError(f"checkpoint_dir {str(folder)!r} is not writable: {e.strerror or e}") from None
-        meta = self.folder / "sweep.json"
-        if meta.is_file():
-            try:
-                old = json.loads(meta.read_text())
-            except (OSError, ValueError):
-                raise HeadlensError(f"checkpoint_dir {str(folder)!r} has an unreadable sweep.json: "
-                                    "delete the folder to start the sweep again") from None
-            if old != fingerprint:
-                diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-                raise HeadlensError(f"checkpoint_dir {str(folder)!r} holds a different sweep (differs in "
-                                    f"{diff}): use another folder or delete it")
-        else:
-            self._atomic(meta, lambda f: f.write(json.dumps(fingerprint, sort_keys=True).encode()))
-
-    def _path(self, layer: int, heads) -> Path:
-        return self.folder / f"layer{layer:03d}_heads{'-'.join(str(h) for h in heads)}.npy"
-
-    def load(self, layer: int, heads) -> Optional[np.ndarray]:
-        """The saved ``[len(heads), N]`` metrics, or None if not saved (or unreadable: recomputed)."""
-        path = self._path(layer, heads)
-        if not path.is_file():
-            return None
-        try:
-            values = np.load(path)
-        except (OSError, ValueError, EOFError):
-            values = None
-        if values is None or values.ndim != 2 or values.shape[0] != len(heads):
-            path.unlink(missing_ok=True)  # damaged: compute this unit again
-            return None
-        return values
-
-    def save(self, layer: int, heads, values: np.ndarray) -> None:
-        self._atomic(self._path(layer, heads), lambda f: np.save(f, values))
-
-    @staticmethod
-    def _atomic(path: Path, write) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-def _fingerprint(model, task, **settings) -> dict:
-    probe = torch.cat([p.detach().flatten()[:64].double().cpu() for p in model.parameters()])
-    return dict(settings, model=model.cfg.name, heads=model.head_labels().__repr__(),
-                weights=hashlib.sha1(probe.numpy().tobytes()).hexdigest(), task=task.name,
-                metric=task.metric_name, examples=hashlib.sha1(repr(task.ids).encode()).hexdigest())
-
-
 # --- sweeps -----------------------------------------------------------------------------------
 def _rows_per_chunk(model, task, batches, n_heads: int, memory_budget_mb: float) -> int:
     """How many ablated copies of a batch fit the budget (a rough activation-size estimate)."""
@@ -429,7 +362,7 @@ def sweep_metrics(model, task, kind: str = "zero", heads=None, method: str = "fa
     batches = task.batches(model, batch_size)
     store = None
     if checkpoint_dir is not None:
-        store = SweepCheckpoint(checkpoint_dir, _fingerprint(
+        store = SweepCheckpoint(checkpoint_dir, sweep_fingerprint(
             model, task, kind=kind, method=method, seed=seed, batch_size=batch_size,
             per_position=per_position, memory_budget_mb=memory_budget_mb, heads_swept=repr(pairs)))
     with torch.no_grad():
