@@ -203,8 +203,10 @@ class LMLossTask(_TextTask):
 
     def score(self, model, hidden, batch, reference=None):
         ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
-        logits = logits_from_hidden(model, hidden[:, :-1])
-        loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [R, P-1]
+        logits = logits_from_hidden(model, hidden[:, :-1])  # [R, P-1, V]
+        # classes on the contiguous last dim: over logits.transpose(1, 2) cross-entropy is ~3x slower
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        loss = loss.view(ids.shape[0], -1)  # [R, P-1]
         m = mask[:, 1:].to(loss.dtype)
         return (loss * m).sum(1) / m.sum(1)
 

@@ -1,4 +1,5 @@
 """Tasks compute the metrics their definitions say, checked against transformers' own outputs."""
+import copy
 import json
 
 import numpy as np
@@ -49,6 +50,27 @@ def test_lm_loss_matches_transformers(tiny_gpt2, tiny_gpt2_hf):
             loss = tiny_gpt2_hf(enc["input_ids"], labels=enc["input_ids"]).loss
         assert abs(ours[i] - float(loss)) < 1e-4
     assert task.higher_is_better is False and task.metric_name == "lm_loss"
+
+
+def test_lm_loss_equals_the_transposed_cross_entropy_formula(tiny_gpt2):
+    """The flat [R*(P-1), V] cross-entropy gives the per-text loss of the original formula (over
+    logits.transpose(1, 2)), padding excluded, texts of different lengths in one batch. In float64:
+    in float32 the two reduction orders differ by ~2 ulp of a ~10-nat loss (2e-6)."""
+    model = copy.deepcopy(tiny_gpt2).double()
+    task = LMLossTask(TEXTS)
+    batch = task.batches(model, 4)[0]
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    assert (mask == 0).any()  # padding in the batch
+    with torch.no_grad():
+        hidden = model(batch.inputs, return_type="hidden")
+        logits = model.unembed(hidden[:, :-1], model.W_E.weight)
+    assert logits.dtype == torch.float64
+    loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    m = mask[:, 1:].to(loss.dtype)
+    expect = (loss * m).sum(1) / m.sum(1)
+    ours = task.score(model, hidden, batch)
+    assert ours.shape == (4,)
+    torch.testing.assert_close(ours, expect, rtol=0, atol=1e-6)
 
 
 def test_mlm_loss_matches_transformers_and_masks_deterministically(tiny_bert):
