@@ -64,17 +64,18 @@ def _passes(value: float, unpruned: float, floor, higher_is_better: bool) -> boo
 
 
 def michel_order(model, task, n_max: int, step: int, batch_size: int = 16, progress: bool = False) -> list:
-    """Heads in the order Michel et al.'s iterative procedure removes them (``step`` at a time)."""
+    """Heads in the order Michel et al.'s iterative procedure removes them (``step`` at a time);
+    ``progress`` shows a bar of the heads masked so far."""
     order, mask = [], gate_without(model, [])
-    while len(order) < n_max:
-        imp = gradient_importance(model, task, normalize=True, head_mask=mask, batch_size=batch_size)
-        imp = imp[~imp.set_index(["layer", "head"]).index.isin(order)]
-        take = imp.sort_values(["grad_importance", "layer", "head"]).head(min(step, n_max - len(order)))
-        for layer, head in zip(take["layer"], take["head"]):
-            order.append((int(layer), int(head)))
-            mask[layer, local_index(model, layer, head)] = 0
-        if progress:
-            print(f"michel: {len(order)}/{n_max} heads masked")
+    with tqdm(total=n_max, desc="michel order", unit="head", disable=not progress, leave=False) as bar:
+        while len(order) < n_max:
+            imp = gradient_importance(model, task, normalize=True, head_mask=mask, batch_size=batch_size)
+            imp = imp[~imp.set_index(["layer", "head"]).index.isin(order)]
+            take = imp.sort_values(["grad_importance", "layer", "head"]).head(min(step, n_max - len(order)))
+            for layer, head in zip(take["layer"], take["head"]):
+                order.append((int(layer), int(head)))
+                mask[layer, local_index(model, layer, head)] = 0
+            bar.update(len(take))
     return order
 
 

@@ -73,6 +73,16 @@ def test_orders_follow_their_methods(result, model, task):
     assert michel_order(model, select, 6, 3) == result.orders["michel"]
 
 
+def test_michel_progress_goes_through_tqdm(model, task, capsys):
+    """Progress never prints to stdout (it would break tqdm bars and piped output); silent when off."""
+    quiet = michel_order(model, task, 2, 1, progress=False)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    assert michel_order(model, task, 2, 1, progress=True) == quiet
+    out = capsys.readouterr()
+    assert out.out == "" and "michel order" in out.err
+
+
 def test_floor_stops_early(model, task):
     faithful = FidelityTask(task.texts, measure="cosine")  # every removal moves the embeddings
     kwargs = dict(methods=("ablation",), target=1.0, step=0.25, progress=False)
