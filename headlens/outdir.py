@@ -4,6 +4,7 @@ Layout of ``DIR`` while a run is going::
 
     DIR/.checkpoints/run.json     fingerprint of the run's configuration
     DIR/.checkpoints/<stage>.pkl  result of every finished stage (and the sweep's own checkpoints)
+    DIR/.checkpoints/attempts.json  start and seconds of every attempt (run) at this report
     DIR/.staging/                 the report being written; moved into DIR at the very end
 
 A finished report has ``run.json`` with ``"status": "complete"`` and ``report.html``; the final
@@ -29,6 +30,7 @@ from .errors import HeadlensError
 STAGING = ".staging"
 CHECKPOINTS = ".checkpoints"
 MARKER = "run.json"
+ATTEMPTS = "attempts.json"
 PAGE = "report.html"
 FLOAT_FORMAT = "%.6g"
 
@@ -77,6 +79,11 @@ class ReportFolder:
     ``resume=True`` keeps the stage results a killed run with the same configuration left behind;
     ``force=True`` discards any previous checkpoints. A finished report already in ``out`` is
     replaced only when the new one is complete.
+
+    Every run at the folder is an attempt; :meth:`elapsed` sums the seconds of all of them since
+    the checkpoints were made (a resumed report's true cost). An attempt's seconds are saved when
+    each of its stages finishes and when it fails; one killed outright (SIGKILL, power loss) is
+    counted up to the last checkpoint it wrote (its CPU time up to its last finished stage).
     """
 
     def __init__(self, out, config: dict, resume: bool = True, force: bool = False):
@@ -85,6 +92,7 @@ class ReportFolder:
         self.created = not self.out.exists()
         self.resumed: list[str] = []
         self.seconds: dict = {}
+        self.attempts: list[dict] = []
         if self.out.exists() and not self.out.is_dir():
             raise HeadlensError(f"out {str(self.out)!r} is a file; give a folder for the report")
         if self.out.is_dir() and any(self.out.iterdir()) and not self._is_ours():
@@ -118,7 +126,40 @@ class ReportFolder:
         if force or not resume or not stamp.is_file():
             shutil.rmtree(self.checkpoints, ignore_errors=True)
         self.checkpoints.mkdir(exist_ok=True)
+        self.attempts = self._earlier_attempts()
+        self.attempts.append(dict(started=time.time(), wall=0.0, cpu=0.0))
+        self._wall0, self._cpu0 = time.perf_counter(), time.process_time()
         write_json(stamp, {"key": self.key, "config": config})
+        self._save_attempt()
+
+    def _earlier_attempts(self) -> list[dict]:
+        """The attempts saved in the checkpoints; the last one's wall time is extended to the newest
+        checkpoint it wrote (it may have been killed after its last stage, e.g. inside the sweep)."""
+        try:
+            attempts = json.loads((self.checkpoints / ATTEMPTS).read_text())
+        except (OSError, ValueError):
+            return []
+        if not (isinstance(attempts, list)
+                and all(isinstance(a, dict) and {"started", "wall", "cpu"} <= set(a) for a in attempts)):
+            return []  # torn or foreign: the earlier attempts' time is unknown
+        written = [p.stat().st_mtime for p in self.checkpoints.rglob("*")
+                   if p.is_file() and p.name not in (ATTEMPTS, MARKER)]
+        if attempts and written:
+            last = attempts[-1]
+            last["wall"] = round(max(last["wall"], max(written) - last["started"]), 3)
+        return attempts
+
+    def _save_attempt(self) -> None:
+        """Write this attempt's seconds so far into ``attempts.json``."""
+        self.attempts[-1].update(wall=round(time.perf_counter() - self._wall0, 3),
+                                 cpu=round(time.process_time() - self._cpu0, 3))
+        write_json(self.checkpoints / ATTEMPTS, self.attempts)
+
+    def elapsed(self) -> dict:
+        """Seconds of all attempts together, this one up to now: ``wall``, ``cpu``, ``attempts``."""
+        self._save_attempt()
+        return dict(wall=round(sum(a["wall"] for a in self.attempts), 3),
+                    cpu=round(sum(a["cpu"] for a in self.attempts), 3), attempts=len(self.attempts))
 
     def stage(self, name: str, compute: Callable[[], object]):
         """Return the result of stage ``name``: from its checkpoint when a previous run of the same
@@ -131,6 +172,7 @@ class ReportFolder:
                     saved = pickle.load(f)
                 self.resumed.append(name)
                 self.seconds[name] = saved["seconds"]
+                self._save_attempt()
                 return saved["result"]
             except (OSError, EOFError, KeyError, TypeError, pickle.UnpicklingError):
                 path.unlink()  # a torn or foreign checkpoint: compute it again
@@ -140,6 +182,7 @@ class ReportFolder:
                                   cpu=round(time.process_time() - cpu, 3))
         saved = dict(result=result, seconds=self.seconds[name])
         atomic_write(path, pickle.dumps(saved, protocol=pickle.HIGHEST_PROTOCOL))
+        self._save_attempt()
         return result
 
     def sweep_checkpoints(self) -> Path:
@@ -172,7 +215,9 @@ class ReportFolder:
         """Drop the half-written staging folder. Checkpoints of finished stages stay for a resume;
         when no stage finished, nothing of this run is left (nor the folder, if it made it)."""
         shutil.rmtree(self.staging, ignore_errors=True)
-        if not any(p.name != MARKER for p in self.checkpoints.iterdir()):
+        if self.checkpoints.is_dir():
+            self._save_attempt()
+        if not any(p.name not in (MARKER, ATTEMPTS) for p in self.checkpoints.iterdir()):
             shutil.rmtree(self.checkpoints, ignore_errors=True)
             if self.created and not any(self.out.iterdir()):
                 self.out.rmdir()

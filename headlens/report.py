@@ -46,7 +46,9 @@ class Report:
     clusters: one row per cluster; pruning: the pruning curve (one row per method, seed and step);
     plan: ``prune_plan.json``, the recommended plan ``{layer: [heads]}`` (give it to
     :func:`headlens.physical.prune_heads`); figures: name -> PNG path; run: ``run.json``
-    (configuration, versions, timings, results); distance: the head x head Jensen-Shannon
+    (configuration, versions, timings, results; ``timings_s["total"]`` sums every attempt of a
+    resumed run, listed in ``attempts``, and ``resumed_stages`` names the stages an earlier
+    attempt computed); distance: the head x head Jensen-Shannon
     distance (``distance.csv``: column ``head`` then one column per head, ``"layer.head"``).
     """
 
@@ -174,11 +176,11 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
                   n_bootstrap=n_bootstrap, n_clusters=n_clusters,
                   data=None if data is None else _texts_key(data))
     folder = ReportFolder(out, dict(config, headlens=_version("headlens")), resume=resume, force=force)
-    timings, started, cpu_started = {}, time.perf_counter(), time.process_time()
+    timings = {}
     from tqdm.auto import tqdm
 
     bar = tqdm(total=7, desc="headlens report", unit="step", disable=not progress, leave=False)
-    step = _Steps(bar, timings)
+    step = _Steps(bar, timings, folder)
     try:
         with step("load model and task"):
             net = _load_model(model, dtype, device)
@@ -190,9 +192,11 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
         with step("figures"):
             run["figures"] = _figures(net, texts, result, run, folder.staging / "figures")
         bar.close()
-        timings["total"] = time.perf_counter() - started
-        timings["total (cpu)"] = time.process_time() - cpu_started
+        spent = folder.elapsed()
+        timings.update({"total": spent["wall"], "total (cpu)": spent["cpu"]})
         run["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        run["attempts"] = [dict(started=_iso(a["started"]), wall_s=a["wall"], cpu_s=a["cpu"])
+                           for a in folder.attempts]
         rep = Report(folder.out, result["heads"], result["clusters"], result["pruning"], result["plan"],
                      {k: folder.out / v for k, v in run["figures"].items()}, run, result["distance"])
         _write(rep, folder)
@@ -205,10 +209,12 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
 
 
 class _Steps:
-    """Context manager per pipeline step: advances the progress bar and records the time."""
+    """Context manager per pipeline step: advances the progress bar and records the step's
+    seconds (wall and CPU); a stage resumed from its checkpoint counts with the seconds it took
+    when an earlier attempt computed it."""
 
-    def __init__(self, bar, timings: dict):
-        self.bar, self.timings = bar, timings
+    def __init__(self, bar, timings: dict, folder: ReportFolder):
+        self.bar, self.timings, self.folder = bar, timings, folder
 
     def __call__(self, name: str):
         self.name = name
@@ -216,12 +222,17 @@ class _Steps:
 
     def __enter__(self):
         self.bar.set_postfix_str(self.name)
-        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        self.t0, self.c0, self.n_resumed = time.perf_counter(), time.process_time(), len(self.folder.resumed)
 
     def __exit__(self, *exc):
-        self.timings[self.name] = round(time.perf_counter() - self.t0, 3)
-        self.timings[f"{self.name} (cpu)"] = round(time.process_time() - self.c0, 3)
+        saved = [self.folder.seconds[name] for name in self.folder.resumed[self.n_resumed:]]
+        self.timings[self.name] = round(time.perf_counter() - self.t0 + sum(s["wall"] for s in saved), 3)
+        self.timings[f"{self.name} (cpu)"] = round(time.process_time() - self.c0 + sum(s["cpu"] for s in saved), 3)
         self.bar.update(1)
+
+
+def _iso(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _load_model(model, dtype: str, device: str):

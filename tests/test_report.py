@@ -107,6 +107,32 @@ def test_stage_checkpoints_resume_and_refuse_other_configuration(tmp_path):
     assert folder.stage("a", lambda: 7) == 7
 
 
+def test_elapsed_time_sums_every_attempt(tmp_path):
+    """Attempt 1 finishes stage a, then is SIGKILLed inside stage b after the sweep wrote a chunk
+    (no Python code runs: the object is just dropped); attempt 2 fails and is abandoned; attempt 3
+    resumes. Each counts, the killed one up to the last checkpoint it wrote."""
+    import time
+
+    out, config = tmp_path / "r", {"seed": 0}
+    folder = ReportFolder(out, config)
+    folder.stage("a", lambda: time.sleep(0.2) or 1)
+    time.sleep(0.3)
+    (folder.sweep_checkpoints() / "chunk.npy").write_bytes(b"0")
+    time.sleep(0.5)  # killed here: lost, nothing records it
+    folder = ReportFolder(out, config)
+    assert folder.attempts[0]["wall"] == pytest.approx(0.5, abs=0.1)
+    time.sleep(0.2)
+    folder.abandon()
+    folder = ReportFolder(out, config)
+    assert folder.stage("a", lambda: 2) == 1 and folder.resumed == ["a"]
+    folder.stage("c", lambda: time.sleep(0.1))
+    spent = folder.elapsed()
+    assert spent["attempts"] == 3 and [a["wall"] for a in folder.attempts[:2]] == pytest.approx([0.5, 0.2], abs=0.1)
+    assert spent["wall"] == pytest.approx(0.8, abs=0.15) and spent["cpu"] >= 0
+    folder = ReportFolder(out, config, force=True)  # discarded checkpoints: their time goes too
+    assert len(folder.attempts) == 1 and folder.elapsed()["wall"] < 0.1
+
+
 def test_a_run_that_fails_before_any_stage_leaves_nothing(tmp_path):
     from headlens.report import report
 
@@ -257,10 +283,39 @@ def test_killed_run_resumes_to_the_same_tables(tiny_report, tiny_folder, tmp_pat
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     run = json.loads((out / "run.json").read_text())
-    assert finished <= set(run["resumed_stages"])
+    assert finished <= set(run["resumed_stages"]) and len(run["attempts"]) == 2
     assert set(run["stage_seconds"]) == {"scores", "clusters", "ablation", "gradients", "pruning"}
     for name in TABLES:
         assert (out / name).read_bytes() == (tiny_report.out / name).read_bytes(), name
+
+
+def test_resumed_run_records_the_time_of_every_attempt(tiny_folder, tmp_path, monkeypatch):
+    """A run that fails in the gradient stage, then its resume: run.json's total is the time of
+    both attempts (not only the resumed one's), and it names the stages the first one computed."""
+    import time
+
+    import headlens.gradients
+    from headlens.report import report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    out = tmp_path / "r"
+    with monkeypatch.context() as m:
+        m.setattr(headlens.gradients, "gradient_importance", broken)
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError, match="out of memory"):
+            report(str(tiny_folder), out=out, progress=False, **RUN)
+        first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report(str(tiny_folder), out=out, progress=False, **RUN)
+    second = time.perf_counter() - t0
+    run = json.loads((out / "run.json").read_text())
+    assert run["resumed_stages"] == ["scores", "clusters", "ablation"] and len(run["attempts"]) == 2
+    total = run["timings_s"]["total"]
+    assert second < total <= first + second
+    assert total == pytest.approx(sum(a["wall_s"] for a in run["attempts"]), abs=0.01)
+    assert run["timings_s"]["ablation sweep"] >= run["stage_seconds"]["ablation"]["wall"]
 
 
 def test_a_study_section_is_added_and_survives_load(tmp_path):
