@@ -5,9 +5,11 @@ Every study is one command (``python analyses/NAME.py``) that writes ``reports/N
 """
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -30,6 +32,28 @@ def finish(rep, started: float) -> None:
     where = rep.out.relative_to(ROOT) if rep.out.is_relative_to(ROOT) else rep.out
     print(f"{where}: written in {time.perf_counter() - started:.0f} s "
           f"({size:.1f} MB, load average {os.getloadavg()[0]:.1f})")
+
+
+def run_study(argv, doc: str, out: Path, make_report: Callable, study: Callable,
+              add_arguments: Optional[Callable] = None) -> None:
+    """A study's command line. Parses ``argv`` (``--out``, default ``out``; ``--section-only``; and
+    what ``add_arguments(parser)`` adds), makes the headlens report with ``make_report(args)`` or,
+    with ``--section-only``, loads the finished one from ``--out``; then adds the study's own
+    section with ``study(rep, args)`` and finishes (:func:`finish`)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=out, help="report folder")
+    if add_arguments is not None:
+        add_arguments(parser)
+    parser.add_argument("--section-only", action="store_true",
+                        help="redo only the study section on the finished report (no new headlens report)")
+    args = parser.parse_args(argv)
+
+    import headlens
+
+    started = time.perf_counter()
+    rep = headlens.Report.load(args.out) if args.section_only else make_report(args)
+    study(rep, args)
+    finish(rep, started)
 
 
 def line_figure(table, x: str, columns: dict, path: Path, xlabel: str, ylabel: str, title: str) -> Path:

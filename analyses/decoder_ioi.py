@@ -16,14 +16,12 @@ most important heads look from the final position (the IO name, the repeated S n
 """
 from __future__ import annotations
 
-import argparse
-import time
 
 import numpy as np
 import pandas as pd
 import torch
 
-from common import REPORTS, finish
+from common import REPORTS, run_study
 
 OUT = REPORTS / "decoder_ioi"
 
@@ -105,26 +103,22 @@ def study(rep, model_name: str) -> None:
                 "Every head": table})
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser) -> None:
     parser.add_argument("--n-examples", type=int, default=16, help="IOI prompts (of 320)")
     parser.add_argument("--model", default="smollm2", help="a decoder (bundled name or folder)")
-    parser.add_argument("--out", default=str(OUT), help="report folder")
-    parser.add_argument("--section-only", action="store_true",
-                        help="redo only the study section on the finished report (no new sweep)")
-    args = parser.parse_args(argv)
 
+
+def make_report(args):
+    """The full headlens report on the IOI prompts, with mean ablation."""
     import headlens
 
-    started = time.perf_counter()
-    if args.section_only:
-        rep = headlens.Report.load(args.out)
-    else:
-        rep = headlens.report(args.model, task="ioi", out=args.out, ablation="mean", n_examples=args.n_examples,
-                              seed=0, command=f"python analyses/decoder_ioi.py --n-examples {args.n_examples} "
-                                              f"--model {args.model}")
-    study(rep, args.model)
-    finish(rep, started)
+    return headlens.report(args.model, task="ioi", out=args.out, ablation="mean", n_examples=args.n_examples,
+                           seed=0, command=f"python analyses/decoder_ioi.py --n-examples {args.n_examples} "
+                                           f"--model {args.model}")
+
+
+def main(argv=None) -> None:
+    run_study(argv, __doc__, OUT, make_report, lambda rep, args: study(rep, args.model), add_arguments)
 
 
 if __name__ == "__main__":

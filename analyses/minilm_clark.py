@@ -11,15 +11,13 @@ layer, and whether heads of the same layer behave alike (within- vs between-laye
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common import REPORTS, finish, line_figure
+from common import REPORTS, line_figure, run_study
 
 OUT = REPORTS / "minilm_clark"
 BEHAVIOURS = {"score_first_token": "[CLS]", "score_separator": "[SEP]", "score_punctuation": "punctuation",
@@ -109,23 +107,17 @@ def study(rep) -> None:
                                   "Fig. 4).")})
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--section-only", action="store_true",
-                        help="redo only the study section on the finished report (no model runs)")
-    args = parser.parse_args(argv)
-
+def make_report(args):
+    """The full headlens report: all bundled sentences for the patterns, 96 paraphrase triples."""
     import headlens
     from headlens.capture import bundled_sentences
 
-    started = time.perf_counter()
-    if args.section_only:
-        rep = headlens.Report.load(OUT)
-    else:
-        rep = headlens.report("minilm", task="paraphrase", out=OUT, data=bundled_sentences(), n_examples=96,
-                              seed=0, command="python analyses/minilm_clark.py")
-    study(rep)
-    finish(rep, started)
+    return headlens.report("minilm", task="paraphrase", out=args.out, data=bundled_sentences(), n_examples=96,
+                           seed=0, command="python analyses/minilm_clark.py")
+
+
+def main(argv=None) -> None:
+    run_study(argv, __doc__, OUT, make_report, lambda rep, args: study(rep))
 
 
 if __name__ == "__main__":

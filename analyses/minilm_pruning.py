@@ -15,15 +15,13 @@ stay on real sentences.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common import REPORTS, finish
+from common import REPORTS, run_study
 
 OUT = REPORTS / "minilm_pruning"
 N_EXAMPLES = 96
@@ -119,22 +117,16 @@ def study(rep) -> None:
                                           "zeroed, in % of the full model's margin (Michel et al. Fig. 1).")})
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--section-only", action="store_true",
-                        help="redo only the study section on the finished report (no new sweep)")
-    args = parser.parse_args(argv)
-
+def make_report(args):
+    """The full headlens report on the paraphrase triples, pruning curves up to 90% of the heads."""
     import headlens
 
-    started = time.perf_counter()
-    if args.section_only:
-        rep = headlens.Report.load(OUT)
-    else:
-        rep = headlens.report("minilm", task="paraphrase", out=OUT, n_examples=N_EXAMPLES, prune_target=0.9,
-                              seed=0, command="python analyses/minilm_pruning.py")
-    study(rep)
-    finish(rep, started)
+    return headlens.report("minilm", task="paraphrase", out=args.out, n_examples=N_EXAMPLES, prune_target=0.9,
+                           seed=0, command="python analyses/minilm_pruning.py")
+
+
+def main(argv=None) -> None:
+    run_study(argv, __doc__, OUT, make_report, lambda rep, args: study(rep))
 
 
 if __name__ == "__main__":
