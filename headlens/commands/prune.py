@@ -7,6 +7,7 @@ import os
 import time
 
 from .importance import load_model_and_task
+from .options import add_shared
 
 NAME = "prune"
 HELP = "pruning curves and a pruning plan; optionally save the physically pruned model"
@@ -17,9 +18,7 @@ DESCRIPTION = ("Order the heads for removal by Michel et al.'s iterative gradien
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="minilm", help="bundled name, folder or hub name (headlens.load)")
-    parser.add_argument("--task", default=None, help="bundled task or file (default: the model's default task)")
-    parser.add_argument("--metric", default=None, help="text-task kind or the task's metric option")
+    add_shared(parser, "--model", "--task", "--metric")
     parser.add_argument("--methods", nargs="+", default=["michel", "ablation", "random"],
                         choices=["michel", "ablation", "random"], help="pruning orders to compare")
     parser.add_argument("--target", type=float, default=0.5, help="largest fraction of heads to remove")
@@ -30,16 +29,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", type=float, default=0.5, help="fraction of examples used to choose the plan")
     parser.add_argument("--kind", default="zero", choices=["zero", "mean", "resample", "uniform"],
                         help="ablation used to order heads by the sweep")
-    parser.add_argument("--n-examples", type=int, default=None, help="use the first N examples of the task")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (probe tokens, bootstrap, random orders)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the loader's)")
-    parser.add_argument("--dtype", default=None, help="weights' dtype: float32, float16 or bfloat16 (default: the loader's)")
+    add_shared(parser, "--n-examples", "--batch-size", "--seed", "--device", "--dtype")
     parser.add_argument("--out", default="headlens-prune", help="folder for pruning.csv and prune_plan.json")
     parser.add_argument("--save-model", default=None, help="folder for the physically pruned model (recommended plan)")
     parser.add_argument("--format", default="hf", choices=["hf", "headlens"],
                         help="transformers-layout folder (headlens.export.save_hf) or headlens checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    add_shared(parser, "--no-progress")
 
 
 def run(args) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import time
 
+from .options import add_shared
+
 NAME = "scores"
 HELP = "pattern scores, roles and clusters of every head on a text file"
 DESCRIPTION = ("Run a model over texts (default: the bundled English sentences) and print one row "
@@ -13,11 +15,10 @@ DESCRIPTION = ("Run a model over texts (default: the bundled English sentences) 
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="minilm", help="bundled name, folder or hub name (headlens.load)")
+    add_shared(parser, "--model")
     parser.add_argument("--text", default=None, help="text file, one text per line (default: bundled sentences)")
     parser.add_argument("--n", type=int, default=200, help="use the first N texts")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (probe tokens, bootstrap, random orders)")
+    add_shared(parser, "--batch-size", "--seed")
     parser.add_argument("--no-clusters", action="store_true", help="scores and roles only")
     parser.add_argument("--n-clusters", type=int, default=None, help="default: chosen by silhouette")
     parser.add_argument("--method", default="agglomerative", choices=["agglomerative", "kmeans", "gmm"],
