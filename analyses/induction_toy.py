@@ -33,22 +33,6 @@ def markdown(df) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
-def repeated_half_task(tokens, half_len: int):
-    """Per-example next-token loss on the second copy of ``[BOS, x, x]`` (lower is better)."""
-    import torch.nn.functional as F
-
-    from headlens.tasks import CallableTask
-
-    def loss(logits, inputs):
-        ids = inputs["input_ids"]
-        start = ids.shape[1] - 2 * half_len
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        return nll[:, start + half_len: start + 2 * half_len - 1].mean(1)
-
-    return CallableTask(tokens.tolist(), loss, higher_is_better=False, metric_name="repeated_half_loss",
-                        max_tokens=None, name="repeated-half")
-
-
 def loss_by_position(models: dict, tokens, half_len: int, path: Path) -> list[str]:
     """Figure: mean next-token loss at each position of [BOS, x, x], one line per model."""
     import torch
@@ -112,6 +96,7 @@ def main(argv=None) -> int:
     from headlens.figures import embedding_scatter, pattern_gallery, score_heatmap
     from headlens.roles import assign_roles
     from headlens.scores import pattern_scores
+    from headlens.tasks import RepeatedHalfTask
 
     torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared CPU
     out = Path(args.out)
@@ -145,7 +130,7 @@ def main(argv=None) -> int:
                                                                  "induction": "induction head"})
 
     # 3. ablation: each head alone, then groups
-    task = repeated_half_task(tokens, T)
+    task = RepeatedHalfTask(tokens, T)
     sweep = ablation_sweep(two, task, kind="zero", n_bootstrap=1000, seed=SEED, progress=False)
     sweep.to_csv(out / "ablation.csv", index=False)
     clean = task.evaluate(two)

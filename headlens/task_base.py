@@ -55,6 +55,15 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
+def next_token_loss(model, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each next token: ``hidden [R, P, D]``, ``ids [R, P]`` -> ``[R, P-1]`` (position
+    ``j`` predicts ``ids[:, j+1]``)."""
+    logits = logits_from_hidden(model, hidden[:, :-1])  # [R, P-1, V]
+    # classes on the contiguous last dim: over logits.transpose(1, 2) cross-entropy is ~3x slower
+    loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    return loss.view(ids.shape[0], -1)
+
+
 class Task:
     """Base class. Subclasses set the class attributes, ``_fields`` (per-example lists), and
     implement :meth:`rows` and :meth:`score`; :meth:`prepare` may add targets."""

@@ -4,7 +4,8 @@
 :class:`ContrastTask` (logit difference right - wrong at the answer position, IOI-style, or
 accuracy), :class:`EmbeddingContrastTask` (cos(anchor, positive) - cos(anchor, negative) of
 mean-pooled sentence embeddings), :class:`FidelityTask` (KL to the unablated model's output, or
-cosine of its sentence embeddings) and :class:`CallableTask` (a user function).
+cosine of its sentence embeddings), :class:`RepeatedHalfTask` (next-token loss on the repeated
+copy of ``[BOS, x, x]``, which only induction predicts) and :class:`CallableTask` (a user function).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import HeadlensError, check
-from .task_base import Task, logits_from_hidden, mean_pool
+from .task_base import Task, logits_from_hidden, mean_pool, next_token_loss
 
 
 class _TextTask(Task):
@@ -42,10 +43,7 @@ class LMLossTask(_TextTask):
 
     def score(self, model, hidden, batch, reference=None):
         ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
-        logits = logits_from_hidden(model, hidden[:, :-1])  # [R, P-1, V]
-        # classes on the contiguous last dim: over logits.transpose(1, 2) cross-entropy is ~3x slower
-        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        loss = loss.view(ids.shape[0], -1)  # [R, P-1]
+        loss = next_token_loss(model, hidden, ids)  # [R, P-1]
         m = mask[:, 1:].to(loss.dtype)
         return (loss * m).sum(1) / m.sum(1)
 
@@ -218,3 +216,36 @@ class EmbeddingContrastTask(Task):
         margin = (F.cosine_similarity(emb[:, 0], emb[:, 1], dim=-1)
                   - F.cosine_similarity(emb[:, 0], emb[:, 2], dim=-1))
         return margin if self.metric_name == "cosine_margin" else (margin > 0).to(margin.dtype)
+
+
+class RepeatedHalfTask(Task):
+    """Next-token loss on the repeated copy of ``[BOS?, x, x]`` (Olsson et al. 2022: only induction
+    predicts it): per sequence, the mean loss predicting ``x[1:]`` in the second copy (``x[0]``
+    follows an unseen token). ``tokens [N, P]``: token ids whose last ``2 * half_len`` positions
+    are the two copies (e.g. :func:`headlens.toy.eval_tokens`, :func:`headlens.scores.probe_tokens`).
+    Decoders only. Lower is better."""
+    kind, metric_name, higher_is_better = "repeated_half", "repeated_half_loss", False
+    _fields = ("tokens",)
+
+    def __init__(self, tokens, half_len: int, name: Optional[str] = "repeated-half"):
+        try:
+            ids = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError):
+            raise HeadlensError("tokens must be token ids [N, P] (rows of one length)") from None
+        check(ids.ndim == 2 and not ids.is_floating_point(), f"tokens must be integer token ids [N, P], "
+                                                             f"got {ids.dtype} of shape {tuple(ids.shape)}")
+        check(isinstance(half_len, (int, np.integer)) and 2 <= half_len <= ids.shape[1] // 2,
+              f"half_len must be an integer in [2, P // 2 = {ids.shape[1] // 2}], got {half_len!r}")
+        self.tokens, self.half_len = ids.tolist(), int(half_len)
+        super().__init__(name, None)
+
+    def rows(self, i):
+        return [self.tokens[i]]
+
+    def prepare(self, model, inputs):
+        check(model.cfg.causal, f"task {self.name!r} needs a decoder: {model.cfg.name!r} sees the whole sequence")
+        return inputs, {}, None
+
+    def score(self, model, hidden, batch, reference=None):
+        start = hidden.shape[1] - self.half_len  # x[0] of the second copy
+        return next_token_loss(model, hidden[:, start:], batch.inputs["input_ids"][:, start:]).mean(1)

@@ -2,10 +2,10 @@
 
 This module loads tasks (bundled names, text and JSONL files) and re-exports the task classes, so
 ``from headlens.tasks import X`` reaches everything: the protocol (:class:`Task`,
-:class:`TaskBatch`, :func:`mean_pool`, :func:`logits_from_hidden`) lives in
-:mod:`headlens.task_base`, the kinds of task (:class:`LMLossTask`, :class:`MLMLossTask`,
+:class:`TaskBatch`, :func:`mean_pool`, :func:`logits_from_hidden`, :func:`next_token_loss`) lives
+in :mod:`headlens.task_base`, the kinds of task (:class:`LMLossTask`, :class:`MLMLossTask`,
 :class:`ContrastTask`, :class:`EmbeddingContrastTask`, :class:`FidelityTask`,
-:class:`CallableTask`) in :mod:`headlens.task_kinds`.
+:class:`RepeatedHalfTask`, :class:`CallableTask`) in :mod:`headlens.task_kinds`.
 """
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from typing import Optional, Union
 import pandas as pd
 
 from .errors import HeadlensError, check
-from .task_base import Task, TaskBatch, logits_from_hidden, mean_pool
+from .task_base import Task, TaskBatch, logits_from_hidden, mean_pool, next_token_loss
 from .task_kinds import (CallableTask, ContrastTask, EmbeddingContrastTask, FidelityTask, LMLossTask,
-                         MLMLossTask)
+                         MLMLossTask, RepeatedHalfTask)
 
-__all__ = ["Task", "TaskBatch", "mean_pool", "logits_from_hidden", "LMLossTask", "MLMLossTask",
-           "FidelityTask", "CallableTask", "ContrastTask", "EmbeddingContrastTask", "DATA", "BUNDLED",
-           "TEXT_KINDS", "list_tasks", "default_task_name", "load_task"]
+__all__ = ["Task", "TaskBatch", "mean_pool", "logits_from_hidden", "next_token_loss", "LMLossTask",
+           "MLMLossTask", "FidelityTask", "CallableTask", "ContrastTask", "EmbeddingContrastTask",
+           "RepeatedHalfTask", "DATA", "BUNDLED", "TEXT_KINDS", "list_tasks", "default_task_name", "load_task"]
 
 DATA = Path(__file__).resolve().parent / "data" / "tasks"
 

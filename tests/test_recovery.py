@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from headlens import toy
 from headlens.ablation import ablation_sweep
@@ -14,7 +13,7 @@ from headlens.checkpoint import load_model, read_card
 from headlens.clusters import HeadClusterer
 from headlens.roles import assign_roles
 from headlens.scores import pattern_scores, probe_tokens
-from headlens.tasks import CallableTask
+from headlens.tasks import RepeatedHalfTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -35,18 +34,6 @@ def segments():
 @pytest.fixture(scope="module")
 def two_layer_scores(two_layer, segments):
     return assign_roles(pattern_scores(two_layer, segments, seed=0))
-
-
-def repeated_half_task(tokens: torch.Tensor, half_len: int) -> CallableTask:
-    """Per-example next-token loss on the second copy of ``[BOS, x, x]`` (lower is better)."""
-    def loss(logits, inputs):
-        ids = inputs["input_ids"]
-        start = ids.shape[1] - 2 * half_len
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        return nll[:, start + half_len: start + 2 * half_len - 1].mean(1)
-
-    return CallableTask(tokens.tolist(), loss, higher_is_better=False, metric_name="repeated_half_loss",
-                        max_tokens=None, name="repeated-half")
 
 
 def test_scores_agree_with_the_direct_measurement(two_layer, two_layer_scores, segments):
@@ -92,7 +79,7 @@ def test_first_token_model_has_its_first_token_and_previous_token_heads():
 
 def test_ablating_the_previous_token_head_hurts_more_than_any_induction_head(two_layer, two_layer_scores):
     tokens, T = toy.eval_tokens(two_layer, n_seqs=64, seed=11)
-    sweep = ablation_sweep(two_layer, repeated_half_task(tokens, T), kind="zero", n_bootstrap=200,
+    sweep = ablation_sweep(two_layer, RepeatedHalfTask(tokens, T), kind="zero", n_bootstrap=200,
                            progress=False).set_index(["layer", "head"])
     s = two_layer_scores
     layer0 = s[s.layer == 0]

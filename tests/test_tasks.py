@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import headlens
 from headlens.errors import HeadlensError
 from headlens.tasks import (CallableTask, ContrastTask, EmbeddingContrastTask, FidelityTask, LMLossTask,
-                            MLMLossTask, default_task_name, list_tasks, load_task, mean_pool)
+                            MLMLossTask, RepeatedHalfTask, default_task_name, list_tasks, load_task, mean_pool)
 
 TEXTS = ["the cat sat on the mat", "a dog ran far away from home today", "birds sing", "it rains"]
 
@@ -71,6 +71,28 @@ def test_lm_loss_equals_the_transposed_cross_entropy_formula(tiny_gpt2):
     ours = task.score(model, hidden, batch)
     assert ours.shape == (4,)
     torch.testing.assert_close(ours, expect, rtol=0, atol=1e-6)
+
+
+def test_repeated_half_loss_matches_the_toy_measurement():
+    """Per sequence, the loss predicting x[1:] in the second copy of [BOS, x, x]: its mean is what
+    headlens.toy.repeat_losses measures, and the 2-layer induction toy predicts the copy."""
+    from headlens import toy
+
+    model = headlens.load("toy-induction-2l")
+    tokens, T = toy.eval_tokens(model, half_len=12, n_seqs=6, seed=1)
+    task = RepeatedHalfTask(tokens, T)
+    values = task.evaluate(model, batch_size=4)
+    expect = toy.repeat_losses(model, tokens, T)
+    assert values.shape == (6,) and task.higher_is_better is False
+    assert abs(values.mean() - expect["loss_repeated_half"]) < 1e-5
+    assert values.max() < 0.5 < 2.5 < expect["loss_first_half"]
+    with torch.no_grad():  # each row on its own: x[0] of the copy is at P - T
+        nll = F.cross_entropy(model(tokens)[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    np.testing.assert_allclose(values, nll[:, -(T - 1):].mean(1).numpy(), atol=1e-5)
+    with pytest.raises(HeadlensError, match="half_len"):
+        RepeatedHalfTask(tokens, tokens.shape[1])
+    with pytest.raises(HeadlensError, match="integer token ids"):
+        RepeatedHalfTask(tokens.float(), T)
 
 
 def test_mlm_loss_matches_transformers_and_masks_deterministically(tiny_bert):
@@ -188,5 +210,7 @@ def test_bad_input_is_named(tmp_path, tiny_gpt2, minilm):
         load_task(str(tmp_path / "bad.jsonl"))
     with pytest.raises(HeadlensError, match="output head"):
         load_task("ioi", n_examples=2).evaluate(minilm)
+    with pytest.raises(HeadlensError, match="needs a decoder"):
+        RepeatedHalfTask(torch.arange(8).repeat(2, 2), 8).evaluate(minilm)
     with pytest.raises(HeadlensError, match="different number of tokens"):
         ContrastTask(["a b c"], [" d"], [" e"], corrupted=["a b c d e"]).batches(tiny_gpt2)
