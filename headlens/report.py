@@ -10,12 +10,7 @@ written atomically and every finished stage is checkpointed inside it (see
 """
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import json
-import platform
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,10 +22,9 @@ import torch
 from . import render
 from .errors import HeadlensError, check
 from .outdir import ReportFolder, atomic_write, is_complete, write_json, write_table
+from .run_record import StepTimer, add_timings, as_list, model_key, package_version, run_record, task_key, texts_key
 
 DEFAULT_MODEL = "minilm"
-PACKAGES = ["headlens", "torch", "transformers", "transformer-lens", "scikit-learn", "pandas", "numpy",
-            "scipy", "matplotlib", "seaborn"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ABLATIONS = ("zero", "mean", "resample", "uniform")
 SCORE_FIGURES = ("score_previous_token", "score_first_token", "score_separator", "score_entropy_norm",
@@ -169,34 +163,30 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     check(prune_floor is None or 0 < prune_floor <= 1,
           f"prune_floor must be a fraction in (0, 1] or None, got {prune_floor}")
     check(n_bootstrap >= 0, f"n_bootstrap must be >= 0, got {n_bootstrap}")
-    config = dict(model=model if isinstance(model, str) else _model_key(model),
-                  task=task if task is None or isinstance(task, str) else _task_key(task),
+    config = dict(model=model if isinstance(model, str) else model_key(model),
+                  task=task if task is None or isinstance(task, str) else task_key(task),
                   ablation=ablation, metric=metric, batch_size=batch_size, device=device, dtype=dtype,
                   seed=seed, n_examples=n_examples, prune_target=prune_target, prune_floor=prune_floor,
                   n_bootstrap=n_bootstrap, n_clusters=n_clusters,
-                  data=None if data is None else _texts_key(data))
-    folder = ReportFolder(out, dict(config, headlens=_version("headlens")), resume=resume, force=force)
+                  data=None if data is None else texts_key(data))
+    folder = ReportFolder(out, dict(config, headlens=package_version("headlens")), resume=resume, force=force)
     timings = {}
     from tqdm.auto import tqdm
 
     bar = tqdm(total=7, desc="headlens report", unit="step", disable=not progress, leave=False)
-    step = _Steps(bar, timings, folder)
+    step = StepTimer(bar, timings, folder)
     try:
         with step("load model and task"):
             net = _load_model(model, dtype, device)
             the_task = _load_task(net, task, metric, n_examples)
-            texts = _pattern_texts(n_examples) if data is None else _as_list(data)
+            texts = _pattern_texts(n_examples) if data is None else as_list(data)
             check(len(texts) >= 2, "data must hold at least 2 texts or token sequences")
         result = _analyse(net, the_task, texts, folder, step, config, progress)
-        run = _run_record(net, the_task, texts, config, result, command, folder)
+        run = run_record(net, the_task, texts, config, result, command, folder)
         with step("figures"):
             run["figures"] = _figures(net, texts, result, run, folder.staging / "figures")
         bar.close()
-        spent = folder.elapsed()
-        timings.update({"total": spent["wall"], "total (cpu)": spent["cpu"]})
-        run["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        run["attempts"] = [dict(started=_iso(a["started"]), wall_s=a["wall"], cpu_s=a["cpu"])
-                           for a in folder.attempts]
+        add_timings(run, timings, folder)
         rep = Report(folder.out, result["heads"], result["clusters"], result["pruning"], result["plan"],
                      {k: folder.out / v for k, v in run["figures"].items()}, run, result["distance"])
         _write(rep, folder)
@@ -208,33 +198,6 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     return rep
 
 
-class _Steps:
-    """Context manager per pipeline step: advances the progress bar and records the step's
-    seconds (wall and CPU); a stage resumed from its checkpoint counts with the seconds it took
-    when an earlier attempt computed it."""
-
-    def __init__(self, bar, timings: dict, folder: ReportFolder):
-        self.bar, self.timings, self.folder = bar, timings, folder
-
-    def __call__(self, name: str):
-        self.name = name
-        return self
-
-    def __enter__(self):
-        self.bar.set_postfix_str(self.name)
-        self.t0, self.c0, self.n_resumed = time.perf_counter(), time.process_time(), len(self.folder.resumed)
-
-    def __exit__(self, *exc):
-        saved = [self.folder.seconds[name] for name in self.folder.resumed[self.n_resumed:]]
-        self.timings[self.name] = round(time.perf_counter() - self.t0 + sum(s["wall"] for s in saved), 3)
-        self.timings[f"{self.name} (cpu)"] = round(time.process_time() - self.c0 + sum(s["cpu"] for s in saved), 3)
-        self.bar.update(1)
-
-
-def _iso(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def _load_model(model, dtype: str, device: str):
     from .model import HeadlensModel
 
@@ -243,37 +206,6 @@ def _load_model(model, dtype: str, device: str):
     from . import load
 
     return load(model, dtype=DTYPES[dtype], device=device)
-
-
-def _model_key(model) -> str:
-    """Identify an in-memory model for the checkpoint fingerprint: its config and a weight hash."""
-    import hashlib
-
-    h = hashlib.sha256(model.cfg.to_json().encode())
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return f"{model.cfg.name}@{h.hexdigest()[:16]}"
-
-
-def _as_list(data) -> list:
-    """Texts or token sequences (a ``[N, P]`` tensor, lists of ints) as a list."""
-    return data.tolist() if isinstance(data, torch.Tensor) else list(data)
-
-
-def _texts_key(data) -> str:
-    import hashlib
-
-    items = _as_list(data)
-    return f"{len(items)} sequences, sha256 {hashlib.sha256(repr(items).encode()).hexdigest()[:16]}"
-
-
-def _task_key(task) -> str:
-    """Identify a Task object for the checkpoint fingerprint: class, name and every example."""
-    import hashlib
-
-    digest = hashlib.sha256(repr([task.rows(i) for i in range(len(task))]).encode()).hexdigest()[:16]
-    return f"{type(task).__name__} {task.name!r} ({len(task)} examples, sha256 {digest})"
 
 
 def _load_task(model, task, metric: Optional[str], n_examples: int):
@@ -396,41 +328,6 @@ def _gallery_text(texts: list):
     if not all(isinstance(t, str) for t in texts):
         return texts[0]
     return min(texts, key=lambda t: (abs(len(t.split()) - 14), t))
-
-
-def _run_record(model, task, texts, config, result, command, folder) -> dict:
-    """``run.json`` without figures and timings (added when they are known)."""
-    cfg = model.cfg
-    stability = result["clusterer"].stability_
-    return {
-        "status": "complete",
-        "command": command or "headlens.report(" + ", ".join(f"{k}={v!r}" for k, v in config.items()) + ")",
-        "config": config,
-        "model": dict(name=cfg.name, family=cfg.family, causal=cfg.causal, n_layers=cfg.n_layers,
-                      n_heads=cfg.n_heads, n_heads_total=cfg.n_heads_total, source=cfg.source,
-                      n_params=sum(p.numel() for p in model.parameters())),
-        "data": dict(pattern_texts=len(texts),
-                     pattern_source="headlens/data/text/sentences.txt" if config["data"] is None else "given",
-                     task=task.name, task_kind=task.kind, task_examples=len(task), metric=task.metric_name,
-                     higher_is_better=bool(task.higher_is_better), clean_metric=result["clean_metric"]),
-        "results": dict(cluster_stability_ari=stability.get("ari_mean"), n_clusters=len(result["clusters"]),
-                        pruning=result["pruning_summary"]),
-        "files": ["heads.csv", "clusters.csv", "pruning.csv", "prune_plan.json", "distance.csv", "figures/",
-                  "report.md", "run.json", "report.html"],
-        "resumed_stages": folder.resumed,
-        "stage_seconds": folder.seconds,
-        "versions": {p: _version(p) for p in PACKAGES},
-        "platform": dict(system=platform.platform(), python=sys.version.split()[0],
-                         machine=platform.machine(), torch_threads=torch.get_num_threads()),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _version(package: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _write(rep: Report, folder: ReportFolder) -> None:
