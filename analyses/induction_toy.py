@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     names = ["toy-induction-2l", "toy-induction-1l", "toy-first-token"]
     models = {name: headlens.load(name) for name in names}
     cards = {name: read_card(Path(toy.__file__).parent / "data" / "models" / name) for name in names}
-    two, one = models["toy-induction-2l"], models["toy-induction-1l"]
+    two = models["toy-induction-2l"]
 
     # 1. losses on the two halves
     tokens, T = toy.eval_tokens(two, n_seqs=args.n, seed=SEED)

@@ -15,26 +15,24 @@ DESCRIPTION = ("Ablate each head alone on a task (zero, mean, resample or unifor
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="minilm", help="bundled name, folder or hub name (headlens.load)")
-    parser.add_argument("--task", default=None, help="bundled task or file (default: the model's default task)")
+    from .options import add_shared
+
+    add_shared(parser, "--model", "--task")
     parser.add_argument("--kind", default="zero", choices=["zero", "mean", "resample", "uniform"],
                         help="how a head is ablated")
-    parser.add_argument("--metric", default=None,
-                        help="text-task kind (lm, mlm, fidelity) or the task's metric option (logit_diff, accuracy, cosine_margin)")
+    add_shared(parser, "--metric")
     parser.add_argument("--method", default="fast", choices=["fast", "naive"], help="sweep implementation")
-    parser.add_argument("--n-examples", type=int, default=None, help="use the first N examples of the task")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    add_shared(parser, "--n-examples", "--batch-size")
     parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (probe tokens, bootstrap, random orders)")
+    add_shared(parser, "--seed")
     parser.add_argument("--memory-budget-mb", type=float, default=512, help="memory for stacked ablations")
     parser.add_argument("--checkpoint-dir", default=None, help="save finished heads here; re-running resumes")
     parser.add_argument("--no-gradients", action="store_true", help="skip gradient importance")
     parser.add_argument("--attribution", default=None, choices=["corrupted", "zero", "mean", "resample"],
                         help="also run attribution patching with this corruption")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the loader's)")
-    parser.add_argument("--dtype", default=None, help="weights' dtype: float32, float16 or bfloat16 (default: the loader's)")
+    add_shared(parser, "--device", "--dtype")
     parser.add_argument("--out", default=None, help="CSV file for the table (one row per head)")
-    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    add_shared(parser, "--no-progress")
 
 
 def load_model_and_task(args):
