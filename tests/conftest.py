@@ -63,6 +63,24 @@ def tiny_gpt2(tiny_gpt2_hf, bert_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def make_tiny_bert(bert_tokenizer):
+    """``make_tiny_bert(seed, initializer_range=0.02)``: a random BERT encoder without an output
+    head (2 layers x 4 heads, d_model 32) in headlens; padding matters for it."""
+    from transformers import BertConfig, BertModel
+
+    import headlens
+
+    def make(seed: int, initializer_range: float = 0.02):
+        torch.manual_seed(seed)
+        cfg = BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                         vocab_size=bert_tokenizer.vocab_size, max_position_embeddings=64,
+                         initializer_range=initializer_range, attn_implementation="eager")
+        return headlens.from_hf_model(BertModel(cfg).eval(), bert_tokenizer)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def minilm():
     """The real all-MiniLM-L6-v2 weights in headlens (do not modify it in a test)."""
     from transformers import AutoModel, AutoTokenizer

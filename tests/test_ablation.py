@@ -41,15 +41,9 @@ def gpt2(gpt2_pair):
 
 
 @pytest.fixture(scope="module")
-def bert(bert_tokenizer):
+def bert(make_tiny_bert):
     """A random BERT encoder (2 layers x 4 heads) without an output head: padding matters."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(1)
-    cfg = BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
-                     vocab_size=bert_tokenizer.vocab_size, max_position_embeddings=64, initializer_range=0.3,
-                     attn_implementation="eager")
-    return headlens.from_hf_model(BertModel(cfg).eval(), bert_tokenizer)
+    return make_tiny_bert(seed=1, initializer_range=0.3)
 
 
 def snapshot(model):

@@ -11,16 +11,9 @@ TEXTS = ["The cat sat on the mat.", "A much longer sentence, with commas, goes h
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(bert_tokenizer):
+def tiny_bert(make_tiny_bert):
     """A random 2-layer BERT encoder (4 heads, d_model 32) in headlens: padding matters here."""
-    from transformers import BertConfig, BertModel
-
-    import headlens
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=bert_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-    return headlens.from_hf_model(BertModel(cfg).eval(), bert_tokenizer)
+    return make_tiny_bert(seed=0)
 
 
 def no_hooks_left(model) -> bool:

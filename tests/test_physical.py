@@ -12,14 +12,8 @@ from headlens.tasks import load_task
 
 
 @pytest.fixture(scope="module")
-def bert(bert_tokenizer):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(2)
-    cfg = BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
-                     vocab_size=bert_tokenizer.vocab_size, max_position_embeddings=64, initializer_range=0.3,
-                     attn_implementation="eager")
-    return headlens.from_hf_model(BertModel(cfg).eval(), bert_tokenizer)
+def bert(make_tiny_bert):
+    return make_tiny_bert(seed=2, initializer_range=0.3)
 
 
 @pytest.fixture(scope="module")

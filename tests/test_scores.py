@@ -18,15 +18,8 @@ TEXTS = ["The cat sat on the mat, and the cat slept.", "Dogs bark!", "Is this a 
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(bert_tokenizer):
-    from transformers import BertConfig, BertModel
-
-    import headlens
-
-    torch.manual_seed(1)
-    cfg = BertConfig(vocab_size=bert_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-    return headlens.from_hf_model(BertModel(cfg).eval(), bert_tokenizer)
+def tiny_bert(make_tiny_bert):
+    return make_tiny_bert(seed=1)
 
 
 def reference_scores(model, texts, window=3):
