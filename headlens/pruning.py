@@ -5,7 +5,10 @@ Methods (each gives an order in which heads are removed):
 - ``michel``: Michel et al. 2019's iterative procedure: compute gradient importance (per-layer
   normalised) with the current mask applied, remove the ``step`` least important remaining heads,
   repeat (:func:`headlens.gradients.gradient_importance` with ``head_mask``);
-- ``ablation``: by the single-head ablation sweep, least damaging first;
+- ``ablation``: by the single-head ablation sweep on the selection split, least damaging first
+  (``sweep=`` takes a precomputed one, e.g. a full-task sweep's per-example metrics restricted to
+  the selection split's examples, :func:`selection_split`; then a ``mean`` ablation's mean and a
+  ``resample`` ablation's donor rows come from the full task rather than the split);
 - ``random``: a random order, one per seed (a baseline).
 
 Removal is gating to 0, which equals physical removal (:func:`headlens.physical.prune_heads`).
@@ -56,6 +59,17 @@ def as_plan(heads) -> dict:
     return plan
 
 
+def selection_split(task, split: float = 0.5, seed: int = 0) -> tuple:
+    """The split :func:`pruning_curve` makes: ``(selection task, held-out task, positions)``, with
+    ``positions [n_selection]`` the selection examples' positions in ``task`` (to restrict
+    per-example metrics of the whole task, e.g. :func:`headlens.ablation.sweep_metrics`'s, to it)."""
+    select, held = task.split(split, seed)
+    position = {}
+    for p, i in enumerate(task.ids):
+        position.setdefault(i, p)
+    return select, held, np.array([position[i] for i in select.ids], dtype=np.int64)
+
+
 def _passes(value: float, unpruned: float, floor, higher_is_better: bool) -> bool:
     if floor is None:
         return True
@@ -88,7 +102,8 @@ def pruning_curve(model, task, methods=METHODS, target: float = 0.5, floor=None,
     to keep (None: prune to ``target``); ``step``: fraction of all heads removed per point (and
     per Michel iteration); ``n_random``: random orders (seeds ``seed .. seed+n_random-1``);
     ``split``: fraction of the task's examples used to choose (the rest scores); ``kind``: the
-    ablation of the ``ablation`` method's sweep; ``sweep``: a precomputed sweep on the selection split."""
+    ablation of the ``ablation`` method's sweep; ``sweep``: a precomputed sweep table (``layer,
+    head, damage``) of the selection split (see :func:`selection_split` and the module doc)."""
     methods = tuple(methods)
     check(len(methods) > 0 and all(m in METHODS for m in methods), f"methods must be among {METHODS}, got {methods}")
     check(0 < target <= 1, f"target must lie in (0, 1], got {target}")
@@ -96,7 +111,7 @@ def pruning_curve(model, task, methods=METHODS, target: float = 0.5, floor=None,
     check(0 < step <= 1, f"step must lie in (0, 1], got {step}")
     check(n_random >= 1, f"n_random must be >= 1, got {n_random}")
     task = load_task(task, model)
-    select, held = task.split(split, seed)
+    select, held, _ = selection_split(task, split, seed)
     heads = model.head_labels()
     n_max = min(len(heads), round(target * len(heads)))
     k = max(1, round(step * len(heads)))

@@ -48,8 +48,9 @@ FIGURES = {
                   "Metric MDS of the distance matrix: nearby heads attend alike. Colour: cluster."),
     "pruning_curve": ("pruning", "Pruning curve",
                       "Held-out metric against the number of heads removed, for Michel et al.'s "
-                      "iterative gradient order, the single-head ablation order and random orders "
-                      "(mean and range over seeds)."),
+                      "iterative gradient order, the single-head ablation order (the importance "
+                      "sweep read on the selection split's examples; a mean ablation's mean is "
+                      "over all examples) and random orders (mean and range over seeds)."),
 }
 
 HEAD_COLUMNS = ["layer", "head", "role", "pattern_class", "cluster", "damage", "importance",

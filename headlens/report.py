@@ -3,6 +3,9 @@
     model -> capture + pattern scores -> roles -> clusters -> ablation sweep (bootstrap CIs)
           -> gradient importance -> pruning curve -> figures -> heads.csv, report.html, ...
 
+The single-head sweep runs once: the pruning curve's ablation order reads its per-example
+metrics on the selection split (so a mean ablation's mean is taken over all task examples).
+
 :func:`report` runs it and returns a :class:`Report` (the tables, the pruning plan, the figure
 paths and ``run.json``); :meth:`Report.load` reads a finished report folder back. The folder is
 written atomically and every finished stage is checkpointed inside it (see
@@ -27,6 +30,8 @@ from .run_record import StepTimer, add_timings, as_list, model_key, package_vers
 DEFAULT_MODEL = "minilm"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ABLATIONS = ("zero", "mean", "resample", "uniform")
+PRUNE_SPLIT = 0.5  # fraction of the task's examples the pruning plans are chosen on
+CHECKPOINTS_FORMAT = 2  # in the resume fingerprint: bump when a stage's saved result changes form
 SCORE_FIGURES = ("score_previous_token", "score_first_token", "score_separator", "score_entropy_norm",
                  "score_induction")
 
@@ -169,7 +174,8 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
                   seed=seed, n_examples=n_examples, prune_target=prune_target, prune_floor=prune_floor,
                   n_bootstrap=n_bootstrap, n_clusters=n_clusters,
                   data=None if data is None else texts_key(data))
-    folder = ReportFolder(out, dict(config, headlens=package_version("headlens")), resume=resume, force=force)
+    folder = ReportFolder(out, dict(config, headlens=package_version("headlens"), checkpoints=CHECKPOINTS_FORMAT),
+                          resume=resume, force=force)
     timings = {}
     from tqdm.auto import tqdm
 
@@ -235,8 +241,10 @@ def _pattern_texts(n: int) -> list[str]:
 
 
 def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progress: bool) -> dict:
-    """Scores, roles, clusters, importance, gradients and pruning, each checkpointed in ``folder``."""
-    from .ablation import ablation_sweep
+    """Scores, roles, clusters, importance, gradients and pruning, each checkpointed in ``folder``.
+    The single-head sweep runs once: its per-example metrics give the importance table (all
+    examples) and the pruning curve's ablation order (the selection split's examples)."""
+    from .ablation import importance_table, sweep_metrics
     from .clusters import HeadClusterer
     from .gradients import gradient_importance
     from .roles import assign_roles
@@ -252,14 +260,15 @@ def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progr
             n_clusters=config["n_clusters"], seed=seed, batch_size=batch_size, progress=progress,
         ).fit(model, texts, scores=roles))
     with step("ablation sweep"):
-        sweep = folder.stage("ablation", lambda: ablation_sweep(
-            model, task, kind=config["ablation"], n_bootstrap=config["n_bootstrap"], seed=seed,
-            batch_size=batch_size, checkpoint_dir=folder.sweep_checkpoints(), progress=progress))
+        metrics = folder.stage("ablation", lambda: sweep_metrics(
+            model, task, kind=config["ablation"], seed=seed, batch_size=batch_size,
+            checkpoint_dir=folder.sweep_checkpoints(), progress=progress))
+        sweep = importance_table(*metrics, task, n_bootstrap=config["n_bootstrap"], seed=seed)
     with step("gradient importance"):
         grads = folder.stage("gradients", lambda: gradient_importance(model, task, batch_size=batch_size,
                                                                        progress=progress))
     with step("pruning curve"):
-        pruning = folder.stage("pruning", lambda: _prune(model, task, texts, config, progress))
+        pruning = folder.stage("pruning", lambda: _prune(model, task, texts, config, metrics, progress))
     heads = (roles.merge(clusterer.labels_, on=["layer", "head"])
              .merge(sweep.drop(columns=["metric_clean", "n_examples"]), on=["layer", "head"])
              .merge(grads[["layer", "head", "grad_importance", "grad_importance_raw"]], on=["layer", "head"]))
@@ -278,14 +287,27 @@ def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progr
                 clean_metric=float(sweep["metric_clean"].iloc[0]))
 
 
-def _prune(model, task, texts, config: dict, progress: bool) -> dict:
-    """Pruning curves of the three methods, the recommended plan, and what removing its heads
-    physically saves (parameters, forward time)."""
+def _selection_sweep(task, metrics: tuple, seed: int):
+    """The pruning curve's ablation sweep: the full task's per-example metrics ``(heads, clean
+    [N], {head: [N]})`` restricted to the examples of its selection split (no second sweep; a
+    mean ablation's mean and resample's donors thus come from all examples)."""
+    from .ablation import importance_table
+    from .pruning import selection_split
+
+    heads, clean, ablated = metrics
+    select, _, rows = selection_split(task, PRUNE_SPLIT, seed)
+    return importance_table(heads, clean[rows], {h: v[rows] for h, v in ablated.items()}, select, n_bootstrap=0)
+
+
+def _prune(model, task, texts, config: dict, metrics: tuple, progress: bool) -> dict:
+    """Pruning curves of the three methods (the ablation order from the sweep's ``metrics``), the
+    recommended plan, and what removing its heads physically saves (parameters, forward time)."""
     from .physical import measure_speedup, prune_heads
     from .pruning import pruning_curve
 
     res = pruning_curve(model, task, target=config["prune_target"], floor=config["prune_floor"],
-                        seed=config["seed"], kind=config["ablation"], batch_size=config["batch_size"],
+                        split=PRUNE_SPLIT, seed=config["seed"], kind=config["ablation"],
+                        batch_size=config["batch_size"], sweep=_selection_sweep(task, metrics, config["seed"]),
                         progress=progress)
     curve = res.curve.sort_values(["method", "seed", "n_pruned"], ignore_index=True, na_position="first")
     plan = {str(layer): heads for layer, heads in sorted(res.plan.items()) if heads}

@@ -2,14 +2,15 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from headlens import HeadlensModel, ModelConfig
-from headlens.ablation import ablation_sweep, gate_without
+from headlens.ablation import ablation_sweep, gate_without, importance_table, sweep_metrics
 from headlens.errors import HeadlensError
 from headlens.gradients import gradient_importance
-from headlens.pruning import michel_order, pruning_curve
+from headlens.pruning import michel_order, pruning_curve, selection_split
 from headlens.tasks import FidelityTask, LMLossTask
 
 V = 40
@@ -81,6 +82,26 @@ def test_michel_progress_goes_through_tqdm(model, task, capsys):
     assert michel_order(model, task, 2, 1, progress=True) == quiet
     out = capsys.readouterr()
     assert out.out == "" and "michel order" in out.err
+
+
+def test_a_full_task_sweep_restricted_to_the_selection_split_gives_the_same_curve(model, task):
+    """selection_split is pruning_curve's split, and its positions pick the selection examples out
+    of a sweep of the whole task: the same metrics as sweeping the split itself (zero ablation),
+    hence the same ablation order and curve, also when the task's ids are not its positions."""
+    shuffled = task.subset(np.random.default_rng(1).permutation(len(task))[:20])
+    select, held, rows = selection_split(shuffled, 0.5, 3)
+    assert select.ids == shuffled.split(0.5, 3)[0].ids and sorted(select.ids + held.ids) == sorted(shuffled.ids)
+    assert [shuffled.ids[r] for r in rows] == select.ids and rows.tolist() != select.ids
+    heads, clean, ablated = sweep_metrics(model, shuffled, progress=False)
+    _, clean_select, ablated_select = sweep_metrics(model, select, progress=False)
+    np.testing.assert_allclose(clean[rows], clean_select, rtol=1e-5)
+    for h in heads:
+        np.testing.assert_allclose(ablated[h][rows], ablated_select[h], rtol=1e-5)
+    sweep = importance_table(heads, clean[rows], {h: v[rows] for h, v in ablated.items()}, select, n_bootstrap=0)
+    kwargs = dict(methods=("ablation",), target=0.5, step=0.25, seed=3, progress=False)
+    reused, fresh = pruning_curve(model, shuffled, sweep=sweep, **kwargs), pruning_curve(model, shuffled, **kwargs)
+    assert reused.orders == fresh.orders
+    pd.testing.assert_frame_equal(reused.curve, fresh.curve)
 
 
 def test_floor_stops_early(model, task):

@@ -213,10 +213,25 @@ def tiny_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_report(tiny_folder, tmp_path_factory):
+def tiny_run(tiny_folder, tmp_path_factory):
+    """The report on the tiny model, and (task size, result) of every single-head sweep it ran."""
+    import headlens.ablation as ablation
     from headlens.report import report
 
-    return report(str(tiny_folder), out=tmp_path_factory.mktemp("rep") / "r", progress=False, **RUN)
+    swept, original = [], ablation.sweep_metrics
+
+    def counted(model, task, *args, **kwargs):
+        swept.append((len(task), original(model, task, *args, **kwargs)))
+        return swept[-1][1]
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ablation, "sweep_metrics", counted)
+        return report(str(tiny_folder), out=tmp_path_factory.mktemp("rep") / "r", progress=False, **RUN), swept
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_run):
+    return tiny_run[0]
 
 
 def test_report_writes_every_output(tiny_report):
@@ -316,6 +331,33 @@ def test_resumed_run_records_the_time_of_every_attempt(tiny_folder, tmp_path, mo
     assert second < total <= first + second
     assert total == pytest.approx(sum(a["wall_s"] for a in run["attempts"]), abs=0.01)
     assert run["timings_s"]["ablation sweep"] >= run["stage_seconds"]["ablation"]["wall"]
+
+
+def test_the_sweep_runs_once(tiny_run):
+    """One single-head sweep of the whole task serves the importance table and the pruning curve."""
+    assert [n for n, _ in tiny_run[1]] == [RUN["n_examples"]]
+
+
+def test_pruning_curve_reads_the_sweep_on_the_selection_split(tiny_run, tiny_folder):
+    """The report's ablation pruning curve is pruning_curve's, given the report's sweep (per-example
+    metrics of all examples) restricted to the selection split's examples (test_pruning.py checks
+    that this restriction equals a sweep of the split itself)."""
+    from headlens.ablation import importance_table
+    from headlens.pruning import pruning_curve, selection_split
+    from headlens.report import PRUNE_SPLIT, _load_task
+
+    rep, [(_, (heads, clean, ablated))] = tiny_run
+    model = headlens.load(str(tiny_folder))
+    task = _load_task(model, RUN["task"], None, RUN["n_examples"])
+    select, _, rows = selection_split(task, PRUNE_SPLIT, RUN["seed"])
+    sweep = importance_table(heads, clean[rows], {h: v[rows] for h, v in ablated.items()}, select, n_bootstrap=0)
+    expect = pruning_curve(model, task, methods=("ablation",), target=RUN["prune_target"], floor=0.9,
+                           seed=RUN["seed"], batch_size=RUN["batch_size"], sweep=sweep, progress=False).curve
+    got = pd.read_csv(rep.out / "pruning.csv").query("method == 'ablation'")
+    assert got["n_pruned"].tolist() == expect["n_pruned"].tolist()
+    for col in ["metric", "metric_selection", "relative"]:
+        np.testing.assert_allclose(got[col], expect[col], rtol=1e-5, err_msg=col)
+    assert got["within_floor"].tolist() == expect["within_floor"].tolist()
 
 
 def test_a_study_section_is_added_and_survives_load(tmp_path):
