@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from test_report import fake_report, tiny_folder, tiny_report  # noqa: F401 (fixtures)
+from test_report import fake_report, tiny_folder, tiny_report, tiny_run  # noqa: F401 (fixtures)
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: run "
