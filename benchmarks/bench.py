@@ -305,6 +305,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="only profile one zero sweep each way")
     p.add_argument("--memory-child", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
     torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]), args)))
