@@ -299,8 +299,10 @@ def facts(report) -> list[tuple[str, str]]:
                          f"{d.get('metric', '?')} (full model: {_num(d.get('clean_metric'))})"))
     rows.append(("Ablation", f"{cfg.get('ablation')} ablation of one head at a time, "
                              f"{cfg.get('n_bootstrap')} bootstrap resamples"))
+    attempts = len(run.get("attempts") or [])
+    over = f" over {attempts} attempts (resumed)" if attempts > 1 else ""
     rows.append(("Run", f"seed {cfg.get('seed')}, {cfg.get('device')} {cfg.get('dtype')}, "
-                        f"{_num(run.get('timings_s', {}).get('total'), 3)} s"))
+                        f"{_num(run.get('timings_s', {}).get('total'), 3)} s{over}"))
     return rows
 
 

@@ -331,6 +331,7 @@ def test_resumed_run_records_the_time_of_every_attempt(tiny_folder, tmp_path, mo
     assert second < total <= first + second
     assert total == pytest.approx(sum(a["wall_s"] for a in run["attempts"]), abs=0.01)
     assert run["timings_s"]["ablation sweep"] >= run["stage_seconds"]["ablation"]["wall"]
+    assert "over 2 attempts (resumed)" in (out / "report.html").read_text()
 
 
 def test_the_sweep_runs_once(tiny_run):
