@@ -75,16 +75,16 @@ def tl_sweep(bridge, ids: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def tl_gradients(bridge, ids: torch.Tensor) -> torch.Tensor:
-    """Michel et al. with TransformerLens: a gate on every ``hook_z``, one backward;
-    ``[L, H]`` = |dL/dg| / B with L the summed per-sequence mean losses."""
+    """Michel et al. with TransformerLens: a gate per example on every ``hook_z``, one backward;
+    ``[L, H]`` = mean over examples of |dL(x)/dg| with L(x) each sequence's mean loss."""
     L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
-    gate = torch.ones(L, H, device=ids.device, requires_grad=True)
-    hooks = [(f"blocks.{layer}.attn.hook_z", lambda z, hook, layer=layer: z * gate[layer][:, None].to(z.dtype))
-             for layer in range(L)]
+    gate = torch.ones(ids.shape[0], L, H, device=ids.device, requires_grad=True)
+    hooks = [(f"blocks.{layer}.attn.hook_z",
+              lambda z, hook, layer=layer: z * gate[:, layer][:, None, :, None].to(z.dtype)) for layer in range(L)]
     with torch.enable_grad():
         logits = bridge.run_with_hooks(ids, fwd_hooks=hooks)
         (grad,) = torch.autograd.grad(lm_loss_per_example(logits, ids).sum(), gate)
-    return grad.abs().double().cpu() / ids.shape[0]
+    return grad.abs().double().cpu().sum(0) / ids.shape[0]
 
 
 def lm_task(ids: torch.Tensor):

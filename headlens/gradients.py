@@ -1,8 +1,8 @@
 """Gradient estimates of head importance, all heads from one backward pass per batch.
 
-- :func:`gradient_importance`: Michel et al. 2019's head-mask importance ``I_h = |g_h dL/dg_h|``
-  at ``g = 1`` (or at a given mask), accumulated over batches (absolute value per batch, as in
-  transformers' ``run_bertology.py``), with optional per-layer L2 normalisation. ``L`` is the
+- :func:`gradient_importance`: Michel et al. 2019's head-mask importance ``I_h = E_x |g_h dL(x)/dg_h|``
+  at ``g = 1`` (or at a given mask): the absolute value per example (or, ``absolute="batch"``,
+  per batch as in transformers' ``run_bertology.py``), with optional per-layer L2 normalisation. ``L`` is the
   task's loss (its metric, negated when higher is better). The gradient is taken with
   ``torch.autograd.grad`` w.r.t. the gate only: no parameter accumulates a ``.grad``.
 - :func:`attribution_patching` (Nanda 2023): first-order estimate of each head's patching effect,
@@ -12,6 +12,8 @@
 - :func:`compare_with_ablation`: both next to the exact sweep, with Spearman rank correlations.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import pandas as pd
 import torch
@@ -32,40 +34,59 @@ def _head_table(model, values: torch.Tensor, column: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "head", column])
 
 
+ABSOLUTE = ("example", "batch")
+
+
 def gradient_importance(model, task, normalize: bool = True, reduce: str = "mean", head_mask=None,
-                        batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
+                        batch_size: int = 16, absolute: str = "example", progress: bool = False) -> pd.DataFrame:
     """Michel et al. head importance; one row per head: ``layer, head, grad_importance,
     grad_importance_raw``. ``normalize``: divide each layer's scores by their L2 norm
     (``grad_importance``; the raw value stays in ``grad_importance_raw``). ``reduce``: ``"mean"``
     (per example) or ``"sum"`` over the data. ``head_mask [L, max H]`` (local head order, 1 keep,
-    0 pruned): the gate at which the gradient is taken (iterative pruning).
+    0 pruned): the gate at which the gradient is taken (iterative pruning). ``absolute``: where
+    the absolute value is taken: per ``"example"`` (Michel et al.'s ``E_x |dL(x)/dg|``; does not
+    depend on ``batch_size``) or per ``"batch"`` (transformers' ``run_bertology.py``).
+
+    Each example gets its own copy of the gate (``[R, L, H]``, applied on ``hook_z``), so one
+    backward per batch yields every example's gradient.
 
     Note: a fidelity task (KL to the unablated model) has zero gradient at ``g = 1``."""
     check(reduce in ("mean", "sum"), f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    check(absolute in ABSOLUTE, f"absolute must be one of {ABSOLUTE}, got {absolute!r}")
     task = load_task(task, model)
     L, H = model.cfg.n_layers, max(max(b.attn.n_heads for b in model.blocks), 1)
     dtype = torch.promote_types(model.dtype, torch.float32)
     gate = torch.ones(L, H, dtype=dtype, device=model.device) if head_mask is None else torch.as_tensor(
         head_mask, dtype=dtype, device=model.device).clone()
     check(tuple(gate.shape) == (L, H), f"head_mask must have shape {(L, H)}, got {tuple(gate.shape)}")
+    check(bool(torch.isfinite(gate).all()), "head_mask holds NaN or infinite values")
     total = torch.zeros(L, H, dtype=torch.float64)
     sign = -1.0 if task.higher_is_better else 1.0
     for batch in tqdm(task.batches(model, batch_size), desc="gradient importance", disable=not progress, leave=False):
         with torch.no_grad():
             ref = model(batch.inputs, return_type="hidden") if task.needs_reference else None
-        g = gate.clone().requires_grad_(True)
-        with torch.enable_grad():
-            hidden = model(batch.inputs, head_gate=g, return_type="hidden")
+        g = gate.expand(batch.n_rows, L, H).clone().requires_grad_(True)  # [R, L, H]
+        with torch.enable_grad(), model.hooks(fwd_hooks=_gate_hooks(L, g)):
+            hidden = model(batch.inputs, return_type="hidden")
             loss = sign * task.compute(model, hidden, batch, ref).sum()
             (grad,) = torch.autograd.grad(loss, g)
-        total += (g.detach() * grad).abs().double().cpu()
+        per_example = (g.detach() * grad).double().cpu()  # [R, L, H]
+        total += per_example.abs().sum(0) if absolute == "example" else per_example.sum(0).abs()
     raw = total / len(task) if reduce == "mean" else total
     scores = raw / (raw.norm(dim=1, keepdim=True) + 1e-20) if normalize else raw
     table = _head_table(model, scores, "grad_importance")
     table["grad_importance_raw"] = _head_table(model, raw, "x")["x"]
     table.attrs.update(task=task.name, metric=task.metric_name, normalize=normalize, reduce=reduce,
-                       method="michel2019: |g dL/dg| at the gate")
+                       absolute=absolute, method="michel2019: |g dL/dg| at the gate, absolute value per " + absolute)
     return table
+
+
+def _gate_hooks(n_layers: int, g: torch.Tensor) -> list:
+    """Hooks multiplying ``z [R, P, H_l, d]`` of every layer by the per-example gate ``g [R, L, H]``."""
+    def hook(z, hook, layer):
+        return z * g[:, layer, :z.shape[2]].to(z.dtype)[:, None, :, None]
+
+    return [(f"blocks.{layer}.attn.hook_z", partial(hook, layer=layer)) for layer in range(n_layers)]
 
 
 @torch.no_grad()

@@ -164,7 +164,7 @@ def findings(report) -> list[str]:
     if "grad_importance_raw" in heads and "importance" in heads:
         rho = grad_vs_ablation_rho(heads)
         agree = "closely" if rho >= 0.8 else "roughly" if rho >= 0.5 else "weakly" if rho >= 0.2 else "hardly"
-        out.append(f"Gradient importance (Michel et al., |g dL/dg| at g = 1) {agree} agrees with the "
+        out.append(f"Gradient importance (Michel et al., E_x |g dL(x)/dg| at g = 1) {agree} agrees with the "
                    f"exact sweep: Spearman rho = {_num(rho, 2)} against |importance|.")
     out += _cluster_findings(report)
     out += _pruning_findings(report)

@@ -117,7 +117,7 @@ CASES = [
     ("gate list inf", lambda m, t: m(ids(), head_gate=[torch.ones(4), torch.ones(4), torch.tensor([1, 1, 1, np.inf])]),
      "head_gate holds NaN or infinite"),
     ("head_mask NaN", lambda m, t: gradient_importance(m, LMLossTask(TEXTS), head_mask=torch.full((3, 4), NAN)),
-     "head_gate holds NaN"),
+     "head_mask holds NaN"),
     ("metric NaN sweep", lambda m, t: ablation_sweep(m, metric_task(lambda x: x[:, 0, 0] * NAN), progress=False),
      "metric 'custom' is NaN or infinite for example 0"),
     ("metric inf gradient", lambda m, t: gradient_importance(m, metric_task(lambda x: x[:, 0, 0] / 0.0)),

@@ -28,6 +28,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--memory-budget-mb", type=float, default=512, help="memory for stacked ablations")
     parser.add_argument("--checkpoint-dir", default=None, help="save finished heads here; re-running resumes")
     parser.add_argument("--no-gradients", action="store_true", help="skip gradient importance")
+    parser.add_argument("--grad-absolute", default="example", choices=["example", "batch"],
+                        help="gradient importance: |dL/dg| per example (Michel et al.) or per batch "
+                             "(transformers' run_bertology.py)")
     parser.add_argument("--attribution", default=None, choices=["corrupted", "zero", "mean", "resample"],
                         help="also run attribution patching with this corruption")
     add_shared(parser, "--device", "--dtype")
@@ -78,7 +81,8 @@ def run(args) -> int:
     estimates = []
     if not args.no_gradients:
         t = time.perf_counter()
-        estimates.append(gradient_importance(model, task, batch_size=args.batch_size, progress=progress))
+        estimates.append(gradient_importance(model, task, batch_size=args.batch_size, absolute=args.grad_absolute,
+                                             progress=progress))
         timings["gradients"] = time.perf_counter() - t
     if args.attribution:
         t = time.perf_counter()
