@@ -118,17 +118,19 @@ def test_elapsed_time_sums_every_attempt(tmp_path):
     folder.stage("a", lambda: time.sleep(0.2) or 1)
     time.sleep(0.3)
     (folder.sweep_checkpoints() / "chunk.npy").write_bytes(b"0")
-    time.sleep(0.5)  # killed here: lost, nothing records it
+    time.sleep(1.5)  # killed here: lost, nothing records it
     folder = ReportFolder(out, config)
-    assert folder.attempts[0]["wall"] == pytest.approx(0.5, abs=0.1)
+    # bounds, not equalities: a loaded machine only ever adds time; counting the lost 1.5 s fails
+    assert 0.5 <= folder.attempts[0]["wall"] < 1.5
     time.sleep(0.2)
     folder.abandon()
     folder = ReportFolder(out, config)
     assert folder.stage("a", lambda: 2) == 1 and folder.resumed == ["a"]
     folder.stage("c", lambda: time.sleep(0.1))
     spent = folder.elapsed()
-    assert spent["attempts"] == 3 and [a["wall"] for a in folder.attempts[:2]] == pytest.approx([0.5, 0.2], abs=0.1)
-    assert spent["wall"] == pytest.approx(0.8, abs=0.15) and spent["cpu"] >= 0
+    assert spent["attempts"] == 3 and 0.2 <= folder.attempts[1]["wall"] < 1.2
+    assert 0.8 <= spent["wall"] < 2.0 and spent["cpu"] >= 0
+    assert spent["wall"] == pytest.approx(sum(a["wall"] for a in folder.attempts), abs=0.05)
     folder = ReportFolder(out, config, force=True)  # discarded checkpoints: their time goes too
     assert len(folder.attempts) == 1 and folder.elapsed()["wall"] < 0.1
 
