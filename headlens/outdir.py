@@ -26,6 +26,7 @@ from typing import Callable
 import pandas as pd
 
 from .errors import HeadlensError
+from .files import atomic_write, writable_folder
 
 STAGING = ".staging"
 CHECKPOINTS = ".checkpoints"
@@ -44,15 +45,6 @@ def fingerprint(config: dict) -> str:
 def write_json(path: Path, obj) -> None:
     """Write ``obj`` as sorted, indented JSON through a temporary file and a rename."""
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:
@@ -93,18 +85,10 @@ class ReportFolder:
         self.resumed: list[str] = []
         self.seconds: dict = {}
         self.attempts: list[dict] = []
-        if self.out.exists() and not self.out.is_dir():
-            raise HeadlensError(f"out {str(self.out)!r} is a file; give a folder for the report")
         if self.out.is_dir() and any(self.out.iterdir()) and not self._is_ours():
             raise HeadlensError(f"out folder {str(self.out)!r} is not empty and holds no headlens report; "
                                 "choose a new or empty folder")
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".write-test{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise HeadlensError(f"out folder {str(self.out)!r} is not writable: {e.strerror}") from None
+        writable_folder(self.out, "out folder")
         self.checkpoints = self.out / CHECKPOINTS
         self.staging = self.out / STAGING
         self._open_checkpoints(config, resume, force)

@@ -3,8 +3,8 @@ recomputing it: one ``.npy`` per unit, written atomically, under a fingerprint o
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .errors import HeadlensError
+from .files import atomic_write, writable_folder
 
 
 class SweepCheckpoint:
@@ -19,13 +20,7 @@ class SweepCheckpoint:
     atomically; ``sweep.json`` fingerprints the sweep so a folder is only resumed by the same one."""
 
     def __init__(self, folder, fingerprint: dict):
-        self.folder = Path(folder)
-        if self.folder.exists() and not self.folder.is_dir():
-            raise HeadlensError(f"checkpoint_dir {str(folder)!r} is a file, expected a folder")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise HeadlensError(f"checkpoint_dir {str(folder)!r} is not writable: {e.strerror or e}") from None
+        self.folder = writable_folder(folder, "checkpoint_dir")
         meta = self.folder / "sweep.json"
         if meta.is_file():
             try:
@@ -38,7 +33,7 @@ class SweepCheckpoint:
                 raise HeadlensError(f"checkpoint_dir {str(folder)!r} holds a different sweep (differs in "
                                     f"{diff}): use another folder or delete it")
         else:
-            self._atomic(meta, lambda f: f.write(json.dumps(fingerprint, sort_keys=True).encode()))
+            atomic_write(meta, json.dumps(fingerprint, sort_keys=True).encode())
 
     def _path(self, layer: int, heads) -> Path:
         return self.folder / f"layer{layer:03d}_heads{'-'.join(str(h) for h in heads)}.npy"
@@ -58,16 +53,9 @@ class SweepCheckpoint:
         return values
 
     def save(self, layer: int, heads, values: np.ndarray) -> None:
-        self._atomic(self._path(layer, heads), lambda f: np.save(f, values))
-
-    @staticmethod
-    def _atomic(path: Path, write) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.save(buffer, values)
+        atomic_write(self._path(layer, heads), buffer.getvalue())
 
 
 def sweep_fingerprint(model, task, **settings) -> dict:

@@ -61,12 +61,12 @@ def run(args) -> int:
 
     start = time.perf_counter()
     if args.out:
-        from ..checkpoint import output_folder
+        from ..files import writable_folder
         from ..errors import HeadlensError
 
         if os.path.isdir(args.out):
             raise HeadlensError(f"--out {args.out!r} is a folder, expected a CSV file name")
-        output_folder(os.path.dirname(os.path.abspath(args.out)))  # fail now, not after the sweep
+        writable_folder(os.path.dirname(os.path.abspath(args.out)))  # fail now, not after the sweep
     model, task = load_model_and_task(args)
     progress = not args.no_progress
     print(f"model {model.cfg.name}: {model.cfg.n_layers} layers, {model.cfg.n_heads_total} heads; "

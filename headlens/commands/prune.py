@@ -40,12 +40,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import pandas as pd
 
-    from ..checkpoint import output_folder
+    from ..files import writable_folder
     from ..physical import measure_speedup, prune_heads
     from ..pruning import pruning_curve
 
     start = time.perf_counter()
-    output_folder(args.out)  # a file or an unwritable folder fails now, not after the analysis
+    writable_folder(args.out)  # a file or an unwritable folder fails now, not after the analysis
     model, task = load_model_and_task(args)
     result = pruning_curve(model, task, methods=args.methods, target=args.target, floor=args.floor, step=args.step,
                            n_random=args.n_random, split=args.split, seed=args.seed, kind=args.kind,

@@ -41,9 +41,9 @@ def run(args) -> int:
     if args.figures and not args.out:
         raise HeadlensError("--figures needs --out FOLDER")
     if args.out:
-        from ..checkpoint import output_folder
+        from ..files import writable_folder
 
-        output_folder(args.out)  # fail before the analysis, not after it
+        writable_folder(args.out)  # fail before the analysis, not after it
     start = time.perf_counter()
     model = load(args.model)
     texts = read_texts(args.text or SENTENCES_PATH, args.n)
