@@ -19,14 +19,20 @@ from .model import HeadlensModel
 FORMAT = "headlens"
 
 
-def is_headlens_folder(folder) -> bool:
-    cfg = Path(folder) / "config.json"
+def _headlens_config(folder: Path) -> Optional[dict]:
+    """The parsed ``config.json`` of a headlens checkpoint folder; None if it is not one."""
+    cfg = folder / "config.json"
     if not cfg.is_file():
-        return False
+        return None
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
+        raw = json.loads(cfg.read_text())
     except (OSError, json.JSONDecodeError):
-        return False
+        return None
+    return raw if isinstance(raw, dict) and raw.get("format") == FORMAT else None
+
+
+def is_headlens_folder(folder) -> bool:
+    return _headlens_config(Path(folder)) is not None
 
 
 def save_model(model: HeadlensModel, folder, card: Optional[dict] = None, card_md: Optional[str] = None) -> Path:
@@ -50,10 +56,10 @@ def save_model(model: HeadlensModel, folder, card: Optional[dict] = None, card_m
 def load_model(folder, dtype: Optional[torch.dtype] = None, device=None) -> HeadlensModel:
     """Read a folder written by :func:`save_model`."""
     folder = Path(folder)
-    if not is_headlens_folder(folder):
+    raw = _headlens_config(folder)
+    if raw is None:
         raise HeadlensError(f"{str(folder)!r} is not a headlens checkpoint folder (no config.json with "
                             f"\"format\": \"{FORMAT}\")")
-    raw = json.loads((folder / "config.json").read_text())
     raw.pop("format")
     cfg = ModelConfig.from_dict(raw)
     weights = folder / "model.safetensors"
@@ -65,15 +71,12 @@ def load_model(folder, dtype: Optional[torch.dtype] = None, device=None) -> Head
         raise HeadlensError(f"checkpoint file {str(weights)!r} is corrupted or truncated: {e}") from e
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    for k, v in state.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise HeadlensError(f"checkpoint weight {k!r} holds NaN or infinite values")
     tokenizer = None
     if (folder / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    return HeadlensModel.from_state_dict(cfg, state, tokenizer)
+    return HeadlensModel.from_state_dict(cfg, state, tokenizer)  # refuses NaN / infinite weights
 
 
 def read_card(folder) -> Optional[dict]:
