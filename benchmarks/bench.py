@@ -60,8 +60,7 @@ def tl_sweep(bridge, ids: torch.Tensor, kind: str) -> torch.Tensor:
         if kind == "mean":  # each head's z averaged over the examples, per position
             names = {f"blocks.{layer}.attn.hook_z" for layer in range(L)}
             _, cache = bridge.run_with_cache(ids, return_type=None, names_filter=lambda n: n in names)
-            means = {name: cache[name].mean(0) for name in names}  # [P, H, d]
-            means = {layer: means[f"blocks.{layer}.attn.hook_z"] for layer in range(L)}
+            means = {layer: cache[f"blocks.{layer}.attn.hook_z"].mean(0) for layer in range(L)}  # [P, H, d]
         out = torch.zeros(L, H, dtype=torch.float64)
         for layer in range(L):
             name = f"blocks.{layer}.attn.hook_z"
@@ -95,8 +94,7 @@ def lm_task(ids: torch.Tensor):
 def headlens_sweep(hl, task, kind: str, batch_size: int) -> torch.Tensor:
     """headlens' fast exact sweep as an ``[L, H]`` tensor of importances (mean metric change)."""
     table = ablation_sweep(hl, task, kind=kind, method="fast", batch_size=batch_size, progress=False)
-    return torch.tensor(table.sort_values(["layer", "head"])["importance"].to_numpy()).view(
-        hl.cfg.n_layers, hl.cfg.n_heads)
+    return torch.tensor(table["importance"].to_numpy()).view(hl.cfg.n_layers, hl.cfg.n_heads)
 
 
 # --- one model ------------------------------------------------------------------------------
@@ -174,20 +172,18 @@ def ratios(m: dict, peak: float) -> dict:
     r["capture / own forward (bridge)"] = s["capture/bridge"] / s["forward_no_unembed/bridge"]
     r["capture bridge / headlens"] = s["capture/bridge"] / s["capture/headlens"]
     for kind in ("zero", "mean"):
-        if f"sweep_{kind}/headlens" in s:
-            r[f"sweep {kind}: bridge loop / headlens"] = s[f"sweep_{kind}/bridge_loop"] / s[f"sweep_{kind}/headlens"]
-            f = m["flops"][f"sweep_{kind}"]
-            r[f"sweep {kind}: FLOP ratio loop / headlens (= speed-up at equal GFLOP/s)"] = \
-                f["transformer_lens_loop"] / f["headlens_fast"]
-            gf = m["flops"][f"sweep_{kind}"]["headlens_fast"] / s[f"sweep_{kind}/headlens"] / 1e9
-            r[f"sweep {kind}: headlens GFLOP/s"] = gf
-            r[f"sweep {kind}: headlens fraction of matmul peak"] = gf / peak
-        gf = m["flops"][f"sweep_{kind}"]["transformer_lens_loop"] / s[f"sweep_{kind}/bridge_loop"] / 1e9
+        f = m["flops"][f"sweep_{kind}"]
+        r[f"sweep {kind}: bridge loop / headlens"] = s[f"sweep_{kind}/bridge_loop"] / s[f"sweep_{kind}/headlens"]
+        r[f"sweep {kind}: FLOP ratio loop / headlens (= speed-up at equal GFLOP/s)"] = \
+            f["transformer_lens_loop"] / f["headlens_fast"]
+        gf = f["headlens_fast"] / s[f"sweep_{kind}/headlens"] / 1e9
+        r[f"sweep {kind}: headlens GFLOP/s"] = gf
+        r[f"sweep {kind}: headlens fraction of matmul peak"] = gf / peak
+        gf = f["transformer_lens_loop"] / s[f"sweep_{kind}/bridge_loop"] / 1e9
         r[f"sweep {kind}: bridge loop GFLOP/s"] = gf
         r[f"sweep {kind}: bridge loop fraction of matmul peak"] = gf / peak
-    if "gradient/headlens" in s:
-        r["gradient importance / forward (headlens)"] = s["gradient/headlens"] / s["forward/headlens_again"]
-        r["gradient bridge / headlens"] = s["gradient/bridge"] / s["gradient/headlens"]
+    r["gradient importance / forward (headlens)"] = s["gradient/headlens"] / s["forward/headlens_again"]
+    r["gradient bridge / headlens"] = s["gradient/bridge"] / s["gradient/headlens"]
     return r
 
 
