@@ -244,7 +244,10 @@ class HeadClusterer:
         duplicate-token columns then also serve the bootstrap replicates)."""
         heads = model.head_labels()
         self._check_params(len(heads))
-        stats = {"js": js_statistics(self.eps), "text": text_statistics(model)}
+        # the text scores serve the scores table (when not given) and the k-means / GMM replicates
+        stats = {"js": js_statistics(self.eps)}
+        if scores is None or self.method != "agglomerative":
+            stats["text"] = text_statistics(model)
         needed = {"js"} if self.method == "agglomerative" else None  # statistics the bootstrap uses
         acc = HeadStatsAccumulator(self.n_bootstrap, self.seed, replicate_names=needed)
         stream_head_stats(model, data, stats, self.batch_size, accumulator=acc, progress=self.progress,
