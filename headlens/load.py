@@ -77,8 +77,9 @@ def _dispatch(source, dtype, device, tokenizer) -> HeadlensModel:
                             f"TransformerBridge, got {type(source).__name__}")
     from .bundled import bundled_models
 
-    if isinstance(source, str) and source in bundled_models():
-        return bundled_models()[source].loader(dtype=dtype, device=device)
+    bundled = bundled_models()
+    if isinstance(source, str) and source in bundled:
+        return bundled[source].loader(dtype=dtype, device=device)
     path = Path(source).expanduser()
     if path.is_dir():
         return load_folder(path, dtype, device)
