@@ -16,6 +16,7 @@ import torch
 from .ablation import resolve_heads
 from .errors import check
 from .model import HeadlensModel
+from .pruning import as_plan
 
 
 def normalize_plan(model, plan) -> dict:
@@ -28,11 +29,8 @@ def normalize_plan(model, plan) -> dict:
     merged = {}  # {0: [1], "0": [2]} (int and JSON string keys) is one layer
     for k, v in plan.items():
         merged.setdefault(int(k) if str(k).lstrip("-").isdigit() else k, []).extend(v)
-    pairs = resolve_heads(model, {k: v for k, v in merged.items() if v}) if any(merged.values()) else []
-    out = {}
-    for layer, head in pairs:
-        out.setdefault(layer, []).append(head)
-    return out
+    merged = {k: v for k, v in merged.items() if v}
+    return as_plan(resolve_heads(model, merged)) if merged else {}
 
 
 def prune_heads(model: HeadlensModel, plan: dict) -> HeadlensModel:
