@@ -144,9 +144,15 @@ def text_statistics(model, window: int = 3, max_offset: int = 8):
         dev = A.device
         pos = torch.arange(P, device=dev)
         dist = (pos[:, None] - pos[None, :]).abs().to(A.dtype)  # [P, S]
+        offsets = {}  # k -> (totals [B, N], counts [B]) of the attention from query i to key i + k
+        profile, profile_counts = A.new_zeros(B, N, 2 * max_offset + 1), A.new_zeros(B, 1, 2 * max_offset + 1)
+        for c, k in enumerate(range(-max_offset, max_offset + 1)):
+            if abs(k) < P:
+                offsets[k] = _masked(*_offset(A, real, k))
+                profile[:, :, c], profile_counts[:, 0, c] = offsets[k]
         out = {}
         for name, k in (("score_previous_token", -1), ("score_next_token", 1), ("score_self", 0)):
-            out[name] = _masked(*_offset(A, real, k)) if P > abs(k) else (A.new_zeros(B, N), A.new_zeros(B))
+            out[name] = offsets[k] if k in offsets else (A.new_zeros(B, N), A.new_zeros(B))
         out["score_first_token"] = _masked(A[..., 0], real & (pos >= 1))
         is_sep = torch.isin(ids, sep_ids.to(dev)) & real
         out["score_separator"] = _masked(torch.einsum("bnps,bs->bnp", A, is_sep.to(A.dtype)), real)
@@ -159,11 +165,7 @@ def text_statistics(model, window: int = 3, max_offset: int = 8):
         n_visible = pb.visible().sum(-1)  # [B, P]
         out["score_entropy_norm"] = _masked(entropy / n_visible.clamp(min=2).log()[:, None], real & (n_visible > 1))
         out["score_confidence"] = _masked(A.amax(-1), real)
-        totals, counts = A.new_zeros(B, N, 2 * max_offset + 1), A.new_zeros(B, 1, 2 * max_offset + 1)
-        for c, k in enumerate(range(-max_offset, max_offset + 1)):
-            if abs(k) < P:
-                totals[:, :, c], counts[:, 0, c] = _masked(*_offset(A, real, k))
-        out["offset_profile"] = (totals, counts)
+        out["offset_profile"] = (profile, profile_counts)
         return out
 
     return statistics
