@@ -45,7 +45,7 @@ def histogram(values: np.ndarray, path: Path, xlabel: str, title: str) -> Path:
 def study(rep) -> None:
     """Add the Michel et al. section to the finished report ``rep``."""
     import headlens
-    from headlens.ablation import ablation_effect, gate_without
+    from headlens.ablation import ablate, gate_without, importance_table
     from headlens.capture import bundled_sentences
     from headlens.tasks import FidelityTask, load_task
 
@@ -57,12 +57,15 @@ def study(rep) -> None:
     free = int((relative > -0.01).sum())
     better = int((heads.importance_ci_low > 0).sum())
 
-    # Michel et al. Table 2: each layer reduced to its single most important head
+    # Michel et al. Table 2: each layer reduced to its single most important head (the full
+    # model's per-example metric computed once, not once per layer)
+    task_clean = task.evaluate(model)
     rows = []
     for layer, part in heads.groupby("layer"):
         best = int(part.sort_values("damage", ascending=False)["head"].iloc[0])
         others = {int(layer): [int(h) for h in part["head"] if h != best]}
-        eff = ablation_effect(model, task, others, kind="zero", n_bootstrap=1000, seed=0)
+        ablated = ablate(model, task, others, kind="zero", seed=0)
+        eff = importance_table([(-1, -1)], task_clean, {(-1, -1): ablated}, task, n_bootstrap=1000, seed=0).iloc[0]
         rows.append(dict(layer=int(layer), kept_head=best, metric=float(eff.metric_ablated),
                          change=float(eff.importance), ci_low=float(eff.importance_ci_low),
                          ci_high=float(eff.importance_ci_high)))
@@ -74,13 +77,15 @@ def study(rep) -> None:
     plan = [(int(layer), h) for layer, hs in rep.plan.items() for h in hs]
     n_plan = len(plan)
     all_heads = model.head_labels()
+    sentences = fidelity.batches(model)  # encoded once for the four plans
     faithful = [dict(plan=f"recommended ({pr['recommended']}, {n_plan} heads)",
-                     cosine=float(fidelity.evaluate(model, head_gate=gate_without(model, plan)).mean()))]
+                     cosine=float(fidelity.evaluate(model, head_gate=gate_without(model, plan),
+                                                    batches=sentences).mean()))]
     for seed in range(3):
         pick = np.random.default_rng(seed).permutation(len(all_heads))[:n_plan]
         gate = gate_without(model, [all_heads[i] for i in pick])
         faithful.append(dict(plan=f"random {n_plan} heads, seed {seed}",
-                             cosine=float(fidelity.evaluate(model, head_gate=gate).mean())))
+                             cosine=float(fidelity.evaluate(model, head_gate=gate, batches=sentences).mean())))
     faithful = pd.DataFrame(faithful)
 
     scratch = Path(tempfile.mkdtemp())
