@@ -92,7 +92,8 @@ class Attention(nn.Module):
         """``x [B, P, D]`` -> ``[B, P, D]``.
 
         mask: additive ``[B or 1, 1, P, S]`` (0 visible, very negative hidden) or None.
-        gate: ``[H]`` multiplier on each head's output (1 keeps, 0 removes); may need grad.
+        gate: ``[H]`` (or ``[B, H]``, one per example) multiplier on each head's output (1 keeps,
+        0 removes); may need grad.
         kv_input: ``[B, S, D]`` to attend over instead of ``x`` (defaults to ``x``).
         """
         kv_x = x if kv_input is None else kv_input
@@ -115,8 +116,9 @@ class Attention(nn.Module):
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
         pattern = self.hook_pattern(pattern)
         z = torch.matmul(pattern, v).transpose(1, 2)  # [B, P, H, d]
-        if gate is not None:
-            z = z * gate.to(z.dtype)[:, None]
+        if gate is not None:  # [H], or [B, H] per example
+            g = gate.to(z.dtype)
+            z = z * (g[:, None] if g.ndim == 1 else g[:, None, :, None])
         z = self.hook_z(z)
         H, d, D = self.W_O.shape
         if self.hook_result.has_hooks():

@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import HeadlensError, check
-from .tokens import batches
+from .model import visible_positions
+from .tokens import batches, read_lines
 
 PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
 SENTENCES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "text", "sentences.txt")
@@ -33,13 +34,10 @@ SENTENCES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"
 
 def read_texts(path: str, n: Optional[int] = None) -> list[str]:
     """The non-empty lines of a UTF-8 text file (the first ``n`` of them if given)."""
-    if not os.path.isfile(path):
-        raise HeadlensError(f"text file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        texts = [line.strip() for line in f if line.strip()]
-    check(len(texts) > 0, f"text file {path!r} has no non-empty lines")
     check(n is None or n >= 1, f"n must be >= 1, got {n}")
-    return texts[:n] if n else texts
+    texts = list(read_lines(path, n))
+    check(len(texts) > 0, f"text file {path!r} has no non-empty lines")
+    return texts
 
 
 def bundled_sentences(n: Optional[int] = None) -> list[str]:
@@ -86,14 +84,8 @@ class PatternBatch:
         sliding window if any, for causal models)."""
         real = self.query_mask
         vis = real[:, :, None] & real[:, None, :]
-        if self.causal:
-            P = real.shape[1]
-            i = torch.arange(P, device=real.device)
-            allowed = i[None, :] <= i[:, None]
-            if self.sliding_window:
-                allowed = allowed & (i[:, None] - i[None, :] < self.sliding_window)
-            vis = vis & allowed
-        return vis
+        allowed = visible_positions(real.shape[1], self.causal, self.sliding_window, real.device)
+        return vis & allowed if allowed is not None else vis
 
 
 def _layer_sizes(model) -> list:

@@ -13,8 +13,6 @@
 """
 from __future__ import annotations
 
-from functools import partial
-
 import pandas as pd
 import torch
 from scipy.stats import spearmanr
@@ -47,7 +45,7 @@ def gradient_importance(model, task, normalize: bool = True, reduce: str = "mean
     the absolute value is taken: per ``"example"`` (Michel et al.'s ``E_x |dL(x)/dg|``; does not
     depend on ``batch_size``) or per ``"batch"`` (transformers' ``run_bertology.py``).
 
-    Each example gets its own copy of the gate (``[R, L, H]``, applied on ``hook_z``), so one
+    Each example gets its own copy of the gate (a per-example ``head_gate [R, L, H]``), so one
     backward per batch yields every example's gradient.
 
     Note: a fidelity task (KL to the unablated model) has zero gradient at ``g = 1``."""
@@ -65,9 +63,9 @@ def gradient_importance(model, task, normalize: bool = True, reduce: str = "mean
     for batch in tqdm(task.batches(model, batch_size), desc="gradient importance", disable=not progress, leave=False):
         with torch.no_grad():
             ref = model(batch.inputs, return_type="hidden") if task.needs_reference else None
-        g = gate.expand(batch.n_rows, L, H).clone().requires_grad_(True)  # [R, L, H]
-        with torch.enable_grad(), model.hooks(fwd_hooks=_gate_hooks(L, g)):
-            hidden = model(batch.inputs, return_type="hidden")
+        g = gate.expand(batch.n_rows, L, H).clone().requires_grad_(True)  # [R, L, H]: one per example
+        with torch.enable_grad():
+            hidden = model(batch.inputs, head_gate=g, return_type="hidden")
             loss = sign * task.compute(model, hidden, batch, ref).sum()
             (grad,) = torch.autograd.grad(loss, g)
         per_example = (g.detach() * grad).double().cpu()  # [R, L, H]
@@ -79,14 +77,6 @@ def gradient_importance(model, task, normalize: bool = True, reduce: str = "mean
     table.attrs.update(task=task.name, metric=task.metric_name, normalize=normalize, reduce=reduce,
                        absolute=absolute, method="michel2019: |g dL/dg| at the gate, absolute value per " + absolute)
     return table
-
-
-def _gate_hooks(n_layers: int, g: torch.Tensor) -> list:
-    """Hooks multiplying ``z [R, P, H_l, d]`` of every layer by the per-example gate ``g [R, L, H]``."""
-    def hook(z, hook, layer):
-        return z * g[:, layer, :z.shape[2]].to(z.dtype)[:, None, :, None]
-
-    return [(f"blocks.{layer}.attn.hook_z", partial(hook, layer=layer)) for layer in range(n_layers)]
 
 
 @torch.no_grad()

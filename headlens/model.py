@@ -24,6 +24,18 @@ from .layers import ACTIVATIONS, MLP, make_norm
 Gate = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
+def visible_positions(P: int, causal: bool, sliding_window: Optional[int], device=None) -> Optional[torch.Tensor]:
+    """``[P, P]`` bool: which key positions each query position may see by position alone (keys
+    up to the query, within ``sliding_window`` if any, for causal models); None: all of them."""
+    if not causal:
+        return None
+    i = torch.arange(P, device=device)
+    visible = i[None, :] <= i[:, None]
+    if sliding_window:
+        visible = visible & (i[:, None] - i[None, :] < sliding_window)
+    return visible
+
+
 class Block(nn.Module):
     """One transformer layer: pre-norm (GPT-2, LLaMA), post-norm (BERT) or parallel (GPT-NeoX)."""
 
@@ -87,7 +99,7 @@ class HeadlensModel(HookedRootModule):
     """A transformer whose every head can be read, gated, masked or replaced.
 
     ``model(input_ids)`` returns logits ``[B, P, V]`` (or final hidden states ``[B, P, D]`` for
-    encoders without an output head). ``head_gate`` ``[L, H]`` multiplies each head's output.
+    encoders without an output head). ``head_gate`` ``[L, H]`` (or ``[B, L, H]``, one per example) multiplies each head's output.
     """
 
     def __init__(self, cfg: ModelConfig, tokenizer=None):
@@ -165,13 +177,8 @@ class HeadlensModel(HookedRootModule):
     def attention_mask_bias(self, attention_mask: Optional[torch.Tensor], P: int, dtype) -> Optional[torch.Tensor]:
         """Additive mask ``[B or 1, 1, P, P]``: 0 where a query may look, dtype-min elsewhere."""
         cfg, device = self.cfg, self.device
-        visible = None
-        if cfg.causal:
-            i = torch.arange(P, device=device)
-            visible = i[None, :] <= i[:, None]
-            if cfg.sliding_window:
-                visible = visible & (i[:, None] - i[None, :] < cfg.sliding_window)
-            visible = visible[None, None]
+        visible = visible_positions(P, cfg.causal, cfg.sliding_window, device)
+        visible = visible[None, None] if visible is not None else None
         if attention_mask is not None:
             keys = attention_mask[:, None, None, :].bool()
             visible = keys if visible is None else (visible & keys)
@@ -180,23 +187,36 @@ class HeadlensModel(HookedRootModule):
         zero = torch.zeros((), dtype=dtype, device=device)
         return torch.where(visible, zero, torch.finfo(dtype).min)
 
+    @staticmethod
+    def _gate_row(head_gate: Gate, layer: int):
+        """Layer ``layer``'s gate: ``[H]``, or ``[B, H]`` for a per-example ``[B, L, H]`` gate."""
+        per_example = isinstance(head_gate, torch.Tensor) and head_gate.ndim == 3
+        return head_gate[:, layer] if per_example else head_gate[layer]
+
     def _gate_for(self, head_gate: Optional[Gate], layer: int) -> Optional[torch.Tensor]:
         if head_gate is None:
             return None
-        g = head_gate[layer]
+        g = self._gate_row(head_gate, layer)
         H = self.blocks[layer].attn.n_heads
         if g.shape[-1] != H:
-            g = g[:H]  # a padded [L, max H] gate on a pruned model
+            g = g[..., :H]  # a padded [L, max H] gate on a pruned model
         return g
 
-    def check_gate(self, head_gate: Gate) -> None:
+    def check_gate(self, head_gate: Gate, batch_size: Optional[int] = None) -> None:
         L = self.cfg.n_layers
-        check(len(head_gate) == L, f"head_gate must have one row per layer ({L}), got {len(head_gate)}")
+        per_example = isinstance(head_gate, torch.Tensor) and head_gate.ndim == 3
+        if per_example:
+            check(batch_size is None or head_gate.shape[0] == batch_size,
+                  f"a per-example head_gate [batch, n_layers, n_heads] needs one row per example "
+                  f"({batch_size}), got {head_gate.shape[0]}")
+        n_rows = head_gate.shape[1] if per_example else len(head_gate)
+        check(n_rows == L, f"head_gate must have one row per layer ({L}), got {n_rows}")
         for layer in range(L):
             H = self.blocks[layer].attn.n_heads
-            row = head_gate[layer]
-            check(isinstance(row, torch.Tensor) and row.ndim == 1,
-                  f"head_gate must be a [n_layers, n_heads] tensor or a list of 1-d tensors; row {layer} is "
+            row = self._gate_row(head_gate, layer)
+            check(isinstance(row, torch.Tensor) and row.ndim == 1 + per_example,
+                  f"head_gate must be a [n_layers, n_heads] tensor, a per-example [batch, n_layers, n_heads] "
+                  f"tensor or a list of 1-d tensors; row {layer} is "
                   f"{type(row).__name__}{tuple(row.shape) if isinstance(row, torch.Tensor) else ''}")
             n = row.shape[-1]
             check(n >= H, f"head_gate row {layer} has {n} entries, layer {layer} has {H} heads")
@@ -288,7 +308,7 @@ class HeadlensModel(HookedRootModule):
         self.check_inputs(B, P, input_ids if residual is None else None, attention_mask, token_type_ids,
                           position_ids, residual, start_at_layer, stop_at_layer)
         if head_gate is not None:
-            self.check_gate(head_gate)
+            self.check_gate(head_gate, B)
         if position_ids is None:
             position_ids = torch.arange(P, device=self.device)[None].expand(B, P)
         x = residual if residual is not None else self.embed(input_ids, token_type_ids, position_ids)
