@@ -267,21 +267,13 @@ class HeadClusterer:
         features = self._features(self.scores_) if self.method != "agglomerative" else None
         self.n_clusters_, labels, self.silhouettes_ = self._choose(self.distance_, features)
         self.labels_ = pd.DataFrame(heads, columns=["layer", "head"]).assign(cluster=labels)
-        self.medoids_ = self._medoids(labels)
+        self.medoids_ = {int(c): self.typical_heads(int(c))[0] for c in sorted(set(labels))}
         self.embedding_ = self._embed(self.distance_)
         self.table_ = self._table(labels)
         self.stability_ = self._stability(model, acc, probe, labels)
         return self
 
     # --- results ---------------------------------------------------------------------------
-    def _medoids(self, labels: np.ndarray) -> dict:
-        heads = list(zip(self.labels_["layer"], self.labels_["head"]))
-        out = {}
-        for c in sorted(set(labels)):
-            idx = np.flatnonzero(labels == c)
-            out[int(c)] = tuple(int(x) for x in heads[idx[self.distance_[np.ix_(idx, idx)].sum(1).argmin()]])
-        return out
-
     def typical_heads(self, cluster: int, n: int = 1) -> list:
         """The ``n`` heads of ``cluster`` closest (summed distance) to its other members."""
         labels = self.labels_["cluster"].to_numpy()
