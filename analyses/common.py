@@ -18,11 +18,18 @@ ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "reports"
 
 
-def slim(rep) -> None:
-    """Keep the committed copy small: drop the SVG and Parquet twins (the PNGs and CSVs stay;
-    re-running the study writes them all again)."""
-    for path in list(rep.out.glob("figures/*.svg")) + list(rep.out.glob("*.parquet")):
+def slim(rep, keep_svg: bool = False) -> None:
+    """Keep the committed copy small: drop the SVG (unless ``keep_svg``) and Parquet twins (the
+    PNGs and CSVs stay; re-running the study writes them all again)."""
+    for path in ([] if keep_svg else list(rep.out.glob("figures/*.svg"))) + list(rep.out.glob("*.parquet")):
         path.unlink()
+
+
+def markdown(df, digits: int) -> str:
+    """A pandas table as a GitHub markdown table (floats to ``digits`` decimals)."""
+    cells = [[f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
 def finish(rep, started: float) -> None:

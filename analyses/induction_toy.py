@@ -18,19 +18,11 @@ import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+from common import REPORTS, markdown, slim
 
-ROOT = Path(__file__).resolve().parent.parent
 SEED = 2024  # data of this study
 SHOWN = ["layer", "head", "score_previous_token", "score_first_token", "score_self", "score_induction",
          "score_duplicate_token", "score_entropy_norm", "role", "pattern_class"]
-
-
-def markdown(df) -> str:
-    """A pandas table as a GitHub markdown table (floats to 3 decimals)."""
-    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
 def loss_by_position(models: dict, tokens, half_len: int, path: Path) -> list[str]:
@@ -79,7 +71,7 @@ def damage_bars(sweep, groups, path: Path) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "reports" / "induction-toy"), help="report folder")
+    parser.add_argument("--out", default=str(REPORTS / "induction-toy"), help="report folder")
     parser.add_argument("--n", type=int, default=128, help="sequences per data set")
     parser.add_argument("--svg", action="store_true", help="keep the SVG copies of the figures")
     args = parser.parse_args(argv)
@@ -104,7 +96,6 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     names = ["toy-induction-2l", "toy-induction-1l", "toy-first-token"]
     models = {name: headlens.load(name) for name in names}
-    cards = {name: read_card(Path(toy.__file__).parent / "data" / "models" / name) for name in names}
     two = models["toy-induction-2l"]
 
     # 1. losses on the two halves
@@ -154,7 +145,7 @@ def main(argv=None) -> int:
     # 5. the recovery checks
     sw = sweep.set_index(["layer", "head"])
     s1, sf = scores["toy-induction-1l"], scores["toy-first-token"].set_index(["layer", "head"])
-    first_card = cards["toy-first-token"]["roles"]
+    first_card = read_card(Path(toy.__file__).parent / "data" / "models" / "toy-first-token")["roles"]
     checks = [
         ("repeated-half loss far below first-half loss (2 layers)",
          losses.loss_repeated_half[0] < losses.loss_first_half[0] - 2),
@@ -188,24 +179,24 @@ def main(argv=None) -> int:
         *[f"- [{'x' if ok else ' '}] {text}" for text, ok in checks], "",
         "## 1. Loss on the first and the repeated half of [BOS, x, x]", "",
         f"half length {T}; log(63) = {np.log(63):.3f} nats (uniform over the data tokens).", "",
-        markdown(losses), "", f"![loss by position]({rel(loss_fig)})", "",
+        markdown(losses, 3), "", f"![loss by position]({rel(loss_fig)})", "",
         "## 2. Pattern scores and roles", "",
         "`pattern_scores` on the training distribution ([BOS, x, x, ...] with random period), "
         "induction score from headlens' own repeated-token probe; `assign_roles` with default thresholds.", "",
-        *[part for n in names for part in (f"### {n}", "", markdown(scores[n][SHOWN]), "")],
+        *[part for n in names for part in (f"### {n}", "", markdown(scores[n][SHOWN], 3), "")],
         f"![previous-token scores]({rel(heat[0])}) ![induction scores]({rel(heat[1])})", "",
         f"![patterns]({rel(gallery)})", "",
         "## 3. Ablation (zero, repeated-half loss)", "",
         f"Clean repeated-half loss {clean.mean():.4f}. Single heads (`ablation_sweep`, 95% bootstrap CI):", "",
-        markdown(sweep[["layer", "head", "damage", "importance_ci_low", "importance_ci_high", "metric_ablated"]]), "",
-        "Groups (`ablate`):", "", markdown(gtable), "",
+        markdown(sweep[["layer", "head", "damage", "importance_ci_low", "importance_ci_high", "metric_ablated"]], 3), "",
+        "Groups (`ablate`):", "", markdown(gtable, 3), "",
         f"The previous-token head {prev[0]}.{prev[1]} feeds the keys of every induction head "
         f"(K-composition): removing it costs {sw.loc[prev, 'damage']:.2f} nats. The induction heads are "
         f"redundant: removing any one costs at most {max(sw.loc[h, 'damage'] for h in induction):.3f} "
         f"nats, removing all {len(induction)} costs {groups['all induction']['damage']:.2f}.", "",
         f"![ablation]({rel(bars)})", "",
         "## 4. Clusters (Jensen-Shannon distance, agglomerative, k by silhouette)", "",
-        markdown(ctable), "",
+        markdown(ctable, 3), "",
         f"Largest distance between two induction heads {d[np.ix_(ind_ix, ind_ix)].max():.3f}; smallest "
         f"from an induction head to any other head {d[np.ix_(ind_ix, rest_ix)].min():.3f}.", "",
         f"![embedding]({rel(scatter)})", "",
@@ -221,8 +212,7 @@ def main(argv=None) -> int:
                            progress=False, command="python analyses/induction_toy.py")
     html.add_section("Recovery checks", notes=[f"{'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks],
                      tables={"Loss on the first and the repeated half": losses, "Group ablations": gtable})
-    for path in [*html.out.glob("*.parquet"), *([] if args.svg else html.out.glob("figures/*.svg"))]:
-        path.unlink()
+    slim(html, keep_svg=args.svg)
     losses.to_csv(out / "losses.csv", index=False)
     print("\n".join(f"[{'ok' if ok else 'FAIL'}] {text}" for text, ok in checks))
     print(f"wrote {out / 'report.md'} in {seconds:.1f} s")

@@ -15,23 +15,13 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MPLBACKEND", "Agg")
+from common import ROOT, markdown
 
-ROOT = Path(__file__).resolve().parent.parent
 SHORT = {"score_previous_token": "prev", "score_next_token": "next", "score_self": "self",
          "score_first_token": "first", "score_separator": "sep", "score_punctuation": "punct",
          "score_distance": "dist", "score_entropy_norm": "entropy_norm", "score_confidence": "confidence",
          "score_induction": "induction", "score_duplicate_token": "duplicate"}
-
-
-def markdown(df) -> str:
-    """A pandas table as a GitHub markdown table (floats to 2 decimals)."""
-    cells = [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
 def main(argv=None) -> int:
@@ -107,7 +97,7 @@ Scores are means over real (non-padding) query positions (Clark et al. 2019); `i
 `duplicate` come from repeated random tokens (Olsson et al. 2022). Column names shortened:
 `prev` = `score_previous_token`, and so on.
 
-{markdown(excerpt)}
+{markdown(excerpt, 2)}
 
 Roles over all {len(scores)} heads: {", ".join(f"{r} {n}" for r, n in roles.items())}.
 
@@ -117,7 +107,7 @@ Roles over all {len(scores)} heads: {", ".join(f"{r} {n}" for r, n in roles.item
 resamples of the sentences: adjusted Rand index {st['ari_mean']:.2f} +- {st['ari_std']:.2f}
 (min {st['ari_min']:.2f}).
 
-{markdown(table)}
+{markdown(table, 2)}
 
 Each cluster's most typical head (closest to the rest of its cluster) on one sentence:
 
