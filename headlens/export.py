@@ -30,8 +30,14 @@ INFO_FIELDS = {"name", "source", "notes", "kept_heads", "sep_token_ids", "pad_to
                "bos_token_id", "eos_token_id"}
 
 
+def is_exportable(family) -> bool:
+    """Whether a :class:`headlens.families.base.Family` can be written as a ``transformers`` folder
+    (it has both ``config_to_hf`` and ``hf_layout``)."""
+    return family.config_to_hf is not None and family.hf_layout is not None
+
+
 def exportable_families() -> list[str]:
-    return sorted(n for n, f in FAMILIES.items() if f.config_to_hf is not None and f.hf_layout is not None)
+    return sorted(n for n, f in FAMILIES.items() if is_exportable(f))
 
 
 def to_hf_state(model: HeadlensModel) -> tuple:
@@ -39,7 +45,7 @@ def to_hf_state(model: HeadlensModel) -> tuple:
     state dict reads back into exactly the same tensors."""
     cfg = model.cfg
     family = FAMILIES.get(cfg.family)
-    if family is None or family.config_to_hf is None or family.hf_layout is None:
+    if family is None or not is_exportable(family):
         raise HeadlensError(f"model family {cfg.family!r} cannot be exported to a transformers folder; "
                             f"exportable families: {exportable_families()}")
     hf_config = family.config_to_hf(cfg)

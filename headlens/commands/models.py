@@ -19,10 +19,11 @@ def families_table():
     """One row per supported family: ``family, model_types, hf_class, exportable, description``."""
     import pandas as pd
 
+    from ..export import is_exportable
     from ..families import FAMILIES
 
     rows = [{"family": f.name, "model_types": ", ".join(f.model_types), "hf_class": f.hf_class,
-             "exportable": f.config_to_hf is not None and f.hf_layout is not None,
+             "exportable": is_exportable(f),
              "description": f.description} for f in FAMILIES.values()]
     return pd.DataFrame(rows, columns=["family", "model_types", "hf_class", "exportable", "description"])
 
