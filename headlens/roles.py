@@ -38,17 +38,13 @@ punctuation`` (a few fixed key columns) and diagonal mass ``d = previous + self 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from .errors import HeadlensError, check
-
-ROLES = ("induction", "duplicate-token", "previous-token", "next-token", "self", "first-token sink",
-         "separator", "punctuation", "positional", "broad", "local", "mixed")
-PATTERN_CLASSES = ("vertical", "diagonal", "vertical+diagonal", "block", "heterogeneous")
 
 
 @dataclass(frozen=True)
@@ -163,8 +159,3 @@ def assign_roles(scores: pd.DataFrame, thresholds: Optional[RoleThresholds] = No
     out["role"] = head_roles(out, t)
     out["pattern_class"] = pattern_classes(out, t)
     return out
-
-
-def thresholds_dict(thresholds: Optional[RoleThresholds] = None) -> dict:
-    """The thresholds in use, as a plain dict (for reports)."""
-    return asdict(thresholds or RoleThresholds())

@@ -57,7 +57,6 @@ SCORE_COLUMNS = [
     "score_entropy_norm", "score_confidence", "score_duplicate_token", "score_induction",
     "score_local",
 ]
-EXTRA_COLUMNS = ["peak_offset", "score_peak_offset"]
 PROBE_COLUMNS = ["score_induction", "score_duplicate_token"]  # from the repeated-token probe
 DETECTOR_NAMES = ("previous_token_head", "duplicate_token_head", "induction_head")
 
