@@ -102,7 +102,6 @@ def run(args) -> int:
     for col, rho in table.attrs.get("spearman", {}).items():
         print(f"Spearman rank correlation of {col} with the ablation sweep: {rho:.3f}")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         table.to_csv(args.out, index=False)
         print(f"wrote {args.out}")
     print("times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())

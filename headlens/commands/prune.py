@@ -3,7 +3,6 @@ and optionally the physically pruned model with its parameter count and speed-up
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from .importance import load_model_and_task
@@ -45,7 +44,7 @@ def run(args) -> int:
     from ..pruning import pruning_curve
 
     start = time.perf_counter()
-    writable_folder(args.out)  # a file or an unwritable folder fails now, not after the analysis
+    out = writable_folder(args.out)  # a file or an unwritable folder fails now, not after the analysis
     model, task = load_model_and_task(args)
     result = pruning_curve(model, task, methods=args.methods, target=args.target, floor=args.floor, step=args.step,
                            n_random=args.n_random, split=args.split, seed=args.seed, kind=args.kind,
@@ -53,11 +52,10 @@ def run(args) -> int:
     curve = result.curve
     with pd.option_context("display.width", 200, "display.max_rows", 1000):
         print(curve.round(4).to_string(index=False))
-    os.makedirs(args.out, exist_ok=True)
-    curve.to_csv(os.path.join(args.out, "pruning.csv"), index=False)
+    curve.to_csv(out / "pruning.csv", index=False)
     record = {"recommended": result.recommended, "plan": result.plan, "plans": result.plans,
               "task": task.name, "metric": task.metric_name, "floor": args.floor, "target": args.target}
-    with open(os.path.join(args.out, "prune_plan.json"), "w") as f:
+    with open(out / "prune_plan.json", "w") as f:
         json.dump(record, f, indent=2)
     n = sum(len(v) for v in result.plan.values())
     print(f"\nrecommended: {result.recommended}, removing {n} of {model.cfg.n_heads_total} heads: {result.plan}")

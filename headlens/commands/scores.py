@@ -1,7 +1,6 @@
 """``headlens scores``: every head's pattern scores, role, pattern class and cluster."""
 from __future__ import annotations
 
-import os
 import time
 
 from .options import add_shared
@@ -43,7 +42,7 @@ def run(args) -> int:
     if args.out:
         from ..files import writable_folder
 
-        writable_folder(args.out)  # fail before the analysis, not after it
+        out = writable_folder(args.out)  # fail before the analysis, not after it
     start = time.perf_counter()
     model = load(args.model)
     texts = read_texts(args.text or SENTENCES_PATH, args.n)
@@ -68,14 +67,13 @@ def run(args) -> int:
             print(f"\ncluster stability over {st['n_bootstrap']} bootstrap resamples: "
                   f"ARI {st['ari_mean']:.2f} +- {st['ari_std']:.2f} (min {st['ari_min']:.2f})")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        scores.to_csv(os.path.join(args.out, "scores.csv"), index=False)
+        scores.to_csv(out / "scores.csv", index=False)
         if clusterer is not None:
-            clusterer.table_.to_csv(os.path.join(args.out, "cluster_table.csv"), index=False)
+            clusterer.table_.to_csv(out / "cluster_table.csv", index=False)
             if args.figures:
                 from ..figures import cluster_figures
 
-                cluster_figures(model, clusterer, texts[0], args.out,
+                cluster_figures(model, clusterer, texts[0], str(out),
                                 score_columns=("score_previous_token", "score_first_token", "score_entropy_norm"))
         print(f"\nwrote {args.out}")
     print(f"{len(texts)} texts, {len(scores)} heads, {time.perf_counter() - start:.1f} s")
