@@ -149,7 +149,7 @@ class Replacement:
     (resample) or ``[R, 1, P, S]`` (uniform pattern)."""
 
     def __init__(self, model, kind: str, batches, zs=None, per_position: bool = True, seed: int = 0):
-        self.model, self.kind, self.batches = model, kind, batches
+        self.kind = kind
         if kind == "mean":
             m = torch.cat([b.inputs["attention_mask"] for b in batches]).to(zs[0].dtype)[..., None, None]
             z = torch.cat(zs)
@@ -159,6 +159,12 @@ class Replacement:
             self.z = torch.cat(zs)
             self.perm = derangement(self.z.shape[0], seed).to(self.z.device)
             self.offsets = np.cumsum([0] + [b.n_rows for b in batches])
+        elif kind == "uniform":  # per batch [R, 1, P, S]: uniform over the keys a query may see
+            self.patterns = []
+            for b in batches:
+                mask = b.inputs["attention_mask"]
+                visible = (model.attention_mask_bias(mask, mask.shape[1], torch.float32) == 0).float()
+                self.patterns.append(visible / visible.sum(-1, keepdim=True).clamp(min=1))  # a padded query may see no key
 
     def head_z(self, i: int, j: int, v: Optional[torch.Tensor], attn) -> torch.Tensor | float:
         """What local head ``j``'s ``z`` becomes in batch ``i``: ``[R or 1, P or 1, d]`` (or 0 for
@@ -175,10 +181,7 @@ class Replacement:
         if self.kind == "resample":
             return self.z[self.perm[self.offsets[i]:self.offsets[i + 1]]]
         if self.kind == "uniform":
-            mask = self.batches[i].inputs["attention_mask"]
-            P = mask.shape[1]
-            visible = (self.model.attention_mask_bias(mask, P, torch.float32) == 0).float()  # [R, 1, P, S]
-            return visible / visible.sum(-1, keepdim=True).clamp(min=1)  # a padded query may see no key
+            return self.patterns[i]
         return None
 
 
@@ -219,7 +222,7 @@ def ablate(model, task, heads, kind: str = "zero", per_position: bool = True, se
         repl[layer] = Replacement(model, kind, batches, zs, per_position, seed)
     out = []
     for i, b in enumerate(batches):
-        ref = model(b.inputs, return_type="hidden") if task.needs_reference else None
+        ref = task.reference(model, b)
         hooks = [(hook_name(kind, layer), ablation_hook(
             kind, [[local_index(model, layer, h) for ll, h in pairs if ll == layer]], b.n_rows, repl[layer].value(i)))
             for layer in layers]
@@ -365,10 +368,13 @@ def sweep_metrics(model, task, kind: str = "zero", heads=None, method: str = "fa
         store = SweepCheckpoint(checkpoint_dir, sweep_fingerprint(
             model, task, kind=kind, method=method, seed=seed, batch_size=batch_size,
             per_position=per_position, memory_budget_mb=memory_budget_mb, heads_swept=repr(pairs)))
+    refs, clean = [], []
     with torch.no_grad():
-        refs = [model(b.inputs, return_type="hidden") if task.needs_reference else None for b in batches]
-        clean = np.concatenate([task.compute(model, model(b.inputs, return_type="hidden"), b, r).double().cpu().numpy()
-                                for b, r in zip(batches, refs)])
+        for b in batches:  # one unablated forward per batch: the clean metric and the reference
+            hidden = model(b.inputs, return_type="hidden")
+            refs.append(hidden if task.needs_reference else None)
+            clean.append(task.compute(model, hidden, b, refs[-1]).double().cpu().numpy())
+    clean = np.concatenate(clean)
     repl_args = dict(per_position=per_position, seed=seed)
     with tqdm(total=len(pairs), desc=f"{kind} ablation sweep", disable=not progress, leave=False) as bar:
         if method == "fast":

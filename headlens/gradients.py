@@ -61,8 +61,7 @@ def gradient_importance(model, task, normalize: bool = True, reduce: str = "mean
     total = torch.zeros(L, H, dtype=torch.float64)
     sign = -1.0 if task.higher_is_better else 1.0
     for batch in tqdm(task.batches(model, batch_size), desc="gradient importance", disable=not progress, leave=False):
-        with torch.no_grad():
-            ref = model(batch.inputs, return_type="hidden") if task.needs_reference else None
+        ref = task.reference(model, batch)
         g = gate.expand(batch.n_rows, L, H).clone().requires_grad_(True)  # [R, L, H]: one per example
         with torch.enable_grad():
             hidden = model(batch.inputs, head_gate=g, return_type="hidden")
@@ -114,8 +113,7 @@ def attribution_patching(model, task, corruption: str = "corrupted", per_positio
     total = [torch.zeros(b.attn.n_heads, dtype=torch.float64) for b in model.blocks]
     for i, batch in enumerate(tqdm(batches, desc="attribution patching", disable=not progress, leave=False)):
         corr = _capture_z(model, batch.corrupted) if corruption == "corrupted" else None
-        with torch.no_grad():
-            ref = model(batch.inputs, return_type="hidden") if task.needs_reference else None
+        ref = task.reference(model, batch)
         clean, deltas = [None] * L, [None] * L
 
         def open_z(z, hook):  # z + 0: a leaf whose gradient is dM/dz through every later path

@@ -166,13 +166,19 @@ class Task:
         return values
 
     @torch.no_grad()
+    def reference(self, model, batch: TaskBatch) -> Optional[torch.Tensor]:
+        """What :meth:`score` compares with: the unablated model's final hidden states ``[R, P, D]``
+        for ``batch`` when the task needs them (fidelity), else None."""
+        return model(batch.inputs, return_type="hidden") if self.needs_reference else None
+
+    @torch.no_grad()
     def evaluate(self, model, head_gate=None, fwd_hooks=(), batch_size: int = 16, batches=None) -> np.ndarray:
         """Metric per example ``[N]`` of ``model`` run with ``head_gate`` and ``fwd_hooks``
         (TransformerLens ``(name, fn)`` pairs, removed afterwards); ``batches``: this task's
         :meth:`batches` for ``model``, when the caller already has them."""
         out = []
         for batch in batches if batches is not None else self.batches(model, batch_size):
-            ref = model(batch.inputs, return_type="hidden") if self.needs_reference else None
+            ref = self.reference(model, batch)
             with model.hooks(fwd_hooks=list(fwd_hooks)):
                 hidden = model(batch.inputs, head_gate=head_gate, return_type="hidden")
             out.append(self.compute(model, hidden, batch, ref).double().cpu())

@@ -234,3 +234,18 @@ def test_importance_command(gpt2, tmp_path, capsys):
     table = pd.read_csv(out)
     assert len(table) == 8 and {"importance", "grad_importance", "attribution"} <= set(table.columns)
     assert "Spearman" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["fast", "naive"])
+def test_sweep_of_a_task_that_compares_with_the_unablated_model(gpt2, method):
+    """Fidelity (KL to the unablated model): the clean metric is 0 and each head's importance is
+    what ablate() measures with its own reference."""
+    from headlens.tasks import FidelityTask
+
+    task = FidelityTask(TEXTS, measure="kl")
+    table = ablation_sweep(gpt2, task, "zero", method=method, batch_size=4, n_bootstrap=0, progress=False)
+    assert table["metric_clean"].abs().max() < 1e-6
+    for layer, head in [(0, 1), (1, 3)]:
+        row = table[(table["layer"] == layer) & (table["head"] == head)]
+        assert row["importance"].item() == pytest.approx(ablate(gpt2, task, (layer, head)).mean(), abs=1e-6)
+    assert table["importance"].min() > 0 and table["importance"].max() > 1e-3
