@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 
 from .capture import PatternBatch, iter_patterns, stream_head_stats
-from .errors import HeadlensError, check
+from .errors import check
 from .tokens import repeated_random_tokens
 
 SCORE_COLUMNS = [
@@ -227,10 +227,13 @@ def pattern_scores(model, data, batch_size: int = 16, seed: int = 0, induction: 
 
 
 # --- TransformerLens' head detector, same definition -----------------------------------------
+def _check_detector_name(name: str) -> None:
+    check(name in DETECTOR_NAMES, f"name must be one of {DETECTOR_NAMES}, got {name!r}")
+
+
 def detector_templates(ids: torch.Tensor, name: str) -> torch.Tensor:
     """``ids [B, P]`` -> 0/1 templates ``[B, P, P]`` of ``transformer_lens.head_detector``."""
-    if name not in DETECTOR_NAMES:
-        raise HeadlensError(f"name must be one of {DETECTOR_NAMES}, got {name!r}")
+    _check_detector_name(name)
     B, P = ids.shape
     if name == "previous_token_head":
         return torch.diag(torch.ones(P - 1, device=ids.device), -1).expand(B, P, P)
@@ -250,7 +253,7 @@ def detector_scores(model, data, name: str, exclude_bos: bool = False, exclude_c
     then the mean over sequences. ``data``: texts or token ids (each row one sequence).
     Returns ``layer, head, detector_{name}``.
     """
-    detector_templates(torch.zeros(1, 2, dtype=torch.long), name)  # validates name
+    _check_detector_name(name)
     total, count = 0.0, 0
     for pb in iter_patterns(model, data, batch_size, **encode_kwargs):
         A, real = pb.patterns, pb.query_mask
