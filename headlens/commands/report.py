@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from .options import add_shared
+
 NAME = "report"
 HELP = "analyse every head of a model and write a research report (the default command)"
 DESCRIPTION = (
@@ -29,7 +31,7 @@ def add_arguments(p) -> None:
                         "another example's (resample), or make its attention uniform")
     p.add_argument("--metric", default=None,
                    help="metric of the task to use when it offers several; None: the task's own")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    add_shared(p, "--batch-size")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights' dtype")
     p.add_argument("--seed", type=int, default=0,
@@ -47,7 +49,7 @@ def add_arguments(p) -> None:
                    help="bootstrap resamples for the importance confidence intervals")
     p.add_argument("--n-clusters", type=int, default=None,
                    help="number of head clusters; None: chosen by silhouette")
-    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    add_shared(p, "--no-progress")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the stages an interrupted run of the same configuration finished in OUT")
     p.add_argument("--force", action="store_true",
