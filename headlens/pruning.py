@@ -63,11 +63,8 @@ def selection_split(task, split: float = 0.5, seed: int = 0) -> tuple:
     """The split :func:`pruning_curve` makes: ``(selection task, held-out task, positions)``, with
     ``positions [n_selection]`` the selection examples' positions in ``task`` (to restrict
     per-example metrics of the whole task, e.g. :func:`headlens.ablation.sweep_metrics`'s, to it)."""
-    select, held = task.split(split, seed)
-    position = {}
-    for p, i in enumerate(task.ids):
-        position.setdefault(i, p)
-    return select, held, np.array([position[i] for i in select.ids], dtype=np.int64)
+    first, second = task.split_positions(split, seed)
+    return task.subset(first), task.subset(second), first
 
 
 def _passes(value: float, unpruned: float, floor, higher_is_better: bool) -> bool:

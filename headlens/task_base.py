@@ -109,13 +109,18 @@ class Task:
         new.ids = [self.ids[i] for i in indices]
         return new
 
-    def split(self, fraction: float = 0.5, seed: int = 0) -> tuple["Task", "Task"]:
-        """Random split into (first, second) with ``fraction`` of the examples in the first."""
+    def split_positions(self, fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The positions of :meth:`split`'s two parts, each sorted: ``([k], [N - k])``."""
         check(0 < fraction < 1, f"fraction must lie in (0, 1), got {fraction}")
         check(len(self) >= 2, f"task {self.name!r} has {len(self)} example(s): need 2 to split")
         order = np.random.default_rng(seed).permutation(len(self))
         k = min(max(1, round(fraction * len(self))), len(self) - 1)
-        return self.subset(sorted(order[:k])), self.subset(sorted(order[k:]))
+        return np.sort(order[:k]), np.sort(order[k:])
+
+    def split(self, fraction: float = 0.5, seed: int = 0) -> tuple["Task", "Task"]:
+        """Random split into (first, second) with ``fraction`` of the examples in the first."""
+        first, second = self.split_positions(fraction, seed)
+        return self.subset(first), self.subset(second)
 
     # --- model input ------------------------------------------------------------------------
     def prepare(self, model, inputs: dict) -> tuple[dict, dict, Optional[dict]]:
