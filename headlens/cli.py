@@ -1,5 +1,5 @@
 """The ``headlens`` command. Each subcommand lives in :mod:`headlens.commands` as a module with
-``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``."""
+``NAME``, ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int``."""
 from __future__ import annotations
 
 import argparse
@@ -19,13 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(f"headlens.commands.{module_name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"headlens.commands.{module_name}":
-                continue
-            raise
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+        mod = importlib.import_module(f"headlens.commands.{module_name}")
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.DESCRIPTION,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
