@@ -57,15 +57,23 @@ HEAD_COLUMNS = ["layer", "head", "role", "pattern_class", "cluster", "damage", "
                 "importance_ci_low", "importance_ci_high", "grad_importance"]
 
 
+def _figure_key(name: str):
+    """The :data:`FIGURES` key of ``name``: itself, else the ``"_"``-ended prefix it starts with, else None."""
+    if name in FIGURES:
+        return name
+    return next((key for key in FIGURES if key.endswith("_") and name.startswith(key)), None)
+
+
 def figure_meta(name: str) -> tuple[str, str, str]:
     """(section, title, caption) of figure ``name``; score heatmaps share a prefix."""
-    if name in FIGURES:
+    key = _figure_key(name)
+    if key is None:
+        return "patterns", name.replace("_", " ").capitalize(), ""
+    if key == name:
         return FIGURES[name]
-    for prefix, (section, title, _) in FIGURES.items():
-        if prefix.endswith("_") and name.startswith(prefix):
-            score = name[len(prefix):].replace("_", " ")
-            return section, f"{title}: {score}", f"Layer x head heatmap of the {score} score."
-    return "patterns", name.replace("_", " ").capitalize(), ""
+    section, title, _ = FIGURES[key]
+    score = name[len(key):].replace("_", " ")
+    return section, f"{title}: {score}", f"Layer x head heatmap of the {score} score."
 
 
 SCORE_ORDER = ["previous_token", "first_token", "separator", "entropy_norm", "induction"]
@@ -74,11 +82,12 @@ SCORE_ORDER = ["previous_token", "first_token", "separator", "entropy_norm", "in
 def figure_order(names) -> list[str]:
     """``names`` in the order of :data:`FIGURES`; score heatmaps in :data:`SCORE_ORDER`."""
     def rank(name):
-        for i, key in enumerate(FIGURES):
-            if name == key or (key.endswith("_") and name.startswith(key)):
-                score = name[len(key):]
-                return i, SCORE_ORDER.index(score) if score in SCORE_ORDER else len(SCORE_ORDER), name
-        return len(FIGURES), 0, name
+        key = _figure_key(name)
+        if key is None:
+            return len(FIGURES), 0, name
+        score = name[len(key):]
+        in_key = SCORE_ORDER.index(score) if score in SCORE_ORDER else len(SCORE_ORDER)
+        return list(FIGURES).index(key), in_key, name
     return sorted(names, key=rank)
 
 
