@@ -206,7 +206,8 @@ def make_report(args, argv):
     model = smollm2()
     task = text_task(model, args.n_examples, args.max_tokens)
     command = "python analyses/smollm2_study.py" + (" " + " ".join(argv) if argv else "")
-    rep = headlens.report(model, task=task, out=args.out, n_examples=args.n_examples,
+    # by name, so that run.json records the bundled model as "smollm2" (a warm load takes ~1 s)
+    rep = headlens.report("smollm2", task=task, out=args.out, n_examples=args.n_examples,
                           n_bootstrap=args.n_bootstrap, seed=SEED, command=command)
     rep.add_section(
         "About this run",
