@@ -16,11 +16,9 @@ most important heads look from the final position (the IO name, the repeated S n
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import torch
-
 from common import REPORTS, run_study
 
 OUT = REPORTS / "decoder_ioi"
@@ -29,7 +27,7 @@ OUT = REPORTS / "decoder_ioi"
 def name_attention(model, task, batch_size: int = 16) -> pd.DataFrame:
     """Per head: mean attention from the answer position to the IO name's tokens, the S name's
     tokens and the first token (BOS), over the task's prompts."""
-    from headlens.capture import iter_patterns
+    from headlens.patterns.capture import iter_patterns
 
     sums = {k: torch.zeros(len(model.head_labels()), dtype=torch.float64) for k in ("io", "s", "bos")}
     n = 0
@@ -51,8 +49,8 @@ def name_attention(model, task, batch_size: int = 16) -> pd.DataFrame:
 def study(rep, model_name: str) -> None:
     """Add the IOI section to the finished report ``rep``."""
     import headlens
-    from headlens.gradients import attribution_patching
-    from headlens.tasks import load_task
+    from headlens.importance.gradients import attribution_patching
+    from headlens.importance.tasks import load_task
 
     model = headlens.load(model_name)
     task = load_task("ioi", model=model, n_examples=rep.run["config"]["n_examples"])

@@ -31,7 +31,7 @@ def loss_by_position(models: dict, tokens, half_len: int, path: Path) -> list[st
     import torch.nn.functional as F
     from matplotlib.figure import Figure
 
-    from headlens.figures import save_figure
+    from headlens.reporting.figures.patterns import save_figure
 
     fig = Figure(figsize=(7, 3.6))
     ax = fig.add_subplot()
@@ -53,7 +53,7 @@ def damage_bars(sweep, groups, path: Path) -> list[str]:
     import numpy as np
     from matplotlib.figure import Figure
 
-    from headlens.figures import save_figure
+    from headlens.reporting.figures.patterns import save_figure
 
     names = [f"{l}.{h}" for l, h in zip(sweep["layer"], sweep["head"])] + list(groups)
     values = np.r_[sweep["damage"].to_numpy(), [g["damage"] for g in groups.values()]]
@@ -81,14 +81,16 @@ def main(argv=None) -> int:
     import torch
 
     import headlens
-    from headlens import toy
-    from headlens.ablation import ablate, ablation_sweep
-    from headlens.checkpoint import read_card
-    from headlens.clusters import HeadClusterer
-    from headlens.figures import embedding_scatter, pattern_gallery, score_heatmap
-    from headlens.roles import assign_roles
-    from headlens.scores import pattern_scores
-    from headlens.tasks import RepeatedHalfTask
+    from headlens.data import MODELS_DIR
+    from headlens.importance.ablation import ablate
+    from headlens.importance.sweep import ablation_sweep
+    from headlens.importance.tasks import RepeatedHalfTask
+    from headlens.io.native import read_card
+    from headlens.patterns.clusters import HeadClusterer
+    from headlens.patterns.roles import assign_roles
+    from headlens.patterns.scores import pattern_scores
+    from headlens.reporting.figures.patterns import embedding_scatter, pattern_gallery, score_heatmap
+    from headlens.synthetic import toys as toy
 
     torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared CPU
     out = Path(args.out)
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     # 5. the recovery checks
     sw = sweep.set_index(["layer", "head"])
     s1, sf = scores["toy-induction-1l"], scores["toy-first-token"].set_index(["layer", "head"])
-    first_card = read_card(Path(toy.__file__).parent / "data" / "models" / "toy-first-token")["roles"]
+    first_card = read_card(MODELS_DIR / "toy-first-token")["roles"]
     checks = [
         ("repeated-half loss far below first-half loss (2 layers)",
          losses.loss_repeated_half[0] < losses.loss_first_half[0] - 2),

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from common import REPORTS, line_figure, run_study
 
 OUT = REPORTS / "minilm_clark"
@@ -110,7 +109,7 @@ def study(rep) -> None:
 def make_report(args):
     """The full headlens report: all bundled sentences for the patterns, 96 paraphrase triples."""
     import headlens
-    from headlens.capture import bundled_sentences
+    from headlens.data.corpora import bundled_sentences
 
     return headlens.report("minilm", task="paraphrase", out=args.out, data=bundled_sentences(), n_examples=96,
                            seed=0, command="python analyses/minilm_clark.py")

@@ -37,9 +37,9 @@ def main(argv=None) -> int:
     import torch
 
     import headlens
-    from headlens.capture import bundled_sentences
-    from headlens.clusters import HeadClusterer
-    from headlens.figures import cluster_figures
+    from headlens.data.corpora import bundled_sentences
+    from headlens.patterns.clusters import HeadClusterer
+    from headlens.reporting.figures.patterns import cluster_figures
 
     texts = bundled_sentences(args.n)
     timings = []
@@ -82,8 +82,8 @@ Produced by `python analyses/minilm_patterns_excerpt.py` (seed 0): `headlens.loa
 
 ```python
 import headlens
-from headlens.capture import bundled_sentences
-from headlens.clusters import HeadClusterer
+from headlens.data.corpora import bundled_sentences
+from headlens.patterns.clusters import HeadClusterer
 
 model = headlens.load("minilm")
 fit = HeadClusterer(seed=0).fit(model, bundled_sentences({len(texts)}))

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from common import REPORTS, run_study
 
 OUT = REPORTS / "minilm_pruning"
@@ -45,9 +44,11 @@ def histogram(values: np.ndarray, path: Path, xlabel: str, title: str) -> Path:
 def study(rep) -> None:
     """Add the Michel et al. section to the finished report ``rep``."""
     import headlens
-    from headlens.ablation import ablate, gate_without, importance_table
-    from headlens.capture import bundled_sentences
-    from headlens.tasks import FidelityTask, load_task
+    from headlens.data.corpora import bundled_sentences
+    from headlens.importance.ablation import ablate
+    from headlens.importance.statistics import importance_table
+    from headlens.importance.tasks import FidelityTask, load_task
+    from headlens.model.heads import gate_without
 
     n_examples = rep.run["config"]["n_examples"]
     model = headlens.load("minilm")
@@ -64,7 +65,7 @@ def study(rep) -> None:
     for layer, part in heads.groupby("layer"):
         best = int(part.sort_values("damage", ascending=False)["head"].iloc[0])
         others = {int(layer): [int(h) for h in part["head"] if h != best]}
-        ablated = ablate(model, task, others, kind="zero", seed=0)
+        ablated = ablate(model, task, others, ablation="zero", seed=0)
         eff = importance_table([(-1, -1)], task_clean, {(-1, -1): ablated}, task, n_bootstrap=1000, seed=0).iloc[0]
         rows.append(dict(layer=int(layer), kept_head=best, metric=float(eff.metric_ablated),
                          change=float(eff.importance), ci_low=float(eff.importance_ci_low),

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
 from common import REPORTS, line_figure, run_study
 
 OUT = REPORTS / "smollm2"
@@ -48,7 +47,7 @@ def smollm2():
 def text_task(model, n_examples: int, max_tokens: int):
     """Next-token loss on ``n_examples`` pydoc lines spread over the bundled file, each at least
     ``max_tokens`` tokens long (with BOS) and cut there, so that no batch carries padding."""
-    from headlens.tasks import DATA, LMLossTask
+    from headlens.importance.tasks import DATA, LMLossTask
 
     lines = [x for x in (DATA / "pydoc_text.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
     lengths = [len(ids) + 1 for ids in model.tokenizer(lines, add_special_tokens=False)["input_ids"]]
@@ -61,7 +60,7 @@ def position_losses(model, tokens: torch.Tensor, heads=()) -> torch.Tensor:
     """Next-token loss ``[N, P-1]`` on ``tokens [N, P]`` with ``heads`` zero-ablated (gated to 0)."""
     import torch.nn.functional as F
 
-    from headlens.ablation import gate_without
+    from headlens.model.heads import gate_without
 
     with torch.no_grad():
         logits = model(tokens, head_gate=gate_without(model, list(heads)))
@@ -88,7 +87,7 @@ def mean_ci(values: np.ndarray, n_bootstrap: int = 1000) -> tuple[float, float, 
 def induction_section(rep, model, n_seqs: int, half_len: int, top_k: int, out_dir) -> pd.DataFrame:
     """Scores on repeated random tokens, losses by half, and group ablations; adds the section and
     returns the group-ablation table."""
-    from headlens.scores import pattern_scores, probe_tokens
+    from headlens.patterns.scores import pattern_scores, probe_tokens
 
     started = time.perf_counter()
     tokens, start, T = probe_tokens(model, n_seqs=n_seqs, half_len=half_len, seed=SEED)
@@ -170,7 +169,7 @@ def induction_section(rep, model, n_seqs: int, half_len: int, top_k: int, out_di
     rep.add_section(
         "Induction and previous-token heads on repeated random tokens",
         paragraphs=[f"{n_seqs} sequences [BOS, x, x] with x {T} random tokens (special tokens excluded, seed "
-                    f"{SEED}). `headlens.scores.pattern_scores` on them gives every head's induction score (mean "
+                    f"{SEED}). `headlens.patterns.scores.pattern_scores` on them gives every head's induction score (mean "
                     "attention from a position of the second copy to the token after its earlier occurrence, "
                     "Olsson et al. 2022) and previous-token score (mean attention to the token just before, "
                     "Clark et al. 2019). Losses are the "

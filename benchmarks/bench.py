@@ -27,19 +27,19 @@ import argparse
 import json
 import os
 import platform
-from pathlib import Path
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from headlens.ablation import ablation_sweep
-from headlens.capture import capture_patterns
-from headlens.gradients import gradient_importance
-from headlens.tasks import LMLossTask
-
 from flops import counted_flops, forward_flops, matmul_peak, sweep_flops
 from harness import DTYPES, RESULTS, SHAPES, SIZES, TOLERANCE, build, median, prose_ids, race, sync, tokenizer
 from memory import bench_memory, memory_child
+
+from headlens.importance.gradients import gradient_importance
+from headlens.importance.sweep import ablation_sweep
+from headlens.importance.tasks import LMLossTask
+from headlens.patterns.capture import capture_patterns
 
 
 # --- the contenders -------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def lm_task(ids: torch.Tensor):
 
 def headlens_sweep(hl, task, kind: str, batch_size: int) -> torch.Tensor:
     """headlens' fast exact sweep as an ``[L, H]`` tensor of importances (mean metric change)."""
-    table = ablation_sweep(hl, task, kind=kind, method="fast", batch_size=batch_size, progress=False)
+    table = ablation_sweep(hl, task, ablation=kind, method="fast", batch_size=batch_size, progress=False)
     return torch.tensor(table["importance"].to_numpy()).view(hl.cfg.n_layers, hl.cfg.n_heads)
 
 

@@ -3,7 +3,6 @@ and the machine's measured matrix-multiply peak."""
 from __future__ import annotations
 
 import torch
-
 from harness import median, race
 
 

@@ -49,8 +49,9 @@ def prose_ids(tok, n: int, P: int) -> torch.Tensor:
 
 def build(shape: str, tok, dtype, device, with_bridge: bool = True):
     """The transformers model, headlens on its weights, and the bridge on a copy of it."""
-    import headlens
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    import headlens
 
     torch.manual_seed(0)
     cfg = GPT2Config(**SHAPES[shape], n_positions=256, vocab_size=tok.vocab_size, attn_implementation="eager",

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import torch
-from headlens.capture import capture_patterns, iter_patterns, stream_head_stats
-
 from harness import DTYPES, SIZES, build, tokenizer
+
+from headlens.patterns.capture import capture_patterns, iter_patterns, stream_head_stats
 
 BENCH = Path(__file__).resolve().parent / "bench.py"
 

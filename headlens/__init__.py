@@ -1,14 +1,15 @@
-"""headlens: attention-head analysis on an explicit per-head transformer."""
-from .config import ModelConfig
-from .errors import HeadlensError
-from .model import HeadlensModel
-from .convert import from_hf_model
-from .load import list_models, load
+"""headlens: attention-head analysis on an explicit per-head transformer.
 
-__all__ = ["ModelConfig", "HeadlensError", "HeadlensModel", "from_hf_model", "load", "list_models"]
+The package reads as its pipeline (see docs/ARCHITECTURE.md):
+``model`` -> ``io`` -> ``patterns`` | ``importance`` -> ``pruning`` -> ``reporting`` -> ``cli``,
+with ``data`` (bundled files) underneath and ``synthetic`` (known-role models) beside it.
+The entry points are :func:`headlens.load` and :func:`headlens.report`.
+"""
+from headlens.errors import HeadlensError
+from headlens.io import from_hf_model, list_models, load
+from headlens.model import HeadlensModel, ModelConfig
+from headlens.reporting import Report, report
+
+__all__ = ["ModelConfig", "HeadlensError", "HeadlensModel", "from_hf_model", "load", "list_models",
+           "report", "Report"]
 __version__ = "0.1.0"
-# the main job: headlens.report(...) -> Report (the module stays importable as headlens.report
-# for "from headlens.report import ..."; the attribute is the function)
-from .report import Report, report  # noqa: E402
-
-__all__ += ["report", "Report"]

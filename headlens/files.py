@@ -34,8 +34,8 @@ def atomic_write(path, data: Union[bytes, Callable[[Path], None]]) -> None:
 
 def writable_folder(folder, name: str = "output folder") -> Path:
     """Create ``folder`` if needed and check that files can be written in it; errors name the
-    argument it came from (``name``, e.g. ``"checkpoint_dir"``)."""
-    from .errors import HeadlensError
+    argument it came from (``name``, e.g. ``"resume_dir"``)."""
+    from headlens.errors import HeadlensError
 
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():

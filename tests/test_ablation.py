@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import headlens
-from headlens.ablation import (KINDS, ablate, ablation_effect, ablation_sweep, derangement, gate_without,
-                               resolve_heads)
 from headlens.errors import HeadlensError
-from headlens.tasks import CallableTask, LMLossTask, load_task
+from headlens.importance.ablation import ABLATIONS, ablate, ablation_effect, derangement
+from headlens.importance.sweep import ablation_sweep
+from headlens.importance.tasks import CallableTask, LMLossTask, load_task
+from headlens.model.heads import gate_without, resolve_heads
 
 TEXTS = ["the cat sat on the mat", "a dog ran far away from home today", "birds sing in the morning",
          "it rains", "we walked to the old bridge and back", "one two three"]
@@ -21,8 +22,8 @@ TEXTS = ["the cat sat on the mat", "a dog ran far away from home today", "birds 
 def gpt2_pair(bert_tokenizer):
     """A random GPT-2 (2 layers x 4 heads) with large weights, so every head matters, in headlens
     and as a TransformerBridge over the same transformers weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=bert_tokenizer.vocab_size,
@@ -59,7 +60,7 @@ def assert_untouched(model, before):
         assert not module._forward_hooks and not module._forward_pre_hooks
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ABLATIONS)
 def test_fast_sweep_equals_naive_loop_decoder(gpt2, kind):
     task = LMLossTask(TEXTS)
     before = snapshot(gpt2)
@@ -71,7 +72,7 @@ def test_fast_sweep_equals_naive_loop_decoder(gpt2, kind):
     assert_untouched(gpt2, before)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ABLATIONS)
 def test_fast_sweep_equals_naive_loop_encoder_with_padding(bert, kind):
     task = load_task("paraphrase", bert, n_examples=6)
     assert (task.batches(bert, 4)[0].inputs["attention_mask"] == 0).any()
@@ -186,16 +187,16 @@ def test_checkpoint_resume_recomputes_nothing_finished(gpt2, tmp_path):
         calls["stop"] = 10
         with pytest.raises(KeyboardInterrupt):
             ablation_sweep(gpt2, task, "mean", batch_size=4, n_bootstrap=100, progress=False,
-                           memory_budget_mb=0.05, checkpoint_dir=tmp_path)
+                           memory_budget_mb=0.05, resume_dir=tmp_path)
         done = len(list(tmp_path.glob("layer*.npy")))
         assert 0 < done < 8 and not list(tmp_path.glob("*.tmp"))
         calls.update(n=0, stop=None)
         resumed = ablation_sweep(gpt2, task, "mean", batch_size=4, n_bootstrap=100, progress=False,
-                                 memory_budget_mb=0.05, checkpoint_dir=tmp_path)
+                                 memory_budget_mb=0.05, resume_dir=tmp_path)
         n_resumed = calls["n"]
         calls["n"] = 0
         again = ablation_sweep(gpt2, task, "mean", batch_size=4, n_bootstrap=100, progress=False,
-                               memory_budget_mb=0.05, checkpoint_dir=tmp_path)
+                               memory_budget_mb=0.05, resume_dir=tmp_path)
     finally:
         LMLossTask.score = original
     pd.testing.assert_frame_equal(resumed, full)
@@ -204,12 +205,12 @@ def test_checkpoint_resume_recomputes_nothing_finished(gpt2, tmp_path):
     assert calls["n"] == n_batches  # the finished sweep recomputes only the clean metric
     assert n_resumed == n_batches + (8 - done) * n_batches
     with pytest.raises(HeadlensError, match="different sweep"):
-        ablation_sweep(gpt2, task, "zero", progress=False, checkpoint_dir=tmp_path)
+        ablation_sweep(gpt2, task, "zero", progress=False, resume_dir=tmp_path)
 
 
 def test_bad_input(gpt2):
     task = LMLossTask(TEXTS)
-    with pytest.raises(HeadlensError, match="kind"):
+    with pytest.raises(HeadlensError, match="ablation must be one of"):
         ablation_sweep(gpt2, task, "shuffle", progress=False)
     with pytest.raises(HeadlensError, match="method"):
         ablation_sweep(gpt2, task, method="slow", progress=False)
@@ -224,8 +225,8 @@ def test_bad_input(gpt2):
 
 
 def test_importance_command(gpt2, tmp_path, capsys):
-    from headlens.checkpoint import save_model
     from headlens.cli import main
+    from headlens.io.native import save_model
 
     save_model(gpt2, tmp_path / "model")
     out = tmp_path / "imp.csv"
@@ -240,7 +241,7 @@ def test_importance_command(gpt2, tmp_path, capsys):
 def test_sweep_of_a_task_that_compares_with_the_unablated_model(gpt2, method):
     """Fidelity (KL to the unablated model): the clean metric is 0 and each head's importance is
     what ablate() measures with its own reference."""
-    from headlens.tasks import FidelityTask
+    from headlens.importance.tasks import FidelityTask
 
     task = FidelityTask(TEXTS, measure="kl")
     table = ablation_sweep(gpt2, task, "zero", method=method, batch_size=4, n_bootstrap=0, progress=False)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from headlens.capture import (HeadStatsAccumulator, bundled_sentences, capture_patterns, read_texts,
-                              stream_head_stats)
+from headlens.data.corpora import bundled_sentences, read_texts
 from headlens.errors import HeadlensError
+from headlens.patterns.capture import HeadStatsAccumulator, capture_patterns, stream_head_stats
 
 TEXTS = ["The cat sat on the mat.", "A much longer sentence, with commas, goes here for padding.",
          "Short one.", "Heads attend to tokens; some attend to the previous token."]

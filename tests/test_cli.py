@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from test_report import tiny_decoder_folder
 
 from headlens.cli import build_parser, main
-from test_report import tiny_decoder_folder
 
 
 def subcommand_parsers():

@@ -6,10 +6,10 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from sklearn.metrics import adjusted_rand_score
 
-from headlens.capture import capture_patterns
-from headlens.clusters import HeadClusterer, describe_cluster, js_distance
 from headlens.errors import HeadlensError
-from headlens.planted import planted_model
+from headlens.patterns.capture import capture_patterns
+from headlens.patterns.clusters import HeadClusterer, describe_cluster, js_distance
+from headlens.synthetic.planted import planted_model
 
 # two groups of four heads: previous-token heads and first-token heads, spread over both layers
 GROUPS = {(0, 0): "previous", (0, 1): "first", (0, 2): "previous", (0, 3): "first",
@@ -75,7 +75,7 @@ def test_deterministic_and_options(planted):
 
 def test_given_scores_are_used(planted):
     model, data = planted
-    from headlens.scores import pattern_scores
+    from headlens.patterns.scores import pattern_scores
 
     scores = pattern_scores(model, data, induction=False)
     fit = HeadClusterer(n_bootstrap=0, induction=False).fit(model, data, scores=scores)

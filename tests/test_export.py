@@ -1,4 +1,4 @@
-"""headlens.export.save_hf: transformers-layout folders that transformers (unpruned) and headlens
+"""headlens.io.to_hf.save_hf: transformers-layout folders that transformers (unpruned) and headlens
 (also pruned) read back; state dicts round-trip bit-identically."""
 import dataclasses
 import json
@@ -6,14 +6,21 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM,
-                          GPT2Config, GPT2LMHeadModel)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
 import headlens
 from headlens import HeadlensError, HeadlensModel
-from headlens.checkpoint import load_model, save_model
-from headlens.export import save_hf
-from headlens.families import FAMILIES
+from headlens.io.families import FAMILIES
+from headlens.io.native import load_model, save_model
+from headlens.io.to_hf import save_hf
 
 
 def assert_same_state(a: HeadlensModel, b: HeadlensModel) -> None:

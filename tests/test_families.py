@@ -8,14 +8,14 @@ scaling; attention / MLP biases; tied and untied embeddings). Every parameter is
 the wrong place shows up in the outputs.
 """
 import copy
+from pydoc_data.topics import topics
 
 import pytest
 import torch
 import transformers
-from pydoc_data.topics import topics
 
 import headlens
-from headlens.families.llama import config_from_hf as llama_config
+from headlens.io.families.llama import config_from_hf as llama_config
 
 TOL = 1e-4
 TEXTS = [topics["assert"][:70], topics["pass"][:40]]  # two lengths: right padding in the batch
@@ -201,7 +201,7 @@ def test_physically_pruned_config_equals_gating(case, tmp_path):
         assert (pruned(ids) - expected).abs().max() < TOL
     assert pruned.head_labels() == [(l, h) for l, hs in enumerate(kept) for h in hs]
 
-    from headlens.export import save_hf
+    from headlens.io.to_hf import save_hf
 
     back = headlens.load(save_hf(pruned, tmp_path / "pruned"))
     assert back.cfg.kept_heads == kept
@@ -210,8 +210,8 @@ def test_physically_pruned_config_equals_gating(case, tmp_path):
 
 
 def test_export_round_trip(case, tmp_path):
-    """headlens.export.save_hf writes a folder transformers reads into the same model."""
-    from headlens.export import exportable_families, save_hf
+    """headlens.io.to_hf.save_hf writes a folder transformers reads into the same model."""
+    from headlens.io.to_hf import exportable_families, save_hf
 
     name, _, hf, model = case
     if model.cfg.family not in exportable_families():
@@ -252,7 +252,7 @@ def test_unsupported_configurations_are_refused(config, message):
 
 
 def test_families_are_registered():
-    from headlens.families import FAMILIES, family_for_model_type
+    from headlens.io.families import FAMILIES, family_for_model_type
 
     for model_type in ("llama", "qwen2", "mistral", "gpt_neox"):
         assert family_for_model_type(model_type).name == model_type
@@ -263,8 +263,8 @@ def test_families_are_registered():
 def test_fast_sweep_equals_naive_loop(case, kind):
     """The fast sweep's per-head shortcut (grouped-query values, parallel blocks, rotary, a
     sliding window, a physically pruned layer) equals one hooked forward per head."""
-    from headlens.ablation import ablation_sweep
-    from headlens.tasks import LMLossTask
+    from headlens.importance.sweep import ablation_sweep
+    from headlens.importance.tasks import LMLossTask
 
     _, _, _, model = case
     kept = [[0], list(range(1, model.cfg.n_heads)), list(range(model.cfg.n_heads))]
@@ -272,7 +272,7 @@ def test_fast_sweep_equals_naive_loop(case, kind):
         model.cfg.replace(kept_heads=kept), _kept_state(model, kept), model.tokenizer)
     task = LMLossTask([topics["assert"][:60], topics["pass"][:30], topics["if"][:45]])
     for m in (model, pruned):
-        args = dict(kind=kind, batch_size=2, n_bootstrap=0, progress=False)
+        args = dict(ablation=kind, batch_size=2, n_bootstrap=0, progress=False)
         fast = ablation_sweep(m, task, memory_budget_mb=0.01, **args)
         naive = ablation_sweep(m, task, method="naive", **args)
         assert (fast["importance"] - naive["importance"]).abs().max() < 1e-4

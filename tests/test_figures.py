@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-from headlens.clusters import HeadClusterer
 from headlens.errors import HeadlensError
-from headlens.figures import cluster_figures, pattern_gallery, score_heatmap
-from headlens.planted import planted_model
+from headlens.patterns.clusters import HeadClusterer
+from headlens.reporting.figures.patterns import cluster_figures, pattern_gallery, score_heatmap
+from headlens.synthetic.planted import planted_model
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from headlens import HeadlensModel, ModelConfig
-from headlens.ablation import ablation_sweep
 from headlens.errors import HeadlensError
-from headlens.gradients import attribution_patching, compare_with_ablation, gradient_importance
-from headlens.tasks import CallableTask, ContrastTask, LMLossTask
+from headlens.importance.gradients import attribution_patching, compare_with_ablation, gradient_importance
+from headlens.importance.sweep import ablation_sweep
+from headlens.importance.tasks import CallableTask, ContrastTask, LMLossTask
 
 V = 40
 SEQS = [[1, 5, 9, 3, 7, 2], [4, 4, 8, 1], [3, 9, 2, 6, 6, 5, 1], [7, 2, 2, 9, 5]]

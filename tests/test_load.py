@@ -12,10 +12,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import headlens
 from headlens import HeadlensError
-from headlens import bundled
-from headlens.checkpoint import save_model
 from headlens.cli import main as cli_main
-from headlens.load import parse_dtype
+from headlens.io import bundled
+from headlens.io.native import save_model
+from headlens.model.config import parse_dtype
 
 
 def fresh_gpt2(vocab_size, seed=0, **kw):
@@ -102,7 +102,7 @@ def test_transformers_loading_path(bert_tokenizer, tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import BertConfig, BertForMaskedLM
 
-    from headlens.load import load_hub
+    from headlens.io.loading import load_hub
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=bert_tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2,
@@ -211,7 +211,7 @@ def test_truncated_safetensors(tiny_gpt2_hf, tmp_path):
 def test_missing_weight_is_named(tiny_gpt2, bert_tokenizer, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from headlens.export import save_hf
+    from headlens.io.to_hf import save_hf
 
     save_hf(tiny_gpt2, tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))

@@ -18,16 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from headlens.ablation import ablate, ablation_sweep
-from headlens.capture import capture_patterns, stream_head_stats
-from headlens.clusters import HeadClusterer
 from headlens.errors import HeadlensError
-from headlens.gradients import attribution_patching, gradient_importance
-from headlens.model import HeadlensModel
-from headlens.physical import prune_heads
-from headlens.pruning import pruning_curve
-from headlens.scores import pattern_scores, text_statistics
-from headlens.tasks import CallableTask, LMLossTask, load_task
+from headlens.importance.ablation import ablate
+from headlens.importance.gradients import attribution_patching, gradient_importance
+from headlens.importance.sweep import ablation_sweep
+from headlens.importance.tasks import CallableTask, LMLossTask, load_task
+from headlens.model.transformer import HeadlensModel
+from headlens.patterns.capture import capture_patterns, stream_head_stats
+from headlens.patterns.clusters import HeadClusterer
+from headlens.patterns.scores import pattern_scores, text_statistics
+from headlens.pruning.curve import pruning_curve
+from headlens.pruning.physical import prune_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -115,7 +116,7 @@ class Tripwire:
 
 # --- the analyses -------------------------------------------------------------------------------
 def _report(model, task, folder):
-    from headlens.report import report
+    from headlens.reporting.pipeline import report
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "task.txt").write_text("\n".join(TEXTS) + "\n")
@@ -125,7 +126,7 @@ def _report(model, task, folder):
 
 def _sweep(kind, method):
     return lambda m, t, f: ablation_sweep(m, t, kind, method=method, batch_size=2, n_bootstrap=20,
-                                          progress=False, checkpoint_dir=f / "checkpoints")
+                                          progress=False, resume_dir=f / "checkpoints")
 
 
 ANALYSES = {

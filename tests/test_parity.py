@@ -5,17 +5,17 @@ Random models get all parameters drawn with a large spread (std 0.3, norms 1 +- 
 so patterns are peaked rather than near uniform and every weight, bias and map matters.
 """
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel)
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel
 
 import headlens
+from headlens.data import TEXT_DIR
 
 TOL = 1e-4
-SENTENCES_FILE = Path(headlens.__file__).parent / "data" / "text" / "sentences.txt"
+SENTENCES_FILE = TEXT_DIR / "sentences.txt"
 WRITTEN = [
     "The cat sat quietly on the warm windowsill while the rain fell outside.",
     "Researchers found that most attention heads can be removed without hurting accuracy.",

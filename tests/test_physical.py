@@ -5,10 +5,11 @@ import torch
 
 import headlens
 from headlens import HeadlensModel, ModelConfig
-from headlens.ablation import ablation_sweep, gate_without
 from headlens.errors import HeadlensError
-from headlens.physical import measure_speedup, parameter_count, prune_heads
-from headlens.tasks import load_task
+from headlens.importance.sweep import ablation_sweep
+from headlens.importance.tasks import load_task
+from headlens.model.heads import gate_without
+from headlens.pruning.physical import measure_speedup, parameter_count, prune_heads
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,8 @@ def test_sweeps_run_on_pruned_models(tiny_gpt2):
 
 
 def test_save_and_load(tmp_path, tiny_gpt2, bert):
-    from headlens.checkpoint import load_model, save_model
-    from headlens.export import save_hf
+    from headlens.io.native import load_model, save_model
+    from headlens.io.to_hf import save_hf
 
     for model, plan in ((tiny_gpt2, {0: [1, 3], 2: [0, 1, 2, 3]}), (bert, {1: [0]})):
         pruned = prune_heads(model, plan)

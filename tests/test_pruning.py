@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from headlens import HeadlensModel, ModelConfig
-from headlens.ablation import ablation_sweep, gate_without, importance_table, sweep_metrics
 from headlens.errors import HeadlensError
-from headlens.gradients import gradient_importance
-from headlens.pruning import michel_order, pruning_curve, selection_split
-from headlens.tasks import FidelityTask, LMLossTask
+from headlens.importance.gradients import gradient_importance
+from headlens.importance.statistics import importance_table
+from headlens.importance.sweep import ablation_sweep, sweep_metrics
+from headlens.importance.tasks import FidelityTask, LMLossTask
+from headlens.model.heads import gate_without
+from headlens.pruning.curve import michel_order, pruning_curve, selection_split
 
 V = 40
 
@@ -130,15 +132,27 @@ def test_bad_input(model, task):
 
 def test_prune_command(tiny_gpt2, tmp_path, capsys):
     import headlens
-    from headlens.checkpoint import save_model
     from headlens.cli import main
+    from headlens.io.native import save_model
 
     save_model(tiny_gpt2, tmp_path / "model")
     out, saved = tmp_path / "out", tmp_path / "pruned"
     assert main(["prune", "--model", str(tmp_path / "model"), "--task", "ioi", "--n-examples", "12", "--step", "0.25",
                  "--n-random", "1", "--no-progress", "--out", str(out), "--save-model", str(saved)]) == 0
     record = json.loads((out / "prune_plan.json").read_text())
+    assert record["schema"] == "headlens.prune_plan" and record["version"] == 1
     assert record["recommended"] in ("michel", "ablation") and (out / "pruning.csv").is_file()
+    assert record["heads"] == record["plans"][record["recommended"]]
     pruned = headlens.load(saved)
-    assert pruned.cfg.n_heads_total == 12 - sum(len(v) for v in record["plan"].values())
+    assert pruned.cfg.n_heads_total == 12 - sum(len(v) for v in record["heads"].values())
     assert "speed-up" in capsys.readouterr().out
+    # --apply reads the same file and removes the same heads, without an analysis
+    again = tmp_path / "again"
+    assert main(["prune", "--model", str(tmp_path / "model"), "--task", "ioi", "--n-examples", "4", "--no-progress",
+                 "--apply", str(out / "prune_plan.json"), "--save-model", str(again)]) == 0
+    assert headlens.load(again).cfg.kept_heads == pruned.cfg.kept_heads
+    (tmp_path / "bad.json").write_text('{"schema": "headlens.prune_plan", "version": 1, "heads": {"0": ["x"]}}')
+    assert main(["prune", "--model", str(tmp_path / "model"), "--apply", str(tmp_path / "bad.json"),
+                 "--save-model", str(tmp_path / "never")]) == 2
+    assert "head 'x' is not a non-negative integer" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

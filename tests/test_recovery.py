@@ -1,23 +1,23 @@
 """headlens recovers the heads whose roles are known: on the shipped toy models, the pattern scores,
 roles, ablation sweep and clustering must find what the training put there (and what the model
 cards measured directly from ``hook_pattern``)."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from headlens import toy
-from headlens.ablation import ablation_sweep
-from headlens.checkpoint import load_model, read_card
-from headlens.clusters import HeadClusterer
-from headlens.roles import assign_roles
-from headlens.scores import pattern_scores, probe_tokens
-from headlens.tasks import RepeatedHalfTask
+from headlens.data import MODELS_DIR
+from headlens.importance.sweep import ablation_sweep
+from headlens.importance.tasks import RepeatedHalfTask
+from headlens.io.native import load_model, read_card
+from headlens.patterns.clusters import HeadClusterer
+from headlens.patterns.roles import assign_roles
+from headlens.patterns.scores import pattern_scores, probe_tokens
+from headlens.synthetic import toys as toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-MODELS = Path(toy.__file__).resolve().parent / "data" / "models"
+MODELS = MODELS_DIR
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_first_token_model_has_its_first_token_and_previous_token_heads():
 
 def test_ablating_the_previous_token_head_hurts_more_than_any_induction_head(two_layer, two_layer_scores):
     tokens, T = toy.eval_tokens(two_layer, n_seqs=64, seed=11)
-    sweep = ablation_sweep(two_layer, RepeatedHalfTask(tokens, T), kind="zero", n_bootstrap=200,
+    sweep = ablation_sweep(two_layer, RepeatedHalfTask(tokens, T), ablation="zero", n_bootstrap=200,
                            progress=False).set_index(["layer", "head"])
     s = two_layer_scores
     layer0 = s[s.layer == 0]

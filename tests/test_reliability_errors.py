@@ -14,19 +14,22 @@ import pytest
 import torch
 
 import headlens
-from headlens.ablation import ablate, ablation_sweep, resolve_heads
-from headlens.capture import capture_patterns, iter_patterns
-from headlens.checkpoint import load_model, save_model
-from headlens.clusters import HeadClusterer
+from headlens.data.corpora import read_lines
 from headlens.errors import HeadlensError
-from headlens.export import save_hf
-from headlens.gradients import attribution_patching, gradient_importance
-from headlens.model import HeadlensModel
-from headlens.physical import prune_heads
-from headlens.pruning import pruning_curve
-from headlens.scores import pattern_scores
-from headlens.tasks import CallableTask, LMLossTask, load_task
-from headlens.tokens import batches, encode, read_lines
+from headlens.importance.ablation import ablate
+from headlens.importance.gradients import attribution_patching, gradient_importance
+from headlens.importance.sweep import ablation_sweep
+from headlens.importance.tasks import CallableTask, LMLossTask, load_task
+from headlens.io.native import load_model, save_model
+from headlens.io.to_hf import save_hf
+from headlens.model.heads import resolve_heads
+from headlens.model.tokens import batches, encode
+from headlens.model.transformer import HeadlensModel
+from headlens.patterns.capture import capture_patterns, iter_patterns
+from headlens.patterns.clusters import HeadClusterer
+from headlens.patterns.scores import pattern_scores
+from headlens.pruning.curve import pruning_curve
+from headlens.pruning.physical import prune_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -84,7 +87,7 @@ CASES = [
      "heads is empty"),
     ("plan head", lambda m, t: prune_heads(m, {0: [1, 4]}), "head 4 is out of range"),
     ("plan layer", lambda m, t: prune_heads(m, {"5": [0]}), "layer 5 is out of range"),
-    ("plan word", lambda m, t: prune_heads(m, {"0": ["a"]}), "pair of integers"),
+    ("plan word", lambda m, t: prune_heads(m, {"0": ["a"]}), r"plan\['0'\]: head 'a' is not a non-negative integer"),
     ("plan value", lambda m, t: prune_heads(m, {0: 2}), r"plan\[0\] must be a list of head indices"),
     ("plan type", lambda m, t: prune_heads(m, [(0, 1)]), "plan must be a dict"),
     ("gate rows", lambda m, t: m(ids(), head_gate=torch.ones(2, 4)), "one row per layer"),
@@ -140,9 +143,9 @@ CASES = [
     ("save_hf to a file", lambda m, t: save_hf(m, _write(t / "f", "x")), "is a file"),
     ("save_hf under a file", lambda m, t: save_hf(m, _write(t / "f", "x") / "sub"), "not writable"),
     ("sweep checkpoints in a file", lambda m, t: ablation_sweep(m, LMLossTask(TEXTS), progress=False,
-                                                                checkpoint_dir=_write(t / "f", "x")), "is a file"),
+                                                                resume_dir=_write(t / "f", "x")), "is a file"),
     ("sweep checkpoints under a file", lambda m, t: ablation_sweep(
-        m, LMLossTask(TEXTS), progress=False, checkpoint_dir=_write(t / "f", "x") / "sub"), "not writable"),
+        m, LMLossTask(TEXTS), progress=False, resume_dir=_write(t / "f", "x") / "sub"), "not writable"),
 ]
 
 
@@ -152,7 +155,7 @@ def _write(path, text):
 
 
 def _report(model, out):
-    from headlens.report import report
+    from headlens.reporting.pipeline import report
 
     return report(model, task="lm", out=out, n_examples=4, n_bootstrap=0, progress=False)
 

@@ -8,19 +8,21 @@ is parametrised by the defect (``None``: none), valid input must work and every 
 HeadlensError, so every kind of bad input is generated on every run.
 """
 import math
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from headlens.ablation import ablation_sweep, gate_without
-from headlens.capture import capture_patterns
 from headlens.errors import HeadlensError
-from headlens.physical import prune_heads
-from headlens.scores import SCORE_COLUMNS, pattern_scores
-from headlens.tasks import LMLossTask
-from headlens.tokens import encode
+from headlens.importance.sweep import ablation_sweep
+from headlens.importance.tasks import LMLossTask
+from headlens.model.heads import gate_without
+from headlens.model.tokens import encode
+from headlens.patterns.capture import capture_patterns
+from headlens.patterns.scores import SCORE_COLUMNS, pattern_scores
+from headlens.pruning.physical import prune_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

@@ -22,12 +22,12 @@ import pandas as pd
 import pytest
 import torch
 
-from headlens.ablation import ablation_sweep
-from headlens.clusters import HeadClusterer
-from headlens.gradients import attribution_patching, gradient_importance
-from headlens.pruning import pruning_curve
-from headlens.scores import pattern_scores
-from headlens.tasks import LMLossTask
+from headlens.importance.gradients import attribution_patching, gradient_importance
+from headlens.importance.sweep import ablation_sweep
+from headlens.importance.tasks import LMLossTask
+from headlens.patterns.clusters import HeadClusterer
+from headlens.patterns.scores import pattern_scores
+from headlens.pruning.curve import pruning_curve
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -95,7 +95,7 @@ def test_same_seed_same_tables_other_seed_other_tables(tiny_gpt2, name):
 
 
 # --- what run.json records ------------------------------------------------------------------
-NOT_RESULTS = {"out", "progress", "resume", "force", "keep_checkpoints", "command"}  # where and how, not what
+NOT_RESULTS = {"out", "progress", "resume", "force", "keep_resume", "command"}  # where and how, not what
 
 
 class Captured(Exception):
@@ -105,7 +105,7 @@ class Captured(Exception):
 def test_report_config_records_every_parameter_that_changes_results(monkeypatch, tmp_path):
     """``report()``'s configuration (written to run.json and fingerprinting its checkpoints) holds
     every parameter except the ones that only say where and how to run."""
-    report_module = importlib.import_module("headlens.report")  # headlens.report is also the function
+    report_module = importlib.import_module("headlens.reporting.pipeline")
     seen = {}
 
     def capture(out, config, **kwargs):
@@ -135,7 +135,7 @@ def test_recorded_command_reparses_to_the_same_call(monkeypatch):
     the same ``report()`` call (every result-changing option survives the round trip)."""
     from headlens.cli import build_parser
 
-    report_module = importlib.import_module("headlens.report")
+    report_module = importlib.import_module("headlens.reporting.pipeline")
     params = set(inspect.signature(report_module.report).parameters) - NOT_RESULTS - {"data"}
     calls = []
 

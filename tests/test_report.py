@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 import headlens
-
-from headlens import render
+from headlens.data import DATA_DIR
 from headlens.errors import HeadlensError
-from headlens.outdir import ReportFolder, is_complete, write_table
-from headlens.report import Report, _write
+from headlens.reporting import render
+from headlens.reporting.folder import ReportFolder, is_complete, write_table
+from headlens.reporting.pipeline import Report, _write
 
 
 def tiny_decoder_folder(folder: Path) -> Path:
@@ -23,7 +23,7 @@ def tiny_decoder_folder(folder: Path) -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    data = Path(headlens.__file__).parent / "data"
+    data = DATA_DIR
     text = " ".join(p.read_text() for p in [data / "tasks" / "pydoc_text.txt", data / "text" / "sentences.txt",
                                               data / "tasks" / "ioi.jsonl"])
     specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -75,7 +75,7 @@ def fake_report(out: Path, n_layers: int = 3, n_heads: int = 4) -> Report:
                data=dict(task="lm", task_examples=10, metric="lm_loss", higher_is_better=False),
                results=dict(cluster_stability_ari=0.8), figures={k: f"figures/{k}.png" for k in figures},
                files=["heads.csv"], timings_s=dict(total=1.0), versions=dict(headlens="0"))
-    rep = Report(out, heads, clusters, pruning, {"heads": {"0": [1]}}, figures, run)
+    rep = Report(out, heads, clusters, pruning, {"0": [1]}, figures, run)
     _write(rep, folder)
     folder.publish()
     return rep
@@ -117,7 +117,7 @@ def test_elapsed_time_sums_every_attempt(tmp_path):
     folder = ReportFolder(out, config)
     folder.stage("a", lambda: time.sleep(0.2) or 1)
     time.sleep(0.3)
-    (folder.sweep_checkpoints() / "chunk.npy").write_bytes(b"0")
+    (folder.sweep_resume_dir() / "chunk.npy").write_bytes(b"0")
     time.sleep(1.5)  # killed here: lost, nothing records it
     folder = ReportFolder(out, config)
     # bounds, not equalities: a loaded machine only ever adds time; counting the lost 1.5 s fails
@@ -136,7 +136,7 @@ def test_elapsed_time_sums_every_attempt(tmp_path):
 
 
 def test_a_run_that_fails_before_any_stage_leaves_nothing(tmp_path):
-    from headlens.report import report
+    from headlens.reporting.pipeline import report
 
     with pytest.raises(HeadlensError, match="no-such-model"):
         report("no-such-model", out=tmp_path / "r", progress=False)
@@ -156,11 +156,12 @@ def test_unfinished_folder_is_never_complete(tmp_path):
 
 def test_publish_replaces_an_old_report_and_load_reads_it_back(tmp_path):
     rep = fake_report(tmp_path / "r")
-    assert is_complete(rep.out) and not (rep.out / ".staging").exists() and not (rep.out / ".checkpoints").exists()
+    assert is_complete(rep.out) and not (rep.out / ".staging").exists() and not (rep.out / ".resume").exists()
     back = Report.load(rep.out)
     pd.testing.assert_frame_equal(back.heads[["layer", "head", "role"]], rep.heads[["layer", "head", "role"]])
     assert np.allclose(back.heads.importance, rep.heads.importance, rtol=1e-5)
-    assert back.plan == {"heads": {"0": [1]}} and set(back.figures) == set(rep.figures)
+    assert back.plan == {"0": [1]} and back.plan_record["schema"] == "headlens.prune_plan"
+    assert set(back.figures) == set(rep.figures)
     # the old report stays complete until a new one replaces it; a crash in between breaks nothing
     run = json.loads((rep.out / "run.json").read_text())
     assert run["status"] == "complete"
@@ -217,17 +218,17 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_run(tiny_folder, tmp_path_factory):
     """The report on the tiny model, and (task size, result) of every single-head sweep it ran."""
-    import headlens.ablation as ablation
-    from headlens.report import report
+    import headlens.importance.sweep as sweep
+    from headlens.reporting.pipeline import report
 
-    swept, original = [], ablation.sweep_metrics
+    swept, original = [], sweep.sweep_metrics
 
     def counted(model, task, *args, **kwargs):
         swept.append((len(task), original(model, task, *args, **kwargs)))
         return swept[-1][1]
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(ablation, "sweep_metrics", counted)
+        m.setattr(sweep, "sweep_metrics", counted)
         return report(str(tiny_folder), out=tmp_path_factory.mktemp("rep") / "r", progress=False, **RUN), swept
 
 
@@ -241,7 +242,7 @@ def test_report_writes_every_output(tiny_report):
     for name in ["heads.csv", "heads.parquet", "clusters.csv", "pruning.csv", "prune_plan.json", "report.md",
                  "run.json", "report.html"]:
         assert (out / name).is_file(), name
-    assert not (out / ".staging").exists() and not (out / ".checkpoints").exists()
+    assert not (out / ".staging").exists() and not (out / ".resume").exists()
     heads = pd.read_csv(out / "heads.csv")
     need = ["layer", "head", "role", "pattern_class", "cluster", "importance", "importance_se",
             "importance_ci_low", "importance_ci_high", "grad_importance", "score_previous_token",
@@ -264,7 +265,7 @@ def test_report_writes_every_output(tiny_report):
 
 @pytest.mark.slow
 def test_same_seed_gives_byte_identical_tables(tiny_report, tiny_folder, tmp_path):
-    from headlens.report import report
+    from headlens.reporting.pipeline import report
 
     again = report(str(tiny_folder), out=tmp_path / "again", progress=False, **RUN)
     for name in TABLES:
@@ -289,11 +290,11 @@ def test_killed_run_resumes_to_the_same_tables(tiny_report, tiny_folder, tmp_pat
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (out / ".checkpoints" / "clusters.pkl").exists() and proc.poll() is None and time.time() < deadline:
+    while not (out / ".resume" / "clusters.pkl").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = {p.stem for p in (out / ".checkpoints").glob("*.pkl")}
+    finished = {p.stem for p in (out / ".resume").glob("*.pkl")}
     assert "scores" in finished and not (out / "report.html").exists() and not is_complete(out)
     with pytest.raises(HeadlensError, match="no complete"):
         Report.load(out)
@@ -311,15 +312,15 @@ def test_resumed_run_records_the_time_of_every_attempt(tiny_folder, tmp_path, mo
     both attempts (not only the resumed one's), and it names the stages the first one computed."""
     import time
 
-    import headlens.gradients
-    from headlens.report import report
+    import headlens.importance.gradients
+    from headlens.reporting.pipeline import report
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
     out = tmp_path / "r"
     with monkeypatch.context() as m:
-        m.setattr(headlens.gradients, "gradient_importance", broken)
+        m.setattr(headlens.importance.gradients, "gradient_importance", broken)
         t0 = time.perf_counter()
         with pytest.raises(RuntimeError, match="out of memory"):
             report(str(tiny_folder), out=out, progress=False, **RUN)
@@ -345,9 +346,9 @@ def test_pruning_curve_reads_the_sweep_on_the_selection_split(tiny_run, tiny_fol
     """The report's ablation pruning curve is pruning_curve's, given the report's sweep (per-example
     metrics of all examples) restricted to the selection split's examples (test_pruning.py checks
     that this restriction equals a sweep of the split itself)."""
-    from headlens.ablation import importance_table
-    from headlens.pruning import pruning_curve, selection_split
-    from headlens.report import PRUNE_SPLIT, _load_task
+    from headlens.importance.statistics import importance_table
+    from headlens.pruning.curve import pruning_curve, selection_split
+    from headlens.reporting.pipeline import PRUNE_SPLIT, _load_task
 
     rep, [(_, (heads, clean, ablated))] = tiny_run
     model = headlens.load(str(tiny_folder))
@@ -385,7 +386,7 @@ def test_a_study_section_is_added_and_survives_load(tmp_path):
 
 
 def test_metric_option_picks_the_task_and_its_metric(tiny_folder):
-    from headlens.report import _load_task
+    from headlens.reporting.pipeline import _load_task
 
     model = headlens.load(str(tiny_folder))
     assert _load_task(model, None, None, 4).name == "ioi"  # a decoder's bundled task

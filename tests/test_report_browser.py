@@ -10,8 +10,7 @@ import shutil
 import subprocess
 
 import pytest
-
-from test_report import fake_report, tiny_folder, tiny_report, tiny_run  # noqa: F401 (fixtures)
+from test_report import fake_report, tiny_folder, tiny_report, tiny_run  # noqa: F401, F811 (fixtures)
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: run "

@@ -17,14 +17,13 @@ import time
 
 import pandas as pd
 import pytest
-import torch
 
 import headlens
-from headlens.ablation import ablation_sweep
-from headlens.checkpoint import save_model
 from headlens.errors import HeadlensError
-from headlens.outdir import is_complete, write_table
-from headlens.tasks import LMLossTask
+from headlens.importance.sweep import ablation_sweep
+from headlens.importance.tasks import LMLossTask
+from headlens.io.native import save_model
+from headlens.reporting.folder import is_complete, write_table
 
 pytestmark = [pytest.mark.skipif(os.name != "posix", reason="SIGKILL"),
               pytest.mark.usefixtures("one_thread")]
@@ -35,13 +34,13 @@ N_HEADS = 12  # tiny GPT-2: 3 layers x 4 heads
 
 DRIVER = r'''
 import os, sys, time
-import headlens.ablation as ablation
-import headlens.tasks as tasks
+import headlens.importance.sweep as sweep
+import headlens.importance.tasks as tasks
 
 log = open(os.environ["HL_LOG"], "a", buffering=1)
 hang_after = int(os.environ.get("HL_HANG_AFTER", "0"))
 saves = [0]
-original_save, original_score = ablation.SweepCheckpoint.save, tasks.LMLossTask.score
+original_save, original_score = sweep.SweepResume.save, tasks.LMLossTask.score
 
 def save(self, layer, heads, values):
     original_save(self, layer, heads, values)
@@ -54,15 +53,15 @@ def score(self, *args, **kwargs):
     log.write("score\n")
     return original_score(self, *args, **kwargs)
 
-ablation.SweepCheckpoint.save, tasks.LMLossTask.score = save, score
+sweep.SweepResume.save, tasks.LMLossTask.score = save, score
 mode, args = sys.argv[1], sys.argv[2:]
 if mode == "sweep":
     import headlens
-    from headlens.outdir import write_table
-    model_dir, checkpoint_dir, out = args
-    table = ablation.ablation_sweep(headlens.load(model_dir), tasks.LMLossTask(%(texts)r), "mean", batch_size=2,
-                                    n_bootstrap=200, memory_budget_mb=1e-6, checkpoint_dir=checkpoint_dir,
-                                    progress=False)
+    from headlens.reporting.folder import write_table
+    model_dir, resume_dir, out = args
+    table = sweep.ablation_sweep(headlens.load(model_dir), tasks.LMLossTask(%(texts)r), "mean", batch_size=2,
+                                 n_bootstrap=200, memory_budget_mb=1e-6, resume_dir=resume_dir,
+                                 progress=False)
     write_table(table, __import__("pathlib").Path(out))
 else:
     from headlens.cli import main
@@ -146,7 +145,7 @@ def test_damaged_checkpoint_files_are_recomputed_not_trusted(tiny_gpt2, tmp_path
     again, and only it; an unreadable sweep.json is refused with a HeadlensError."""
     import numpy as np
 
-    kwargs = dict(batch_size=2, n_bootstrap=50, memory_budget_mb=1e-6, progress=False, checkpoint_dir=tmp_path)
+    kwargs = dict(batch_size=2, n_bootstrap=50, memory_budget_mb=1e-6, progress=False, resume_dir=tmp_path)
     task = LMLossTask(TEXTS)
     first = ablation_sweep(tiny_gpt2, task, "zero", **kwargs)
     files = sorted(tmp_path.glob("*.npy"))
@@ -175,11 +174,11 @@ def test_report_killed_inside_the_sweep_resumes_to_the_tables_of_an_uninterrupte
     in the test's own process (another hash seed): repeatable, and run.json suffices."""
     import shlex
 
-    from headlens.report import Report
+    from headlens.reporting.pipeline import Report
 
     out = tmp_path / "report"
     args = ["report", "--model", model_dir, "--task", "lm", "--n-examples", "8", "--n-bootstrap", "50",
-            "--batch-size", "4", "--n-clusters", "3", "--no-progress", "--quiet", "--keep-checkpoints",
+            "--batch-size", "4", "--n-clusters", "3", "--no-progress", "--quiet", "--keep-resume",
             "--out", out]
     first, second = tmp_path / "first.log", tmp_path / "second.log"
     # the report's sweep checkpoints one chunk per layer (all 4 heads fit its memory budget)
@@ -189,9 +188,9 @@ def test_report_killed_inside_the_sweep_resumes_to_the_tables_of_an_uninterrupte
     assert not is_complete(out) and not (out / "report.html").exists() and not (out / "run.json").exists()
     with pytest.raises(HeadlensError, match="no complete headlens report"):
         Report.load(out)
-    sweep_dir = out / ".checkpoints" / "sweep"
+    sweep_dir = out / ".resume" / "sweep"
     done = mtimes(sweep_dir)
-    assert len(done) == 2 and (out / ".checkpoints" / "scores.pkl").is_file()
+    assert len(done) == 2 and (out / ".resume" / "scores.pkl").is_file()
 
     finish(launch(tmp_path, args, second, hash_seed=2))
     assert is_complete(out)

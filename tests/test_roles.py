@@ -3,11 +3,11 @@ import pandas as pd
 import pytest
 import torch
 
-from headlens.capture import capture_patterns
 from headlens.errors import HeadlensError
-from headlens.planted import planted_model
-from headlens.roles import RoleThresholds, assign_roles
-from headlens.scores import pattern_scores
+from headlens.patterns.capture import capture_patterns
+from headlens.patterns.roles import RoleThresholds, assign_roles
+from headlens.patterns.scores import pattern_scores
+from headlens.synthetic.planted import planted_model
 
 PLANTED = {(0, 1): "previous", (1, 2): "first", (0, 3): "self", (1, 0): "offset:-3"}
 

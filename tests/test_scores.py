@@ -7,11 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from headlens.capture import capture_patterns
 from headlens.errors import HeadlensError
-from headlens.planted import planted_model
-from headlens.scores import (SCORE_COLUMNS, detector_scores, pattern_scores, probe_tokens,
-                             punctuation_token_mask)
+from headlens.patterns.capture import capture_patterns
+from headlens.patterns.scores import (
+    SCORE_COLUMNS,
+    detector_scores,
+    pattern_scores,
+    probe_tokens,
+    punctuation_token_mask,
+)
+from headlens.synthetic.planted import planted_model
 
 TEXTS = ["The cat sat on the mat, and the cat slept.", "Dogs bark!", "Is this a question? Yes, it is.",
          "A longer sentence makes sure that the batch is padded for the shorter ones here."]
@@ -187,7 +192,7 @@ def test_bad_input(tiny_gpt2):
 
 
 def test_pruned_model_keeps_original_head_ids(tiny_gpt2):
-    from headlens.physical import prune_heads
+    from headlens.pruning.physical import prune_heads
 
     pruned = prune_heads(tiny_gpt2, {2: [1, 3]})  # last layer: the other heads' patterns stay the same
     full = pattern_scores(tiny_gpt2, TEXTS, induction=False).set_index(["layer", "head"])

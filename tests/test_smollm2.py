@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import headlens
-from headlens import gguf
+from headlens.io import gguf
 
 needs_gguf = pytest.mark.skipif(
     not gguf.gguf_available(),

@@ -1,7 +1,7 @@
 """Bounded memory: a dataset larger than memory is streamed in batches.
 
-- :func:`headlens.tokens.read_lines` reads a text file lazily, and the streaming statistics
-  (:func:`headlens.scores.pattern_scores` through :func:`headlens.capture.stream_head_stats`) pull
+- :func:`headlens.data.corpora.read_lines` reads a text file lazily, and the streaming statistics
+  (:func:`headlens.patterns.scores.pattern_scores` through :func:`headlens.patterns.capture.stream_head_stats`) pull
   at most one length-sorting chunk (``32 * batch_size`` items) ahead of what they have processed;
 - over a dataset generated on the fly, 5x more items need no more memory: neither Python objects
   (tracemalloc peak) nor tensors (process RSS, sampled while it runs), measured in a fresh process.
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from headlens.capture import stream_head_stats
-from headlens.scores import pattern_scores, text_statistics
-from headlens.tokens import read_lines
+from headlens.data.corpora import read_lines
+from headlens.patterns.capture import stream_head_stats
+from headlens.patterns.scores import pattern_scores, text_statistics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -107,7 +107,7 @@ def measure_in_this_process(model_dir: str) -> dict:
     """Stream SMALL and LARGE generated datasets, then LARGE with a leaky statistic, through the
     model saved in ``model_dir``; run in a fresh process, where freed memory of earlier work
     cannot hide a leak from the RSS."""
-    from headlens.checkpoint import load_model
+    from headlens.io.native import load_model
 
     torch.set_num_threads(1)
     model = load_model(model_dir)
@@ -135,7 +135,7 @@ def test_memory_does_not_grow_with_the_dataset(tiny_gpt2, tmp_path):
     import subprocess
     import sys
 
-    from headlens.checkpoint import save_model
+    from headlens.io.native import save_model
 
     save_model(tiny_gpt2, tmp_path / "model")
     code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_streaming_memory as t; "

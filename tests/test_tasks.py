@@ -9,8 +9,19 @@ import torch.nn.functional as F
 
 import headlens
 from headlens.errors import HeadlensError
-from headlens.tasks import (CallableTask, ContrastTask, EmbeddingContrastTask, FidelityTask, LMLossTask,
-                            MLMLossTask, RepeatedHalfTask, default_task_name, list_tasks, load_task, mean_pool)
+from headlens.importance.tasks import (
+    CallableTask,
+    ContrastTask,
+    EmbeddingContrastTask,
+    FidelityTask,
+    LMLossTask,
+    MLMLossTask,
+    RepeatedHalfTask,
+    default_task_name,
+    list_tasks,
+    load_task,
+    mean_pool,
+)
 
 TEXTS = ["the cat sat on the mat", "a dog ran far away from home today", "birds sing", "it rains"]
 
@@ -75,8 +86,8 @@ def test_lm_loss_equals_the_transposed_cross_entropy_formula(tiny_gpt2):
 
 def test_repeated_half_loss_matches_the_toy_measurement():
     """Per sequence, the loss predicting x[1:] in the second copy of [BOS, x, x]: its mean is what
-    headlens.toy.repeat_losses measures, and the 2-layer induction toy predicts the copy."""
-    from headlens import toy
+    headlens.synthetic.toys.repeat_losses measures, and the 2-layer induction toy predicts the copy."""
+    from headlens.synthetic import toys as toy
 
     model = headlens.load("toy-induction-2l")
     tokens, T = toy.eval_tokens(model, half_len=12, n_seqs=6, seed=1)

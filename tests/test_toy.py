@@ -1,18 +1,19 @@
 """Toy models with known heads: the data, the training loop (re-trained at reduced length, same
 qualitative result as the shipped checkpoints), determinism, the CLI and the shipped cards."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from headlens import HeadlensError, toy
-from headlens.checkpoint import load_model, read_card
+from headlens import HeadlensError
 from headlens.cli import main
+from headlens.data import MODELS_DIR
+from headlens.io.native import load_model, read_card
+from headlens.synthetic import toys as toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-MODELS = Path(toy.__file__).resolve().parent / "data" / "models"
+MODELS = MODELS_DIR
 SHIPPED = {spec.name: kind for kind, spec in toy.TOY_KINDS.items()}
 
 

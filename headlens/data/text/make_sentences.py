@@ -12,9 +12,8 @@ The committed file is the reference: the prose may differ between Python version
 from __future__ import annotations
 
 import os
-import re
-
 import pydoc_data.topics
+import re
 
 N_SENTENCES = 400
 MIN_WORDS, MAX_WORDS = 8, 28

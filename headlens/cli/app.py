@@ -1,0 +1,50 @@
+"""The ``headlens`` command: its parser and dispatch. Each subcommand is a module of :mod:`headlens.cli` with
+``NAME``, ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from headlens.errors import HeadlensError
+
+SUBCOMMANDS = ["report", "models", "scores", "importance", "prune", "train_toy"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headlens",
+        description="Attention-head analysis: every head's pattern, importance, role, cluster "
+                    "and a pruning plan. Run 'headlens report' for the whole pipeline.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMANDS:
+        mod = importlib.import_module(f"headlens.cli.{module_name}")
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.DESCRIPTION,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["report"]  # the main job
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except HeadlensError as e:
+        print(f"headlens: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("headlens: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""``headlens prune``: pruning curves (Michel et al. iterative, ablation order, random), a plan,
+and optionally the physically pruned model with its parameter count and speed-up."""
+from __future__ import annotations
+
+import time
+
+from headlens.cli.importance import load_model_and_task
+from headlens.cli.options import add_shared
+
+NAME = "prune"
+HELP = "pruning curves and a pruning plan; optionally save the physically pruned model"
+DESCRIPTION = ("Order the heads for removal by Michel et al.'s iterative gradient importance, by the "
+               "single-head ablation sweep, and at random (several seeds); choose plans on one split "
+               "of the task and score them on the other. Writes pruning.csv and prune_plan.json, and "
+               "with --save-model a model with the planned heads' weights removed. With --apply PLAN "
+               "(a prune_plan.json written by 'headlens report' or 'headlens prune') it skips the "
+               "analysis and only removes that plan's heads.")
+
+
+def add_arguments(parser) -> None:
+    add_shared(parser, "--model", "--task", "--metric")
+    parser.add_argument("--methods", nargs="+", default=["michel", "ablation", "random"],
+                        choices=["michel", "ablation", "random"], help="pruning orders to compare")
+    parser.add_argument("--target", type=float, default=0.5, help="largest fraction of heads to remove")
+    parser.add_argument("--floor", type=float, default=None,
+                        help="keep at least this fraction of the unpruned metric (e.g. 0.9); default: prune to --target")
+    parser.add_argument("--step", type=float, default=0.1, help="fraction of all heads removed per step")
+    parser.add_argument("--n-random", type=int, default=3, help="random orders (seeds)")
+    parser.add_argument("--split", type=float, default=0.5, help="fraction of examples used to choose the plan")
+    add_shared(parser, "--ablation")
+    parser.add_argument("--apply", default=None, metavar="PLAN",
+                        help="prune_plan.json to apply with --save-model (no analysis is run)")
+    add_shared(parser, "--n-examples", "--batch-size", "--seed", "--device", "--dtype")
+    parser.add_argument("--out", default="headlens-prune", help="folder for pruning.csv and prune_plan.json")
+    parser.add_argument("--save-model", default=None, help="folder for the physically pruned model (recommended plan)")
+    parser.add_argument("--format", default="hf", choices=["hf", "headlens"],
+                        help="transformers-layout folder (headlens.io.to_hf.save_hf) or headlens checkpoint")
+    add_shared(parser, "--no-progress")
+
+
+def run(args) -> int:
+    from headlens.errors import check
+    from headlens.pruning.plans import read_plan
+
+    start = time.perf_counter()
+    if args.apply is not None:
+        check(args.save_model is not None, "--apply needs --save-model (the folder for the pruned model)")
+        record = read_plan(args.apply)  # a malformed plan fails now, before the model loads
+        model, task = load_model_and_task(args)
+        plan = record["heads"]
+    else:
+        model, task, plan = _analyse(args)
+    if args.save_model:
+        _save_pruned(model, task, plan, args)
+    print(f"total {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _analyse(args):
+    """Pruning curves and the recommended plan, written to ``--out``; returns the model, task and plan."""
+    import pandas as pd
+
+    from headlens.files import atomic_write, writable_folder
+    from headlens.pruning.curve import pruning_curve
+    from headlens.pruning.plans import PLAN_FILE, plan_record, write_plan
+
+    out = writable_folder(args.out)  # a file or an unwritable folder fails now, not after the analysis
+    model, task = load_model_and_task(args)
+    result = pruning_curve(model, task, methods=args.methods, target=args.target, floor=args.floor, step=args.step,
+                           n_random=args.n_random, split=args.split, seed=args.seed, ablation=args.ablation,
+                           batch_size=args.batch_size, progress=not args.no_progress)
+    curve = result.curve
+    with pd.option_context("display.width", 200, "display.max_rows", 1000):
+        print(curve.round(4).to_string(index=False))
+    atomic_write(out / "pruning.csv", curve.to_csv(index=False, lineterminator="\n").encode())
+    write_plan(out / PLAN_FILE, plan_record(
+        result.plan, result.plans, result.recommended, model=model.cfg.name, n_heads=model.cfg.n_heads_total,
+        task=task.name, metric=task.metric_name, floor=args.floor, target=args.target))
+    n = sum(len(v) for v in result.plan.values())
+    print(f"\nrecommended: {result.recommended}, removing {n} of {model.cfg.n_heads_total} heads: {result.plan}")
+    print(f"wrote {args.out}/pruning.csv and {PLAN_FILE}")
+    return model, task, result.plan
+
+
+def _save_pruned(model, task, plan, args) -> None:
+    """Remove ``plan``'s heads, save the smaller model to ``--save-model`` and print what it saves."""
+    from headlens.pruning.physical import measure_speedup, prune_heads
+
+    pruned = prune_heads(model, plan)
+    if args.format == "hf":
+        from headlens.io.to_hf import save_hf
+
+        save_hf(pruned, args.save_model)
+    else:
+        from headlens.io.native import save_model
+
+        save_model(pruned, args.save_model)
+    batch = task.batches(model, args.batch_size)[0].inputs
+    s = measure_speedup(model, pruned, batch)
+    print(f"saved the pruned model to {args.save_model}: {s['params_pruned']:,} parameters "
+          f"({100 * s['param_fraction']:.1f}% of {s['params_full']:,}), forward {s['time_pruned_ms']:.1f} ms "
+          f"vs {s['time_full_ms']:.1f} ms (speed-up {s['speedup']:.2f}x)")

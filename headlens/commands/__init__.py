@@ -1,1 +1,0 @@
-"""Subcommands of the ``headlens`` command line (see :mod:`headlens.cli`)."""

@@ -1,0 +1,12 @@
+"""Data headlens ships: real text, task files and trained toy models, and the readers for text files.
+
+Owns: the bundled files under this folder (``text/``, ``tasks/``, ``models/``) and the corpus
+readers of :mod:`headlens.data.corpora`. Imports nothing of headlens but :mod:`headlens.errors`.
+Public names: ``DATA_DIR``, ``TEXT_DIR``, ``TASKS_DIR``, ``MODELS_DIR``.
+"""
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent
+TEXT_DIR = DATA_DIR / "text"
+TASKS_DIR = DATA_DIR / "tasks"
+MODELS_DIR = DATA_DIR / "models"

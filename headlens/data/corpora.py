@@ -1,0 +1,46 @@
+"""Reading text corpora: the non-empty lines of a UTF-8 file, lazily, and the bundled sentences."""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional
+
+from headlens.data import TEXT_DIR
+from headlens.errors import check
+
+SENTENCES_PATH = str(TEXT_DIR / "sentences.txt")
+
+
+def read_lines(path, limit: Optional[int] = None) -> Iterator[str]:
+    """The non-empty lines of a UTF-8 text file, stripped, read lazily one at a time (at most
+    ``limit``): a dataset larger than memory streams through :func:`batches` (and every analysis
+    that takes an iterable of texts). Raises :class:`HeadlensError` at once if the file is missing."""
+    path = os.fspath(path)
+    check(os.path.isfile(path), f"text file {path!r} does not exist")
+    check(limit is None or limit >= 1, f"limit must be >= 1 or None, got {limit}")
+
+    def lines() -> Iterator[str]:
+        n = 0
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    yield line
+                    n += 1
+                    if limit is not None and n >= limit:
+                        return
+
+    return lines()
+
+
+def read_texts(path: str, n: Optional[int] = None) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (the first ``n`` of them if given)."""
+    check(n is None or n >= 1, f"n must be >= 1, got {n}")
+    texts = list(read_lines(path, n))
+    check(len(texts) > 0, f"text file {path!r} has no non-empty lines")
+    return texts
+
+
+def bundled_sentences(n: Optional[int] = None) -> list[str]:
+    """The bundled real English sentences (Python documentation prose, see
+    ``headlens/data/text/make_sentences.py``): 400 lines, or the first ``n``."""
+    return read_texts(SENTENCES_PATH, n)

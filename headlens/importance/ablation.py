@@ -1,0 +1,173 @@
+"""Ablating heads: zero, mean, resample and uniform-attention ablation of any set of heads.
+
+One mechanism, configured by ``ablation``: a TransformerLens hook replaces each ablated head's ``z``
+(``blocks.{l}.attn.hook_z [B, P, H, d]``) by 0 (``zero``), its dataset mean over real tokens
+(``mean``; per position or averaged over positions), or another row's ``z`` at the same
+positions (``resample``: a derangement of the task's rows, fixed by ``seed``; past that row's end
+its padding positions' ``z``); ``uniform`` replaces the head's pattern
+(``hook_pattern [B, H, P, S]``) by uniform attention over the keys the query may see (Kovaleva
+et al. 2019). Hooks live only inside ``model.hooks(...)``: the model is never left altered.
+
+Sign convention: ``importance = mean over examples of metric(ablated) - metric(clean)``. For a loss
+(lower is better) a positive importance means the head helps; for a higher-is-better metric
+(logit difference, cosine margin) a negative one does. ``damage`` is ``importance`` signed so
+that positive always means "ablating the head hurts".
+
+Shapes: ``B`` batch (``R`` rows of one task batch), ``P`` query positions, ``S`` key positions,
+``H`` heads of the layer, ``K`` key/value heads, ``d`` d_head, ``D`` d_model, ``N`` examples.
+Every head's importance alone: :mod:`headlens.importance.sweep`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from headlens.errors import check
+from headlens.importance.statistics import importance_table
+from headlens.importance.tasks import load_task
+from headlens.model.heads import local_index, resolve_heads
+
+ABLATIONS = ("zero", "mean", "resample", "uniform")
+
+
+# --- the replacement values -------------------------------------------------------------------
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """A permutation of ``range(n)`` with no fixed point (n >= 2), deterministic under ``seed``."""
+    check(n >= 2, "resample ablation needs at least two rows to swap activations between")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.empty(n, dtype=torch.long)
+    perm[order] = order.roll(-1)
+    return perm
+
+
+def hook_name(ablation: str, layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_{'pattern' if ablation == 'uniform' else 'z'}"
+
+
+ACTIVATION_HOOKS = {"z": "attn.hook_z", "v": "attn.hook_v", "attn_out": "hook_attn_out"}
+
+
+@torch.no_grad()
+def clean_activations(model, batches, layer: int, resid=None, names=("z",)) -> tuple[dict, list]:
+    """Clean activations of ``layer`` per batch, ``{name: [per batch]}`` with ``z [R, P, H, d]``,
+    ``v [R, S, K, d]``, ``attn_out [R, P, D]``; and the residual stream after the layer
+    ``[R, P, D]`` per batch. ``resid``: per-batch residual entering ``layer`` (else computed
+    from the input)."""
+    acts = {name: [] for name in names}
+    hooks = [(f"blocks.{layer}.{ACTIVATION_HOOKS[name]}", lambda t, hook, keep=acts[name]: keep.append(t.clone()))
+             for name in names]
+    nxt = []
+    with model.hooks(fwd_hooks=hooks):
+        for i, b in enumerate(batches):
+            if resid is None:
+                nxt.append(model(b.inputs, stop_at_layer=layer + 1))
+            else:
+                nxt.append(model(residual=resid[i], attention_mask=b.inputs["attention_mask"],
+                                 start_at_layer=layer, stop_at_layer=layer + 1))
+    return acts, nxt
+
+
+class Replacement:
+    """What an ablated head's ``z`` (or pattern) becomes, per batch, for one layer.
+
+    ``value(i)`` for batch ``i``: None (zero), ``[1, P or 1, H, d]`` (mean), ``[R, P, H, d]``
+    (resample) or ``[R, 1, P, S]`` (uniform pattern)."""
+
+    def __init__(self, model, ablation: str, batches, zs=None, per_position: bool = True, seed: int = 0):
+        self.ablation = ablation
+        if ablation == "mean":
+            m = torch.cat([b.inputs["attention_mask"] for b in batches]).to(zs[0].dtype)[..., None, None]
+            z = torch.cat(zs)
+            dims = (0,) if per_position else (0, 1)
+            self.mean = ((z * m).sum(dims, keepdim=True) / m.sum(dims, keepdim=True))
+        elif ablation == "resample":
+            self.z = torch.cat(zs)
+            self.perm = derangement(self.z.shape[0], seed).to(self.z.device)
+            self.offsets = np.cumsum([0] + [b.n_rows for b in batches])
+        elif ablation == "uniform":  # per batch [R, 1, P, S]: uniform over the keys a query may see
+            self.patterns = []
+            for b in batches:
+                mask = b.inputs["attention_mask"]
+                visible = (model.attention_mask_bias(mask, mask.shape[1], torch.float32) == 0).float()
+                self.patterns.append(visible / visible.sum(-1, keepdim=True).clamp(min=1))  # a padded query may see no key
+
+    def head_z(self, i: int, j: int, v: Optional[torch.Tensor], attn) -> torch.Tensor | float:
+        """What local head ``j``'s ``z`` becomes in batch ``i``: ``[R or 1, P or 1, d]`` (or 0 for
+        zero ablation). ``v [R, S, K, d]``: the layer's clean values (uniform ablation only)."""
+        if self.ablation == "zero":
+            return 0.0
+        if self.ablation == "uniform":
+            return self.value(i)[:, 0].to(v.dtype) @ v[:, :, int(attn.kv_map[j])]
+        return self.value(i)[:, :, j]
+
+    def value(self, i: int) -> Optional[torch.Tensor]:
+        if self.ablation == "mean":
+            return self.mean
+        if self.ablation == "resample":
+            return self.z[self.perm[self.offsets[i]:self.offsets[i + 1]]]
+        if self.ablation == "uniform":
+            return self.patterns[i]
+        return None
+
+
+def ablation_hook(ablation: str, assignments: list, rows: int, value: Optional[torch.Tensor]):
+    """Hook for one layer: copy ``c`` (rows ``c*rows:(c+1)*rows``) ablates local heads ``assignments[c]``."""
+
+    def hook(t, hook):
+        t = t.clone()
+        for c, hs in enumerate(assignments):
+            if not hs:
+                continue
+            rs = slice(c * rows, (c + 1) * rows)
+            if ablation == "uniform":  # t [R', H, P, S]
+                t[rs, hs] = value.to(t.dtype)
+            elif value is None:  # t [R', P, H, d]
+                t[rs, :, hs] = 0
+            else:
+                t[rs, :, hs] = value[:, :, hs].to(t.dtype)
+        return t
+
+    return hook
+
+
+# --- ablating a set of heads together ---------------------------------------------------------
+@torch.no_grad()
+def ablate(model, task, heads, ablation: str = "zero", per_position: bool = True, seed: int = 0,
+           batch_size: int = 16) -> np.ndarray:
+    """Metric per example ``[N]`` with all of ``heads`` (see :func:`resolve_heads`: a head, a list,
+    a layer ``{l: None}``, a cluster) ablated together."""
+    check(ablation in ABLATIONS, f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    task = load_task(task, model)
+    pairs = resolve_heads(model, heads)
+    batches = task.batches(model, batch_size)
+    layers = sorted({layer for layer, _ in pairs})
+    repl = {}
+    for layer in layers:
+        zs = clean_activations(model, batches, layer)[0]["z"] if ablation in ("mean", "resample") else None
+        repl[layer] = Replacement(model, ablation, batches, zs, per_position, seed)
+    out = []
+    for i, b in enumerate(batches):
+        ref = task.reference(model, b)
+        hooks = [(hook_name(ablation, layer), ablation_hook(
+            ablation, [[local_index(model, layer, h) for ll, h in pairs if ll == layer]], b.n_rows, repl[layer].value(i)))
+            for layer in layers]
+        with model.hooks(fwd_hooks=hooks):
+            hidden = model(b.inputs, return_type="hidden")
+        out.append(task.compute(model, hidden, b, ref).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def ablation_effect(model, task, heads, ablation: str = "zero", n_bootstrap: int = 1000, seed: int = 0,
+                    **kwargs) -> pd.Series:
+    """Importance of ablating ``heads`` together: importance, importance_se, CI, metric_clean,
+    metric_ablated, n_examples (same columns as one row of :func:`ablation_sweep`)."""
+    task = load_task(task, model)
+    clean = task.evaluate(model, batch_size=kwargs.get("batch_size", 16))
+    ablated = ablate(model, task, heads, ablation, seed=seed, **kwargs)
+    table = importance_table([(-1, -1)], clean, {(-1, -1): ablated}, task, n_bootstrap, seed)
+    return table.iloc[0].drop(["layer", "head"])
+
+

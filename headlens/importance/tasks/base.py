@@ -1,0 +1,190 @@
+"""The task protocol: examples -> encoded batches -> one metric value per example.
+
+A :class:`Task` holds examples and turns the model's final hidden states into a per-example
+metric (so that ablation effects get bootstrap confidence intervals over examples). The analyses
+run the model themselves (gated, hooked, resumed from a cached layer) and call
+:meth:`Task.compute` on the result; :meth:`Task.evaluate` is the plain way to score a model.
+The kinds of task are in :mod:`headlens.importance.tasks.kinds`; loading and the bundled tasks in
+:mod:`headlens.importance.tasks`.
+
+Shapes: ``N`` examples in the task, ``B`` examples in a batch, ``R`` model rows in a batch
+(``R = B * rows_per_example``), ``P`` positions, ``D`` d_model, ``V`` vocabulary.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from headlens.errors import HeadlensError, check
+from headlens.model.tokens import encode
+
+
+@dataclass
+class TaskBatch:
+    """Model input for ``B`` examples: ``inputs`` (``input_ids``/``attention_mask`` ``[R, P]``, ...),
+    ``examples [B]`` (indices into the task), ``targets`` (task-specific tensors, first dim ``B``),
+    ``corrupted`` (counterfactual inputs ``[R, P]`` for attribution patching, when the task has them)."""
+
+    inputs: dict
+    examples: torch.Tensor
+    targets: dict = field(default_factory=dict)
+    corrupted: Optional[dict] = None
+
+    @property
+    def n_rows(self) -> int:
+        return self.inputs["input_ids"].shape[0]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers computes them: ``[R, P, D] -> [R, D]``."""
+    m = mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
+    """``[..., D] -> [..., V]`` through the model's output head (in float32 or float64)."""
+    if model.unembed is None:
+        raise HeadlensError(f"this task needs a model with an output head (logits); "
+                            f"{model.cfg.name!r} has none: use an embedding or fidelity task")
+    logits = model.unembed(hidden, model.W_E.weight)
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def next_token_loss(model, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each next token: ``hidden [R, P, D]``, ``ids [R, P]`` -> ``[R, P-1]`` (position
+    ``j`` predicts ``ids[:, j+1]``)."""
+    logits = logits_from_hidden(model, hidden[:, :-1])  # [R, P-1, V]
+    # classes on the contiguous last dim: over logits.transpose(1, 2) cross-entropy is ~3x slower
+    loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    return loss.view(ids.shape[0], -1)
+
+
+class Task:
+    """Base class. Subclasses set the class attributes, ``_fields`` (per-example lists), and
+    implement :meth:`rows` and :meth:`score`; :meth:`prepare` may add targets."""
+
+    kind = "task"
+    metric_name = "metric"
+    higher_is_better = True
+    needs_reference = False  # score() needs the unablated model's hidden states
+    rows_per_example = 1
+    _fields: tuple = ()
+
+    def __init__(self, name: Optional[str] = None, max_tokens: Optional[int] = None):
+        self.name = name or self.kind
+        self.max_tokens = max_tokens
+        lengths = {f: len(getattr(self, f)) for f in self._fields if getattr(self, f) is not None}
+        check(len(set(lengths.values())) <= 1,
+              f"task {self.name!r}: " + ", ".join(f"{f} ({n})" for f, n in lengths.items())
+              + " must have the same length")
+        n = next(iter(lengths.values()), 0)
+        check(n > 0, f"task {self.name!r} is empty: give at least one example")
+        self.ids = list(range(n))  # original example indices (kept by subset/split)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, n={len(self)}, metric={self.metric_name!r})"
+
+    # --- examples ---------------------------------------------------------------------------
+    def rows(self, i: int) -> list:
+        """The ``rows_per_example`` model inputs (texts or token ids) of example ``i``."""
+        raise NotImplementedError
+
+    def subset(self, indices: Sequence[int]) -> "Task":
+        """A task of the examples ``indices`` (positions in this task)."""
+        indices = [int(i) for i in indices]
+        check(len(indices) > 0, f"subset of task {self.name!r} is empty")
+        check(all(0 <= i < len(self) for i in indices), f"subset indices must lie in [0, {len(self)})")
+        new = copy.copy(self)
+        for f in self._fields:
+            if getattr(self, f) is not None:
+                setattr(new, f, [getattr(self, f)[i] for i in indices])
+        new.ids = [self.ids[i] for i in indices]
+        return new
+
+    def split_positions(self, fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The positions of :meth:`split`'s two parts, each sorted: ``([k], [N - k])``."""
+        check(0 < fraction < 1, f"fraction must lie in (0, 1), got {fraction}")
+        check(len(self) >= 2, f"task {self.name!r} has {len(self)} example(s): need 2 to split")
+        order = np.random.default_rng(seed).permutation(len(self))
+        k = min(max(1, round(fraction * len(self))), len(self) - 1)
+        return np.sort(order[:k]), np.sort(order[k:])
+
+    def split(self, fraction: float = 0.5, seed: int = 0) -> tuple["Task", "Task"]:
+        """Random split into (first, second) with ``fraction`` of the examples in the first."""
+        first, second = self.split_positions(fraction, seed)
+        return self.subset(first), self.subset(second)
+
+    # --- model input ------------------------------------------------------------------------
+    def prepare(self, model, inputs: dict) -> tuple[dict, dict, Optional[dict]]:
+        """Per-task targets (first dim ``N``) and corrupted inputs for the encoded rows."""
+        return inputs, {}, None
+
+    def encode_rows(self, model, rows: list, pad_to: Optional[int] = None) -> dict:
+        kwargs = dict(add_special_tokens=not model.cfg.causal)
+        if self.max_tokens is not None:
+            kwargs.update(truncate=True, max_length=self.max_tokens)
+        enc = encode(model, rows, **kwargs)
+        P = enc["input_ids"].shape[1]
+        if pad_to is not None and pad_to > P:
+            pad = model.cfg.pad_token_id or 0
+            enc = {k: F.pad(v, (0, pad_to - P), value=pad if k == "input_ids" else 0) for k, v in enc.items()}
+        return enc
+
+    def batches(self, model, batch_size: int = 16) -> list[TaskBatch]:
+        """All examples, encoded once to one common length ``P`` and cut into batches."""
+        check(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an int >= 1, got {batch_size}")
+        rows = [r for i in range(len(self)) for r in self.rows(i)]
+        inputs, targets, corrupted = self.prepare(model, self.encode_rows(model, rows))
+        r, out = self.rows_per_example, []
+        for s in range(0, len(self), batch_size):
+            e = min(s + batch_size, len(self))
+            cut = (lambda d, a, b: None if d is None else {k: v[a:b] for k, v in d.items()})
+            out.append(TaskBatch(cut(inputs, s * r, e * r), torch.arange(s, e), cut(targets, s, e),
+                                 cut(corrupted, s * r, e * r)))
+        return out
+
+    # --- the metric -------------------------------------------------------------------------
+    def score(self, model, hidden: torch.Tensor, batch: TaskBatch, reference=None) -> torch.Tensor:
+        """``hidden [R, P, D]`` (final hidden states) -> metric per example ``[B]``."""
+        raise NotImplementedError
+
+    def compute(self, model, hidden: torch.Tensor, batch: TaskBatch, reference=None) -> torch.Tensor:
+        """:meth:`score`, checked: one finite value per example."""
+        values = torch.as_tensor(self.score(model, hidden, batch, reference))
+        B = len(batch.examples)
+        if values.ndim != 1 or values.shape[0] != B:
+            raise HeadlensError(f"task {self.name!r}: the metric must give one value per example "
+                                f"(shape [{B}]), got shape {tuple(values.shape)}")
+        bad = ~torch.isfinite(values.detach())
+        if bad.any():
+            i = int(batch.examples[bad.nonzero()[0, 0]])
+            raise HeadlensError(f"task {self.name!r}: metric {self.metric_name!r} is NaN or infinite "
+                                f"for example {self.ids[i]}")
+        return values
+
+    @torch.no_grad()
+    def reference(self, model, batch: TaskBatch) -> Optional[torch.Tensor]:
+        """What :meth:`score` compares with: the unablated model's final hidden states ``[R, P, D]``
+        for ``batch`` when the task needs them (fidelity), else None."""
+        return model(batch.inputs, return_type="hidden") if self.needs_reference else None
+
+    @torch.no_grad()
+    def evaluate(self, model, head_gate=None, fwd_hooks=(), batch_size: int = 16, batches=None) -> np.ndarray:
+        """Metric per example ``[N]`` of ``model`` run with ``head_gate`` and ``fwd_hooks``
+        (TransformerLens ``(name, fn)`` pairs, removed afterwards); ``batches``: this task's
+        :meth:`batches` for ``model``, when the caller already has them."""
+        out = []
+        for batch in batches if batches is not None else self.batches(model, batch_size):
+            ref = self.reference(model, batch)
+            with model.hooks(fwd_hooks=list(fwd_hooks)):
+                hidden = model(batch.inputs, head_gate=head_gate, return_type="hidden")
+            out.append(self.compute(model, hidden, batch, ref).double().cpu())
+        return torch.cat(out).numpy()

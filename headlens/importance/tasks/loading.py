@@ -1,0 +1,104 @@
+"""Reading tasks: bundled task names, text files (LM / MLM loss, fidelity) and JSONL files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import pandas as pd
+
+from headlens.data import TASKS_DIR
+from headlens.errors import HeadlensError, check
+from headlens.importance.tasks.base import Task
+from headlens.importance.tasks.kinds import (
+    ContrastTask,
+    EmbeddingContrastTask,
+    FidelityTask,
+    LMLossTask,
+    MLMLossTask,
+)
+
+DATA = TASKS_DIR
+
+BUNDLED = {
+    "paraphrase": ("paraphrase.jsonl", None, "sentence triples (paraphrase vs. distractor) for embedding models"),
+    "ioi": ("ioi.jsonl", None, "IOI-style indirect-object prompts with ABC counterfactuals, for decoders"),
+    "text": ("pydoc_text.txt", None, "Python-docs prose: LM loss, MLM loss or embedding fidelity by model"),
+    "lm": ("pydoc_text.txt", "lm", "Python-docs prose, next-token loss"),
+    "mlm": ("pydoc_text.txt", "mlm", "Python-docs prose, masked-token loss"),
+    "fidelity": ("pydoc_text.txt", "fidelity", "Python-docs prose, faithfulness to the unablated model"),
+}
+TEXT_KINDS = {"lm": LMLossTask, "mlm": MLMLossTask, "fidelity": FidelityTask}
+
+
+def list_tasks() -> pd.DataFrame:
+    """The bundled tasks: name, file, description."""
+    return pd.DataFrame([(n, f, d) for n, (f, _, d) in BUNDLED.items()], columns=["name", "file", "description"])
+
+
+def default_task_name(model) -> str:
+    """``ioi`` for decoders, ``text`` (MLM loss) for MLM encoders, ``paraphrase`` otherwise."""
+    if model.cfg.causal:
+        return "ioi"
+    return "text" if model.unembed is not None else "paraphrase"
+
+
+def _text_kind(model) -> str:
+    if model is None or (model.cfg.causal and model.unembed is not None):
+        return "lm"
+    return "mlm" if model.unembed is not None else "fidelity"
+
+
+def load_task(name_or_path: Union[str, Path, Task], model=None, kind: Optional[str] = None,
+              n_examples: Optional[int] = None, **options) -> Task:
+    """A task from a bundled name (see :func:`list_tasks`), a text file (one example per line)
+    or a JSONL file (records with ``prompt/right/wrong[/corrupted]``, ``anchor/positive/negative``
+    or ``text``). ``kind`` picks the text task (``lm``, ``mlm``, ``fidelity``; default: by
+    ``model``); ``n_examples`` keeps the first n; ``options`` go to the task's constructor."""
+    if isinstance(name_or_path, Task):
+        task = name_or_path
+    else:
+        name = str(name_or_path)
+        if name in BUNDLED:
+            path, kind = DATA / BUNDLED[name][0], kind or BUNDLED[name][1]
+        else:
+            path = Path(name)
+            if not path.is_file():
+                raise HeadlensError(f"task {name!r} is neither a bundled task ({', '.join(BUNDLED)}) nor a file")
+        task = _read_task(path, model, kind, options)
+        task.name = name if name in BUNDLED else path.stem
+    if n_examples is not None:
+        check(n_examples >= 1, f"n_examples must be >= 1, got {n_examples}")
+        task = task.subset(range(min(n_examples, len(task))))
+    return task
+
+
+def _read_task(path: Path, model, kind, options) -> Task:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        lines = [x for x in text.splitlines() if x.strip()]
+        return _text_task(lines, model, kind, options)
+    try:
+        records = [json.loads(x) for x in text.splitlines() if x.strip()]
+    except json.JSONDecodeError as e:
+        raise HeadlensError(f"task file {str(path)!r} is not valid JSONL: {e}") from e
+    check(len(records) > 0, f"task file {str(path)!r} is empty")
+    keys = set(records[0])
+    col = (lambda k: [r.get(k) for r in records])
+    if {"prompt", "right", "wrong"} <= keys:
+        corrupted = col("corrupted") if "corrupted" in keys else None
+        return ContrastTask(col("prompt"), col("right"), col("wrong"), corrupted, **options)
+    if {"anchor", "positive", "negative"} <= keys:
+        return EmbeddingContrastTask(col("anchor"), col("positive"), col("negative"), **options)
+    if "text" in keys:
+        return _text_task(col("text"), model, kind, options)
+    raise HeadlensError(f"task file {str(path)!r}: records need the fields prompt/right/wrong, "
+                        f"anchor/positive/negative or text; got {sorted(keys)}")
+
+
+def _text_task(lines, model, kind, options) -> Task:
+    kind = kind or _text_kind(model)
+    check(kind in TEXT_KINDS, f"kind must be one of {sorted(TEXT_KINDS)}, got {kind!r}")
+    if kind == "fidelity" and model is not None and "measure" not in options:
+        options = dict(options, measure="kl" if model.unembed is not None else "cosine")
+    return TEXT_KINDS[kind](lines, **options)

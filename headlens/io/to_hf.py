@@ -1,0 +1,93 @@
+"""Write a :class:`HeadlensModel` as a ``transformers`` checkpoint folder.
+
+``save_hf(model, folder)`` writes ``config.json`` (the family's ``transformers`` config),
+``model.safetensors`` (``transformers`` weight names, built by inverting the family's weight
+rules, see :func:`headlens.io.families.base.invert_state_dict`) and the tokenizer files.
+
+Physically pruned models (``cfg.kept_heads`` set) are written with their attention weights sliced
+along the head dimension and ``"headlens_kept_heads"`` in ``config.json``. Stock ``transformers``
+5.x cannot instantiate per-layer head counts (``prune_heads`` is gone), so such a folder is read back
+with ``headlens.load(folder)``; unpruned folders load in plain ``transformers`` as well.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from headlens.errors import HeadlensError
+from headlens.files import atomic_write, writable_folder
+from headlens.io.families import FAMILIES
+from headlens.io.families.base import convert_state_dict, invert_state_dict
+from headlens.model.config import ModelConfig
+from headlens.model.transformer import HeadlensModel
+
+# ModelConfig fields that describe the model rather than its computation
+INFO_FIELDS = {"name", "source", "notes", "kept_heads", "sep_token_ids", "pad_token_id",
+               "bos_token_id", "eos_token_id"}
+
+
+def is_exportable(family) -> bool:
+    """Whether a :class:`headlens.io.families.base.Family` can be written as a ``transformers`` folder
+    (it has both ``config_to_hf`` and ``hf_layout``)."""
+    return family.config_to_hf is not None and family.hf_layout is not None
+
+
+def exportable_families() -> list[str]:
+    return sorted(n for n, f in FAMILIES.items() if is_exportable(f))
+
+
+def to_hf_state(model: HeadlensModel) -> tuple:
+    """``(transformers config, state dict with transformers names)`` of ``model``; checks that the
+    state dict reads back into exactly the same tensors."""
+    cfg = model.cfg
+    family = FAMILIES.get(cfg.family)
+    if family is None or not is_exportable(family):
+        raise HeadlensError(f"model family {cfg.family!r} cannot be exported to a transformers folder; "
+                            f"exportable families: {exportable_families()}")
+    hf_config = family.config_to_hf(cfg)
+    architecture, prefix = family.hf_layout(cfg)
+    hf_config.architectures = [architecture]
+    _check_expressible(family, cfg, hf_config)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    hf_state = {k: v.cpu().contiguous() for k, v in invert_state_dict(family, cfg, state, prefix).items()}
+    back = convert_state_dict(family, cfg, hf_state)
+    for k, v in state.items():
+        if k not in back or not torch.equal(back[k].to(v.device), v):
+            raise HeadlensError(f"the {family.name} weight rules do not invert {k!r}: export refused")
+    return hf_config, hf_state
+
+
+def save_hf(model: HeadlensModel, folder) -> Path:
+    """Write ``model`` as a ``transformers`` checkpoint folder; returns the folder.
+
+    Unpruned models load with ``transformers`` (``AutoModel*.from_pretrained(folder)``) and give
+    the same outputs. Pruned models (``cfg.kept_heads``) get sliced attention weights and
+    ``"headlens_kept_heads"`` in ``config.json``; only ``headlens.load(folder)`` reads those, since
+    stock ``transformers`` 5.x cannot build layers with different head counts.
+    """
+    hf_config, hf_state = to_hf_state(model)
+    folder = writable_folder(folder)
+    hf_config.dtype = str(model.dtype).removeprefix("torch.")
+    config = hf_config.to_dict()
+    if model.cfg.kept_heads is not None:
+        config["headlens_kept_heads"] = model.cfg.kept_heads
+    atomic_write(folder / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
+    atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def _check_expressible(family, cfg: ModelConfig, hf_config) -> None:
+    """Every computational field of ``cfg`` must survive the trip through ``hf_config``."""
+    back = family.config_from_hf(hf_config)
+    diffs = [f.name for f in dataclasses.fields(ModelConfig)
+             if f.name not in INFO_FIELDS and getattr(back, f.name) != getattr(cfg, f.name)]
+    if diffs:
+        detail = ", ".join(f"{n}={getattr(cfg, n)!r}" for n in diffs)
+        raise HeadlensError(f"model cannot be written as a transformers {family.name} checkpoint: "
+                            f"{detail} has no {family.name} equivalent")

@@ -1,0 +1,131 @@
+"""Multi-head attention computed explicitly per head, with a hook point on every intermediate.
+
+Shapes: ``B`` batch, ``P`` query positions, ``S`` key positions, ``D`` d_model, ``H`` query heads
+in this layer, ``K`` key/value heads in this layer, ``d`` d_head.
+
+Hook points (TransformerLens names, under ``blocks.{l}.attn``):
+
+============== ================= ===========================================================
+hook_q         ``[B, P, H, d]``  queries (after rotary)
+hook_k         ``[B, S, K, d]``  keys (after rotary); key/value head ``j`` serves the query
+                                  heads ``query_heads_of_kv(j)``
+hook_v         ``[B, S, K, d]``  values
+hook_attn_scores ``[B, H, P, S]`` scaled, masked scores before the softmax
+hook_pattern   ``[B, H, P, S]``  attention pattern (rows sum to 1)
+hook_z         ``[B, P, H, d]``  value-weighted output of each head, after the gate
+hook_result    ``[B, P, H, D]``  each head's contribution to the residual stream (only computed
+                                  when something is hooked on it)
+============== ================= ===========================================================
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from headlens.model.config import ModelConfig
+from headlens.model.layers import Rotary
+
+
+class Attention(nn.Module):
+    """One attention layer. Parameters, TransformerLens-style, one slice per head:
+
+    ``W_Q [D, H, d]``, ``b_Q [H, d]``, ``W_K``/``W_V [D, K, d]``, ``b_K``/``b_V [K, d]``,
+    ``W_O [H, d, D]``, ``b_O [D]``.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.head_ids = cfg.heads_in_layer(layer)  # original query-head indices
+        self.kv_ids = cfg.kv_heads_in_layer(layer)  # original key/value-head indices
+        H, K, D, d = len(self.head_ids), len(self.kv_ids), cfg.d_model, cfg.d_head
+        self.n_heads, self.n_kv_heads = H, K
+        self.W_Q = nn.Parameter(torch.empty(D, H, d))
+        self.W_K = nn.Parameter(torch.empty(D, K, d))
+        self.W_V = nn.Parameter(torch.empty(D, K, d))
+        self.W_O = nn.Parameter(torch.empty(H, d, D))
+        zeros = (lambda *s: nn.Parameter(torch.zeros(*s)))
+        self.b_Q = zeros(H, d) if cfg.qkv_bias else None
+        self.b_K = zeros(K, d) if cfg.qkv_bias else None
+        self.b_V = zeros(K, d) if cfg.qkv_bias else None
+        self.b_O = zeros(D) if cfg.out_bias else None
+        self.make_buffers()
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(d)
+        self.rotary = Rotary(cfg) if cfg.positional == "rotary" else None
+        for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def make_buffers(self, device=None) -> None:
+        """kv_map ``[H]``: query head i (local index) reads key/value head kv_map[i] (local)."""
+        kv_local = {kv: j for j, kv in enumerate(self.kv_ids)}
+        kv_map = [kv_local[h // self.cfg.group_size] for h in self.head_ids]
+        self.register_buffer("kv_map", torch.tensor(kv_map, dtype=torch.long, device=device),
+                             persistent=False)
+        self._kv_identity = kv_map == list(range(len(self.head_ids)))
+
+    def query_heads_of_kv(self, kv: int) -> list[int]:
+        """Local indices of the query heads that read key/value head ``kv`` (local index)."""
+        return [i for i, j in enumerate(self.kv_map.tolist()) if j == kv]
+
+    @staticmethod
+    def _project(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        """``x [B, P, D]`` @ ``W [D, n, d]`` (+ ``b [n, d]``) -> ``[B, P, n, d]``."""
+        D, n, d = W.shape
+        out = x @ W.reshape(D, n * d)
+        if b is not None:
+            out = out + b.reshape(n * d)
+        return out.view(*x.shape[:-1], n, d)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        gate: Optional[torch.Tensor] = None,
+        rotary_cos_sin: Optional[tuple] = None,
+        kv_input: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``x [B, P, D]`` -> ``[B, P, D]``.
+
+        mask: additive ``[B or 1, 1, P, S]`` (0 visible, very negative hidden) or None.
+        gate: ``[H]`` (or ``[B, H]``, one per example) multiplier on each head's output (1 keeps,
+        0 removes); may need grad.
+        kv_input: ``[B, S, D]`` to attend over instead of ``x`` (defaults to ``x``).
+        """
+        kv_x = x if kv_input is None else kv_input
+        q = self._project(x, self.W_Q, self.b_Q)
+        k = self._project(kv_x, self.W_K, self.b_K)
+        v = self.hook_v(self._project(kv_x, self.W_V, self.b_V))
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, n, P, d]
+        if self.rotary is not None:
+            cos, sin = rotary_cos_sin
+            q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        q = self.hook_q(q.transpose(1, 2)).transpose(1, 2)
+        k = self.hook_k(k.transpose(1, 2)).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if not self._kv_identity:  # grouped-query attention: each query head reads its group
+            k, v = k.index_select(1, self.kv_map), v.index_select(1, self.kv_map)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if mask is not None:
+            scores = scores + mask
+        scores = self.hook_attn_scores(scores)
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        pattern = self.hook_pattern(pattern)
+        z = torch.matmul(pattern, v).transpose(1, 2)  # [B, P, H, d]
+        if gate is not None:  # [H], or [B, H] per example
+            g = gate.to(z.dtype)
+            z = z * (g[:, None] if g.ndim == 1 else g[:, None, :, None])
+        z = self.hook_z(z)
+        H, d, D = self.W_O.shape
+        if self.hook_result.has_hooks():
+            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            out = result.sum(dim=2)
+        else:
+            out = z.reshape(*z.shape[:2], H * d) @ self.W_O.reshape(H * d, D)
+        if self.b_O is not None:
+            out = out + self.b_O
+        return out

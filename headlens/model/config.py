@@ -1,0 +1,160 @@
+"""Model configuration: one dataclass describes every supported architecture.
+
+A model family (GPT-2, BERT, LLaMA, ...) is a choice of these fields plus a weight-name map
+(see :mod:`headlens.io.families`), never a new model class.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from headlens.errors import HeadlensError
+
+NORMS = ("layernorm", "rmsnorm", "none")
+POSITIONALS = ("learned", "rotary", "none")
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "f64": torch.float64, "double": torch.float64,
+}
+# the names the command line offers (every alias above is accepted too)
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+MLPS = ("gelu", "gelu_new", "relu", "silu", "swiglu", "geglu", "none")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a headlens model.
+
+    Shapes used throughout the docs: ``L = n_layers``, ``H = n_heads`` (query heads),
+    ``K = n_kv_heads`` (key/value heads, ``H % K == 0``), ``D = d_model``, ``d = d_head``.
+    """
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    n_ctx: int
+    vocab_size: int
+    d_mlp: int = 0
+    n_kv_heads: Optional[int] = None
+    family: str = "custom"
+    causal: bool = True
+    # block layout
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"  # "pre" (GPT-2, LLaMA) or "post" (BERT)
+    parallel_block: bool = False  # GPT-NeoX: x + attn(ln1 x) + mlp(ln2 x)
+    final_norm: bool = True
+    mlp: str = "gelu_new"
+    # attention
+    positional: str = "learned"
+    rotary_dim: Optional[int] = None  # None: all of d_head
+    rotary_base: float = 10000.0
+    # rotary frequency scaling as in transformers' rope_parameters: None, {"rope_type": "linear",
+    # "factor"} or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}
+    rotary_scaling: Optional[dict] = None
+    attn_scale: Optional[float] = None  # None: 1/sqrt(d_head)
+    qkv_bias: bool = True
+    out_bias: bool = True
+    mlp_bias: bool = True
+    sliding_window: Optional[int] = None
+    # embeddings and output
+    n_token_types: int = 0  # BERT segment embeddings
+    embed_norm: bool = False  # BERT: LayerNorm after the embeddings
+    tie_embeddings: bool = False
+    unembed: str = "lm"  # "lm": logits, "mlm": BERT MLM transform + logits, "none": hidden states
+    unembed_bias: bool = False
+    # tokens the analyses care about
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    sep_token_ids: list[int] = field(default_factory=list)
+    # heads kept after physical pruning: per layer, the original indices of the query heads
+    kept_heads: Optional[list[list[int]]] = None
+    name: str = "model"
+    source: str = ""
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        checks = [
+            (self.n_layers >= 1, f"n_layers must be >= 1, got {self.n_layers}"),
+            (self.n_heads >= 1, f"n_heads must be >= 1, got {self.n_heads}"),
+            (self.n_heads % self.n_kv_heads == 0,
+             f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"),
+            (self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}"),
+            (self.positional in POSITIONALS,
+             f"positional must be one of {POSITIONALS}, got {self.positional!r}"),
+            (self.mlp in MLPS, f"mlp must be one of {MLPS}, got {self.mlp!r}"),
+            (self.norm_position in ("pre", "post"),
+             f"norm_position must be 'pre' or 'post', got {self.norm_position!r}"),
+            (self.unembed in ("lm", "mlm", "none"),
+             f"unembed must be 'lm', 'mlm' or 'none', got {self.unembed!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise HeadlensError(f"invalid ModelConfig: {msg}")
+        if self.kept_heads is not None:
+            if len(self.kept_heads) != self.n_layers:
+                raise HeadlensError("kept_heads must list the kept heads of every layer")
+            self.kept_heads = [sorted(int(h) for h in hs) for hs in self.kept_heads]
+
+    # --- derived -------------------------------------------------------------------------
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 for multi-head attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def heads_in_layer(self, layer: int) -> list[int]:
+        """Original indices of the query heads that layer ``layer`` still has."""
+        if self.kept_heads is None:
+            return list(range(self.n_heads))
+        return list(self.kept_heads[layer])
+
+    def kv_heads_in_layer(self, layer: int) -> list[int]:
+        """Original indices of the key/value heads that layer ``layer`` still needs."""
+        return sorted({h // self.group_size for h in self.heads_in_layer(layer)})
+
+    @property
+    def n_heads_total(self) -> int:
+        return sum(len(self.heads_in_layer(layer)) for layer in range(self.n_layers))
+
+    @property
+    def is_pruned(self) -> bool:
+        return self.kept_heads is not None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise HeadlensError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    """``None``, a floating ``torch.dtype`` or a name (``"float32"``, ``"bf16"``, ``"fp16"`` ...)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key in DTYPES:
+            return DTYPES[key]
+    raise HeadlensError(f"dtype must be a floating torch dtype or one of {sorted(DTYPES)}, got {dtype!r}")

@@ -1,0 +1,132 @@
+"""Building blocks other than attention: norms, rotary embeddings and MLPs.
+
+Shapes: ``B`` batch, ``P`` positions, ``D`` d_model, ``F`` d_mlp.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from headlens.errors import HeadlensError
+from headlens.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm, computed in float32 as ``transformers`` does. ``[B, P, D] -> [B, P, D]``."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.Identity()
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on the first ``rotary_dim`` features of each head
+    (GPT-NeoX / LLaMA "rotate half" convention, as in ``transformers``).
+
+    As in ``transformers``, frequencies are ``base ** (-2i / rotary_dim)`` for ``2i < rotary_dim``
+    and rotate ``2 * len(inv_freq)`` features (one more than an odd ``rotary_dim``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.freq_dim = cfg.rotary_dim or cfg.d_head
+        self.dim = 2 * ((self.freq_dim + 1) // 2)
+        self.base = cfg.rotary_base
+        self.scaling = cfg.rotary_scaling
+        self.make_buffers()
+
+    def make_buffers(self, device=None) -> None:
+        exponents = torch.arange(0, self.freq_dim, 2, dtype=torch.float32, device=device) / self.freq_dim
+        inv_freq = scale_frequencies(1.0 / (self.base ** exponents), self.scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """``position_ids [B, P]`` -> cos, sin ``[B, 1, P, rotary_dim]``."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # [B, P, dim/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [B, heads, P, d]`` (only its first ``rotary_dim`` features)."""
+        rot, rest = x[..., : self.dim], x[..., self.dim:]
+        half = self.dim // 2
+        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        rot = rot * cos + rotated * sin
+        return torch.cat([rot, rest], dim=-1) if rest.shape[-1] else rot
+
+
+def scale_frequencies(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
+    """Rotary frequencies ``[dim/2]`` under ``transformers``' "linear" or "llama3" rope scaling."""
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    factor = scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise HeadlensError(f"rotary_scaling: rope_type must be 'default', 'linear' or 'llama3', got {kind!r}")
+    old_ctx = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU, ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, as torch's one fused
+    kernel (the same function; within ~2e-7 of transformers' ``NewGELUActivation`` in float32)."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": _gelu_new,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swiglu": F.silu,
+    "geglu": F.gelu,
+}
+
+
+class MLP(nn.Module):
+    """Feed-forward block. Plain: ``W_out(act(W_in x))``; gated (swiglu / geglu):
+    ``W_out(act(W_gate x) * W_in x)``. ``[B, P, D] -> [B, P, D]``.
+
+    Weights are stored as ``nn.Linear`` (``W_in.weight [F, D]``, ``W_out.weight [D, F]``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.mlp in ("swiglu", "geglu")
+        self.act = ACTIVATIONS[cfg.mlp]
+        self.W_in = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        if self.gated:
+            self.W_gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.W_out = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.hook_pre = HookPoint()  # [B, P, F]
+        self.hook_post = HookPoint()  # [B, P, F]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.hook_pre(self.W_in(x))
+        post = self.act(self.W_gate(x)) * pre if self.gated else self.act(pre)
+        return self.W_out(self.hook_post(post))

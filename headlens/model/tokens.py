@@ -1,0 +1,152 @@
+"""Turning text (or token ids) into model input, and streaming a dataset in batches.
+
+A *batch* is a dict with ``input_ids [B, P]`` and ``attention_mask [B, P]`` (1 = real token),
+plus ``token_type_ids`` for encoders that have them.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from numbers import Integral
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from headlens.errors import HeadlensError, check
+
+Texts = Union[str, Sequence[str], torch.Tensor, Sequence[Sequence[int]]]
+
+
+def _is_token_input(data) -> bool:
+    if isinstance(data, torch.Tensor):
+        return True
+    return len(data) > 0 and not isinstance(data[0], str)
+
+
+def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int] = None,
+           add_special_tokens: bool = True, prepend_bos: Optional[bool] = None) -> dict:
+    """Tokenize ``texts`` for ``model``; returns a batch dict on the model's device.
+
+    Token ids (a ``[B, P]`` tensor or lists of ints) pass through with a full attention mask
+    (lists of unequal length are right-padded). Text longer than the model's context raises
+    :class:`HeadlensError` unless ``truncate=True``. ``prepend_bos`` (decoders): put the BOS token
+    first when the tokenizer does not (default: when the model has a BOS token).
+    """
+    cfg = model.cfg
+    limit = min(max_length or cfg.n_ctx, cfg.n_ctx)
+    if isinstance(texts, str):
+        texts = [texts]
+    check(texts is None or (hasattr(texts, "__len__") and hasattr(texts, "__getitem__")
+                            and not isinstance(texts, Mapping)),
+          f"texts must be a string, a list of strings or token ids, got {type(texts).__name__}")
+    check(texts is not None and len(texts) > 0, "texts is empty: give at least one text or token sequence")
+    if _is_token_input(texts):
+        batch = _pad_ids(texts, cfg.pad_token_id or 0)
+    else:
+        tok = model.tokenizer
+        if tok is None:
+            raise HeadlensError("this model has no tokenizer: pass token ids instead of text")
+        for i, t in enumerate(texts):
+            check(isinstance(t, str), f"texts[{i}] must be a string, got {type(t).__name__}")
+            check(t.strip() != "", f"texts[{i}] is empty")
+        enc = tok(list(texts), add_special_tokens=add_special_tokens)
+        ids = [list(x) for x in enc["input_ids"]]
+        if prepend_bos is None:
+            prepend_bos = cfg.causal and cfg.bos_token_id is not None
+        if prepend_bos:
+            ids = [x if (x and x[0] == cfg.bos_token_id) else [cfg.bos_token_id] + x for x in ids]
+        too_long = [i for i, x in enumerate(ids) if len(x) > limit]
+        if too_long and not truncate:
+            i = too_long[0]
+            raise HeadlensError(
+                f"text {i} is {len(ids[i])} tokens long, more than the context of {limit} tokens "
+                f"({len(too_long)} text(s) too long); pass truncate=True to cut them")
+        ids = [x[:limit] for x in ids]
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (tok.pad_token_id or 0)
+        batch = _pad_ids(ids, pad)
+        if cfg.n_token_types:
+            batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    P = batch["input_ids"].shape[1]
+    if P > limit:
+        if not truncate:
+            raise HeadlensError(f"sequence length {P} exceeds the model's context of {limit} tokens; "
+                                "pass truncate=True to cut it")
+        batch = {k: v[:, :limit] for k, v in batch.items()}
+    V = cfg.vocab_size
+    ids = batch["input_ids"]
+    check(ids.numel() > 0 and ids.shape[1] > 0, "no tokens to run: every sequence is empty")
+    check(int(ids.min()) >= 0 and int(ids.max()) < V,
+          f"token ids must lie in [0, {V}); got ids from {int(ids.min())} to {int(ids.max())} "
+          "(tokenizer and model do not match?)")
+    return {k: v.to(model.device) for k, v in batch.items()}
+
+
+def _pad_ids(seqs, pad_id: int) -> dict:
+    if isinstance(seqs, torch.Tensor):
+        check(seqs.ndim in (1, 2), f"token ids must be [pos] or [batch, pos], got shape {tuple(seqs.shape)}")
+        ids = seqs[None] if seqs.ndim == 1 else seqs
+        check(not ids.is_floating_point(), "token ids must be integers")
+        return {"input_ids": ids.long(), "attention_mask": torch.ones_like(ids, dtype=torch.long)}
+    for i, s in enumerate(seqs):
+        check(hasattr(s, "__len__") and not isinstance(s, str)
+              and all(isinstance(t, Integral) or (isinstance(t, torch.Tensor) and t.ndim == 0
+                                                  and not t.is_floating_point()) for t in s),
+              f"token sequence {i} must be a list of integer ids")
+    lengths = [len(s) for s in seqs]
+    check(min(lengths) > 0, "a token sequence is empty")
+    P = max(lengths)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def batches(model, data: Union[Texts, Iterable], batch_size: int = 16, **encode_kwargs) -> Iterator[dict]:
+    """Yield encoded batches of at most ``batch_size`` items from ``data``.
+
+    ``data``: texts, token ids (``[N, P]`` tensor or lists), or any iterable of texts (e.g. a
+    generator reading a file lazily) — it is consumed in chunks, never held whole in memory.
+    """
+    check(isinstance(batch_size, Integral) and batch_size >= 1, f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(data, str):
+        data = [data]
+    check(isinstance(data, (torch.Tensor, Iterable)),
+          f"data must be texts, token ids or an iterable of texts, got {type(data).__name__}")
+    if isinstance(data, torch.Tensor):
+        check(data.ndim == 2, f"token ids must be [batch, pos], got shape {tuple(data.shape)}")
+        check(data.shape[0] > 0, "the dataset is empty")
+        for i in range(0, data.shape[0], batch_size):
+            yield encode(model, data[i: i + batch_size], **encode_kwargs)
+        return
+    chunk, seen = [], 0
+    for item in data:
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            seen += len(chunk)
+            yield encode(model, chunk, **encode_kwargs)
+            chunk = []
+    if chunk:
+        seen += len(chunk)
+        yield encode(model, chunk, **encode_kwargs)
+    if seen == 0:
+        raise HeadlensError("the dataset is empty: no texts or token sequences to run")
+
+
+def repeated_random_tokens(n_seqs: int, half_len: int, vocab_size: int, seed: int = 0,
+                           bos_token_id: Optional[int] = None, low: int = 0,
+                           exclude: Sequence[int] = ()) -> torch.Tensor:
+    """Olsson et al.'s induction input: ``[BOS?, x, x]`` with ``x`` uniform random tokens.
+
+    Returns ``[n_seqs, (1 if BOS) + 2 * half_len]`` long tensor; token ids drawn from
+    ``[low, vocab_size)`` minus ``exclude`` (e.g. special tokens), deterministic under ``seed``.
+    """
+    check(n_seqs >= 1 and half_len >= 2, "need n_seqs >= 1 and half_len >= 2")
+    allowed = torch.tensor([t for t in range(low, vocab_size) if t not in set(exclude)])
+    check(len(allowed) >= 2, "fewer than two token ids to draw from")
+    gen = torch.Generator().manual_seed(seed)
+    x = allowed[torch.randint(0, len(allowed), (n_seqs, half_len), generator=gen)]
+    seq = torch.cat([x, x], dim=1)
+    if bos_token_id is not None:
+        seq = torch.cat([torch.full((n_seqs, 1), bos_token_id, dtype=torch.long), seq], dim=1)
+    return seq

@@ -1,0 +1,330 @@
+"""headlens' own transformer: one class for every family, configured by :class:`ModelConfig`.
+
+Shapes: ``B`` batch, ``P`` positions, ``D`` d_model, ``V`` vocabulary, ``L`` layers, ``H`` heads.
+Hook names follow TransformerLens (``hook_embed``, ``blocks.{l}.hook_resid_pre``,
+``blocks.{l}.attn.hook_pattern``, ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_post``,
+``ln_final.hook_normalized`` ...), so ``run_with_hooks`` / ``run_with_cache`` work as there.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from numbers import Integral
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from headlens.errors import HeadlensError, check
+from headlens.model.attention import Attention
+from headlens.model.config import ModelConfig
+from headlens.model.layers import ACTIVATIONS, MLP, make_norm
+
+Gate = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def visible_positions(P: int, causal: bool, sliding_window: Optional[int], device=None) -> Optional[torch.Tensor]:
+    """``[P, P]`` bool: which key positions each query position may see by position alone (keys
+    up to the query, within ``sliding_window`` if any, for causal models); None: all of them."""
+    if not causal:
+        return None
+    i = torch.arange(P, device=device)
+    visible = i[None, :] <= i[:, None]
+    if sliding_window:
+        visible = visible & (i[:, None] - i[None, :] < sliding_window)
+    return visible
+
+
+class Block(nn.Module):
+    """One transformer layer: pre-norm (GPT-2, LLaMA), post-norm (BERT) or parallel (GPT-NeoX)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.ln1 = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg) if cfg.mlp != "none" else None
+        self.ln2 = make_norm(cfg) if self.mlp is not None else None
+        for name in ("resid_pre", "attn_in", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def forward(self, x, mask, gate=None, rotary_cos_sin=None, attn_out=None):
+        """``x [B, P, D]`` -> ``[B, P, D]``. ``attn_out [B, P, D]``: take this as the attention
+        sublayer's output instead of computing it (the rest of the layer runs as usual)."""
+        x = self.hook_resid_pre(x)
+        post = self.cfg.norm_position == "post"
+        if attn_out is None:
+            attn_in = self.hook_attn_in(x if post else self.ln1(x))
+            attn_out = self.attn(attn_in, mask, gate, rotary_cos_sin)
+        attn_out = self.hook_attn_out(attn_out)
+        if self.mlp is None:
+            resid = x + attn_out
+            return self.hook_resid_post(self.ln1(resid) if post else resid)
+        if self.cfg.parallel_block:
+            mlp_out = self.hook_mlp_out(self.mlp(self.ln2(x)))
+            return self.hook_resid_post(x + attn_out + mlp_out)
+        if post:
+            mid = self.hook_resid_mid(self.ln1(x + attn_out))
+            mlp_out = self.hook_mlp_out(self.mlp(mid))
+            return self.hook_resid_post(self.ln2(mid + mlp_out))
+        mid = self.hook_resid_mid(x + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mid)))
+        return self.hook_resid_post(mid + mlp_out)
+
+
+class Unembed(nn.Module):
+    """Final norm and output head. ``lm``: ``[B, P, D] -> [B, P, V]``; ``mlm``: BERT's
+    dense + activation + LayerNorm transform, then the vocabulary projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.unembed == "mlm":
+            self.transform = nn.Linear(cfg.d_model, cfg.d_model)
+            self.transform_ln = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size))
+        self.b_U = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.unembed_bias else None
+
+    def forward(self, x: torch.Tensor, W_E: torch.Tensor) -> torch.Tensor:
+        if self.cfg.unembed == "mlm":
+            x = self.transform_ln(ACTIVATIONS["gelu"](self.transform(x)))
+        x = x.contiguous()  # a slice (e.g. hidden[:, :-1]) would send the matmul down a slower batched path
+        logits = x @ (W_E.T if self.cfg.tie_embeddings else self.W_U)
+        return logits + self.b_U if self.b_U is not None else logits
+
+
+class HeadlensModel(HookedRootModule):
+    """A transformer whose every head can be read, gated, masked or replaced.
+
+    ``model(input_ids)`` returns logits ``[B, P, V]`` (or final hidden states ``[B, P, D]`` for
+    encoders without an output head). ``head_gate`` ``[L, H]`` (or ``[B, L, H]``, one per example) multiplies each head's output.
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.W_E = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.W_pos = nn.Embedding(cfg.n_ctx, cfg.d_model) if cfg.positional == "learned" else None
+        self.W_token_type = nn.Embedding(cfg.n_token_types, cfg.d_model) if cfg.n_token_types else None
+        self.embed_ln = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.embed_norm else None
+        self.hook_embed = HookPoint()  # [B, P, D]
+        self.hook_pos_embed = HookPoint()  # [B, P, D]
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_final = make_norm(cfg) if (cfg.final_norm and cfg.norm_position == "pre") else None
+        self.hook_final = HookPoint()  # [B, P, D] final hidden state, after the final norm
+        self.unembed = Unembed(cfg) if cfg.unembed != "none" else None
+        self.setup()
+
+    # --- construction ---------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "HeadlensModel":
+        """Random initialisation (normal(0, std) matrices, zero biases, unit norms)."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        return self
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict, tokenizer=None) -> "HeadlensModel":
+        """Build a model around ``state`` (tensors used as they are: no random init, no copy)."""
+        with torch.device("meta"):
+            model = cls(cfg, tokenizer)
+        missing = set(model.state_dict()) - set(state)
+        unexpected = set(state) - set(model.state_dict())
+        if missing or unexpected:
+            raise HeadlensError(f"weights do not match the config: missing {sorted(missing)[:5]}, "
+                                f"unexpected {sorted(unexpected)[:5]}")
+        for name, p in model.state_dict().items():
+            if tuple(p.shape) != tuple(state[name].shape):
+                raise HeadlensError(f"weight {name!r} has shape {tuple(state[name].shape)}, "
+                                    f"the config needs {tuple(p.shape)}")
+            if state[name].is_floating_point() and not bool(torch.isfinite(state[name]).all()):
+                raise HeadlensError(f"weight {name!r} holds NaN or infinite values (a corrupted checkpoint?)")
+        model.load_state_dict(state, strict=True, assign=True)
+        device = next(iter(state.values())).device
+        for module in model.modules():
+            if hasattr(module, "make_buffers"):
+                module.make_buffers(device)
+        return model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_E.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_E.weight.dtype
+
+    def head_labels(self) -> list[tuple[int, int]]:
+        """``(layer, head)`` of every head, in original head indices, layer-major."""
+        return [(layer, h) for layer in range(self.cfg.n_layers) for h in self.cfg.heads_in_layer(layer)]
+
+    def to_tokens(self, texts, **kwargs) -> dict:
+        """Tokenize ``texts`` (see :func:`headlens.model.tokens.encode`)."""
+        from headlens.model.tokens import encode
+
+        return encode(self, texts, **kwargs)
+
+    # --- forward --------------------------------------------------------------------------
+    def attention_mask_bias(self, attention_mask: Optional[torch.Tensor], P: int, dtype) -> Optional[torch.Tensor]:
+        """Additive mask ``[B or 1, 1, P, P]``: 0 where a query may look, dtype-min elsewhere."""
+        cfg, device = self.cfg, self.device
+        visible = visible_positions(P, cfg.causal, cfg.sliding_window, device)
+        visible = visible[None, None] if visible is not None else None
+        if attention_mask is not None:
+            keys = attention_mask[:, None, None, :].bool()
+            visible = keys if visible is None else (visible & keys)
+        if visible is None:
+            return None
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(visible, zero, torch.finfo(dtype).min)
+
+    @staticmethod
+    def _gate_row(head_gate: Gate, layer: int):
+        """Layer ``layer``'s gate: ``[H]``, or ``[B, H]`` for a per-example ``[B, L, H]`` gate."""
+        per_example = isinstance(head_gate, torch.Tensor) and head_gate.ndim == 3
+        return head_gate[:, layer] if per_example else head_gate[layer]
+
+    def _gate_for(self, head_gate: Optional[Gate], layer: int) -> Optional[torch.Tensor]:
+        if head_gate is None:
+            return None
+        g = self._gate_row(head_gate, layer)
+        H = self.blocks[layer].attn.n_heads
+        if g.shape[-1] != H:
+            g = g[..., :H]  # a padded [L, max H] gate on a pruned model
+        return g
+
+    def check_gate(self, head_gate: Gate, batch_size: Optional[int] = None) -> None:
+        L = self.cfg.n_layers
+        per_example = isinstance(head_gate, torch.Tensor) and head_gate.ndim == 3
+        if per_example:
+            check(batch_size is None or head_gate.shape[0] == batch_size,
+                  f"a per-example head_gate [batch, n_layers, n_heads] needs one row per example "
+                  f"({batch_size}), got {head_gate.shape[0]}")
+        n_rows = head_gate.shape[1] if per_example else len(head_gate)
+        check(n_rows == L, f"head_gate must have one row per layer ({L}), got {n_rows}")
+        for layer in range(L):
+            H = self.blocks[layer].attn.n_heads
+            row = self._gate_row(head_gate, layer)
+            check(isinstance(row, torch.Tensor) and row.ndim == 1 + per_example,
+                  f"head_gate must be a [n_layers, n_heads] tensor, a per-example [batch, n_layers, n_heads] "
+                  f"tensor or a list of 1-d tensors; row {layer} is "
+                  f"{type(row).__name__}{tuple(row.shape) if isinstance(row, torch.Tensor) else ''}")
+            n = row.shape[-1]
+            check(n >= H, f"head_gate row {layer} has {n} entries, layer {layer} has {H} heads")
+        rows = [head_gate] if isinstance(head_gate, torch.Tensor) else head_gate
+        check(all(bool(torch.isfinite(r.detach()).all()) for r in rows), "head_gate holds NaN or infinite values")
+
+    def check_inputs(self, B: int, P: int, input_ids, attention_mask, token_type_ids, position_ids,
+                     residual, start_at_layer: int, stop_at_layer: Optional[int]) -> None:
+        """Shapes, dtypes, ranges and finiteness of :meth:`forward`'s arguments."""
+        cfg, L = self.cfg, self.cfg.n_layers
+        if input_ids is not None:
+            check(not input_ids.is_floating_point() and not input_ids.is_complex(),
+                  f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+            check(input_ids.numel() > 0,
+                  f"input_ids is empty (shape {tuple(input_ids.shape)}): need at least one token")
+            check(int(input_ids.min()) >= 0 and int(input_ids.max()) < cfg.vocab_size,
+                  f"input_ids must lie in [0, {cfg.vocab_size}) for this model's vocabulary")
+        if residual is not None:
+            check(residual.ndim == 3 and residual.shape[-1] == cfg.d_model and residual.numel() > 0,
+                  f"residual must be [batch, pos, d_model={cfg.d_model}], got shape {tuple(residual.shape)}")
+            check(bool(torch.isfinite(residual.detach()).all()), "residual holds NaN or infinite values")
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            check(t is None or tuple(t.shape) == (B, P),
+                  f"{name} must have the shape of input_ids {(B, P)}, got {tuple(t.shape) if t is not None else None}")
+        if token_type_ids is not None and self.W_token_type is not None:
+            check(int(token_type_ids.min()) >= 0 and int(token_type_ids.max()) < cfg.n_token_types,
+                  f"token_type_ids must lie in [0, {cfg.n_token_types})")
+        if position_ids is not None:
+            check(position_ids.ndim == 2 and position_ids.shape[0] in (1, B) and position_ids.shape[1] == P,
+                  f"position_ids must be [batch, pos] = {(B, P)} (or [1, pos]), got {tuple(position_ids.shape)}")
+            check(int(position_ids.min()) >= 0 and int(position_ids.max()) < cfg.n_ctx,
+                  f"position_ids must lie in [0, {cfg.n_ctx})")
+        stop = L if stop_at_layer is None else stop_at_layer
+        check(isinstance(start_at_layer, Integral) and 0 <= start_at_layer <= L,
+              f"start_at_layer must be an int in [0, {L}], got {start_at_layer!r}")
+        check(isinstance(stop, Integral) and start_at_layer <= stop <= L,
+              f"stop_at_layer must be an int in [start_at_layer={start_at_layer}, {L}], got {stop_at_layer!r}")
+
+    def embed(self, input_ids, token_type_ids=None, position_ids=None) -> torch.Tensor:
+        """``input_ids [B, P]`` -> residual stream before layer 0, ``[B, P, D]``."""
+        x = self.hook_embed(self.W_E(input_ids))
+        if self.W_pos is not None:
+            x = x + self.hook_pos_embed(self.W_pos(position_ids))
+        if self.W_token_type is not None:
+            tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.W_token_type(tt)
+        return self.embed_ln(x) if self.embed_ln is not None else x
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        head_gate: Optional[Gate] = None,
+        return_type: str = "logits",
+        start_at_layer: int = 0,
+        stop_at_layer: Optional[int] = None,
+        residual: Optional[torch.Tensor] = None,
+    ) -> Optional[torch.Tensor]:
+        """Run the model.
+
+        input_ids ``[B, P]`` (or a dict from :meth:`to_tokens`); attention_mask ``[B, P]`` (1 =
+        real token). ``return_type``: ``"logits"`` (``[B, P, V]``; hidden states for models
+        without an output head), ``"hidden"`` (final hidden states ``[B, P, D]``) or ``None``.
+        ``start_at_layer`` with ``residual [B, P, D]`` resumes from that layer's residual stream;
+        ``stop_at_layer`` returns the residual stream entering that layer.
+        """
+        if isinstance(input_ids, Mapping):  # a batch dict or a transformers BatchEncoding
+            batch = input_ids
+            input_ids = batch["input_ids"]
+            attention_mask = batch.get("attention_mask", attention_mask)
+            token_type_ids = batch.get("token_type_ids", token_type_ids)
+        cfg = self.cfg
+        check(return_type in ("logits", "hidden", None),
+              f"return_type must be 'logits', 'hidden' or None, got {return_type!r}")
+        if residual is None:
+            check(input_ids is not None, "forward needs input_ids (or residual with start_at_layer)")
+            check(isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2,
+                  "input_ids must be a [batch, pos] tensor, got " + (f"shape {tuple(input_ids.shape)}" if
+                  isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
+            check(start_at_layer == 0, "start_at_layer > 0 needs the residual stream entering that layer")
+        else:
+            check(isinstance(residual, torch.Tensor) and residual.ndim == 3,
+                  "residual must be a [batch, pos, d_model] tensor, got " + (f"shape {tuple(residual.shape)}" if
+                  isinstance(residual, torch.Tensor) else type(residual).__name__))
+        B, P = (residual if residual is not None else input_ids).shape[:2]
+        check(P <= cfg.n_ctx, f"sequence length {P} exceeds the model's context of {cfg.n_ctx} tokens")
+        self.check_inputs(B, P, input_ids if residual is None else None, attention_mask, token_type_ids,
+                          position_ids, residual, start_at_layer, stop_at_layer)
+        if head_gate is not None:
+            self.check_gate(head_gate, B)
+        if position_ids is None:
+            position_ids = torch.arange(P, device=self.device)[None].expand(B, P)
+        x = residual if residual is not None else self.embed(input_ids, token_type_ids, position_ids)
+        mask = self.attention_mask_bias(attention_mask, P, x.dtype)
+        rot = self.blocks[0].attn.rotary
+        cos_sin = rot.cos_sin(position_ids, x.dtype) if rot is not None else None
+        stop = cfg.n_layers if stop_at_layer is None else stop_at_layer
+        for layer in range(start_at_layer, stop):
+            x = self.blocks[layer](x, mask, self._gate_for(head_gate, layer), cos_sin)
+        if stop_at_layer is not None:
+            return x
+        if self.ln_final is not None:
+            x = self.ln_final(x)
+        x = self.hook_final(x)
+        if return_type is None:
+            return None
+        if return_type == "hidden" or self.unembed is None:
+            return x
+        return self.unembed(x, self.W_E.weight)

@@ -1,0 +1,229 @@
+"""Capturing every head's attention pattern, in memory or as streamed statistics.
+
+Shapes: ``B`` batch, ``P`` query positions, ``S`` key positions (``S == P``), ``N`` all heads of
+the model, layer-major in :meth:`HeadlensModel.head_labels` order, ``H_l`` the heads of layer l.
+
+The patterns are read with a ``names_filter`` on ``blocks.{l}.attn.hook_pattern`` only (through
+TransformerLens' ``run_with_cache``, which removes its hooks when it returns or raises); the
+forward pass does no other extra work (``return_type=None`` skips the unembedding).
+
+Two ways to use them:
+
+- :func:`capture_patterns` keeps every batch's patterns (for figures, small data, tests);
+- :func:`stream_head_stats` runs statistics functions on each batch and keeps only their running
+  sums (:class:`HeadStatsAccumulator`), so memory does not grow with the dataset. It can also keep
+  Poisson-bootstrap replicates of every statistic, for stability estimates in one pass.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from headlens.errors import HeadlensError, check
+from headlens.model.tokens import batches
+from headlens.model.transformer import visible_positions
+
+PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
+
+
+@dataclass
+class PatternBatch:
+    """The attention patterns of one batch, every head of every layer.
+
+    ``input_ids [B, P]``, ``attention_mask [B, P]`` (1 = real token), ``patterns [B, N, P, S]``
+    (rows sum to 1 on real queries; padded keys get 0), ``heads``: ``(layer, head)`` of the N
+    heads, ``causal``: whether queries only see earlier keys.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    patterns: torch.Tensor
+    heads: list
+    causal: bool
+    layer_sizes: list
+    sliding_window: Optional[int] = None
+
+    def layer(self, layer: int) -> torch.Tensor:
+        """Patterns of one layer, ``[B, H_l, P, S]`` (a view)."""
+        check(0 <= layer < len(self.layer_sizes), f"layer must be in [0, {len(self.layer_sizes)}), got {layer}")
+        start = sum(self.layer_sizes[:layer])
+        return self.patterns[:, start: start + self.layer_sizes[layer]]
+
+    @property
+    def query_mask(self) -> torch.Tensor:
+        """``[B, P]`` bool: real (non-padding) query positions."""
+        return self.attention_mask.bool()
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[B]`` number of real tokens of each sequence."""
+        return self.attention_mask.sum(-1)
+
+    def visible(self) -> torch.Tensor:
+        """``[B, P, S]`` bool: keys a real query may attend to (real keys; earlier ones, within the
+        sliding window if any, for causal models)."""
+        real = self.query_mask
+        vis = real[:, :, None] & real[:, None, :]
+        allowed = visible_positions(real.shape[1], self.causal, self.sliding_window, real.device)
+        return vis & allowed if allowed is not None else vis
+
+
+def _layer_sizes(model) -> list:
+    return [model.blocks[layer].attn.n_heads for layer in range(model.cfg.n_layers)]
+
+
+def _length_sorted(model, data, chunk: int) -> Iterator:
+    """Reorder ``data`` by token length within chunks of ``chunk`` items (less padding)."""
+    it = iter(data)
+    while True:
+        items = list(itertools.islice(it, chunk))
+        if not items:
+            return
+        if isinstance(items[0], str) and model.tokenizer is not None:
+            lengths = [len(x) for x in model.tokenizer(items)["input_ids"]]
+        elif isinstance(items[0], str):
+            lengths = [0] * len(items)
+        else:
+            lengths = [len(x) for x in items]
+        order = sorted(range(len(items)), key=lambda i: lengths[i])
+        yield from (items[i] for i in order)
+
+
+def _batches(model, data, batch_size: int, sort_by_length: bool, **encode_kwargs) -> Iterator[dict]:
+    check(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(data, dict):  # one ready batch
+        check("input_ids" in data, "a batch dict needs 'input_ids'")
+        yield {k: v.to(model.device) for k, v in data.items()}
+        return
+    if sort_by_length and not isinstance(data, (torch.Tensor, str)):
+        data = _length_sorted(model, data, 32 * batch_size)
+    yield from batches(model, data, batch_size, **encode_kwargs)
+
+
+def iter_patterns(model, data, batch_size: int = 16, sort_by_length: bool = False,
+                  progress: bool = False, **encode_kwargs) -> Iterator[PatternBatch]:
+    """Yield a :class:`PatternBatch` per batch of ``data``.
+
+    ``data``: texts, token ids (``[N, P]`` tensor or lists of ints), an iterable of texts (read
+    lazily), or one batch dict. ``sort_by_length`` reorders items within chunks of
+    ``32 * batch_size`` to cut padding (statistics do not depend on the order).
+    ``encode_kwargs`` go to :func:`headlens.model.tokens.encode` (e.g. ``truncate=True``).
+    """
+    names = {PATTERN_HOOK.format(layer=layer) for layer in range(model.cfg.n_layers)}
+    order = [PATTERN_HOOK.format(layer=layer) for layer in range(model.cfg.n_layers)]
+    heads, sizes = model.head_labels(), _layer_sizes(model)
+    stream = _batches(model, data, batch_size, sort_by_length, **encode_kwargs)
+    for batch in tqdm(stream, desc="patterns", unit="batch", disable=not progress):
+        with torch.no_grad():
+            _, cache = model.run_with_cache(batch, names_filter=lambda name: name in names,
+                                            return_type=None)
+        patterns = torch.cat([cache[name].float() for name in order], dim=1)
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(batch["input_ids"])
+        yield PatternBatch(batch["input_ids"], mask, patterns, heads, model.cfg.causal, sizes,
+                           model.cfg.sliding_window)
+
+
+def capture_patterns(model, data, batch_size: int = 16, **kwargs) -> list[PatternBatch]:
+    """Every batch's patterns kept in memory: a list of :class:`PatternBatch` in data order.
+
+    ``batch.patterns`` is ``[B, N, P, S]`` (all layers' heads); ``batch.layer(l)`` is
+    ``[B, H_l, P, S]``. For whole datasets prefer :func:`stream_head_stats`.
+    """
+    return list(iter_patterns(model, data, batch_size, **kwargs))
+
+
+# A statistic maps a PatternBatch to (totals [B, ...], counts [B] or [B, ...]): per-example sums
+# of some quantity and how many terms each sum has (or to a dict {name: (totals, counts)}).
+# Its dataset mean is sum(totals) / sum(counts).
+Statistic = Callable[[PatternBatch], tuple]
+
+
+class HeadStatsAccumulator:
+    """Running sums of per-example statistics (and optional Poisson-bootstrap replicates).
+
+    ``add(name, totals [B, ...], counts [B] or [B, ...])`` after ``start_batch(B)``;
+    ``mean(name)`` is ``sum(totals) / sum(counts)`` over everything added (``counts`` broadcast
+    against ``totals``). With ``n_replicates = R > 0`` each example also gets R weights drawn
+    from Poisson(1) (the online bootstrap), and ``replicate_means(name)`` ``[R, ...]`` holds the
+    weighted means: resamples of the examples without keeping the examples. ``replicate_names``
+    limits the replicates to those statistics (default: all).
+    """
+
+    def __init__(self, n_replicates: int = 0, seed: int = 0, replicate_names: Optional[Iterable[str]] = None):
+        check(n_replicates >= 0, f"n_replicates must be >= 0, got {n_replicates}")
+        self.n_replicates = n_replicates
+        self.replicate_names = None if replicate_names is None else set(replicate_names)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.totals: dict = {}
+        self.counts: dict = {}
+        self.rep_totals: dict = {}
+        self.rep_counts: dict = {}
+        self.n_examples = 0
+        self._weights: Optional[torch.Tensor] = None
+
+    def start_batch(self, batch_size: int) -> None:
+        self.n_examples += batch_size
+        if self.n_replicates:
+            rates = torch.ones(self.n_replicates, batch_size, dtype=torch.float64)
+            self._weights = torch.poisson(rates, generator=self.generator)
+
+    def add(self, name: str, totals: torch.Tensor, counts: torch.Tensor) -> None:
+        totals, counts = totals.double().cpu(), counts.double().cpu()
+        check(totals.shape[0] == counts.shape[0], f"statistic {name!r}: totals and counts disagree on the batch size")
+        counts = counts.reshape(counts.shape + (1,) * (totals.ndim - counts.ndim))  # broadcasts
+        self.totals[name] = self.totals.get(name, 0) + totals.sum(0)
+        self.counts[name] = self.counts.get(name, 0) + counts.sum(0)
+        if self.n_replicates and (self.replicate_names is None or name in self.replicate_names):
+            w = self._weights
+            check(w is not None and w.shape[1] == totals.shape[0], "call start_batch(B) before add()")
+            self.rep_totals[name] = self.rep_totals.get(name, 0) + torch.tensordot(w, totals, dims=1)
+            self.rep_counts[name] = self.rep_counts.get(name, 0) + torch.tensordot(w, counts, dims=1)
+
+    def _known(self, name: str) -> None:
+        if name not in self.totals:
+            raise HeadlensError(f"no statistic named {name!r}; have {sorted(self.totals)}")
+
+    def mean(self, name: str) -> torch.Tensor:
+        """Dataset mean of statistic ``name`` (NaN where it has no terms)."""
+        self._known(name)
+        return self.totals[name] / self.counts[name]
+
+    def means(self) -> dict:
+        return {name: self.mean(name) for name in self.totals}
+
+    def replicate_means(self, name: str) -> torch.Tensor:
+        """``[R, ...]`` means of statistic ``name`` under each bootstrap replicate."""
+        self._known(name)
+        check(name in self.rep_totals, f"no bootstrap replicates of {name!r} (n_replicates={self.n_replicates}, "
+                                       f"replicate_names={self.replicate_names})")
+        return self.rep_totals[name] / self.rep_counts[name]
+
+
+def stream_head_stats(model, data, statistics: Mapping[str, Statistic], batch_size: int = 16,
+                      n_replicates: int = 0, seed: int = 0, progress: bool = False,
+                      sort_by_length: bool = True, accumulator: Optional[HeadStatsAccumulator] = None,
+                      **encode_kwargs) -> HeadStatsAccumulator:
+    """Run ``statistics`` on every batch of ``data`` and accumulate them; patterns are dropped
+    after each batch, so memory does not grow with the dataset.
+
+    ``statistics``: ``{name: fn(PatternBatch) -> (totals [B, ...], counts [B] or [B, ...])}``; a
+    function may instead return a dict ``{name: (totals, counts)}`` of several statistics at once.
+    Returns the :class:`HeadStatsAccumulator` (``.mean(name)``, ``.replicate_means(name)``).
+    """
+    check(len(statistics) > 0, "statistics is empty: give at least one {name: function}")
+    acc = accumulator if accumulator is not None else HeadStatsAccumulator(n_replicates, seed)
+    for pb in iter_patterns(model, data, batch_size, sort_by_length=sort_by_length,
+                            progress=progress, **encode_kwargs):
+        acc.start_batch(pb.input_ids.shape[0])
+        for name, fn in statistics.items():
+            result = fn(pb)
+            for key, (totals, counts) in (result.items() if isinstance(result, dict) else [(name, result)]):
+                acc.add(key, totals, counts)
+    return acc
+

@@ -1,0 +1,85 @@
+"""Physical pruning: a smaller model with heads' weights removed, and what it saves.
+
+Removing head ``h`` of layer ``l`` deletes its slices of ``W_Q [D, H, d]`` and ``b_Q``, and of
+``W_O [H, d, D]``; under grouped-query attention a key/value head (``W_K``/``W_V``/biases) goes
+only when none of its query heads remains. The pruned model's ``cfg.kept_heads`` lists the
+original ids of the heads each layer keeps; its outputs equal the full model's with those heads
+gated to 0 (``b_O`` stays). A layer may lose every head: its attention then outputs ``b_O``.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from headlens.errors import check
+from headlens.model.heads import resolve_heads
+from headlens.model.transformer import HeadlensModel
+from headlens.pruning.plans import as_plan, plan_heads
+
+
+def normalize_plan(model, plan) -> dict:
+    """A plan (``{layer: [heads]}`` with int or JSON string keys, a ``prune_plan.json`` record or
+    its path, see :mod:`headlens.pruning.plans`) -> ``{int: sorted [int]}``, every head checked
+    against the model."""
+    heads = plan_heads(plan)
+    return as_plan(resolve_heads(model, heads)) if any(heads.values()) else {}
+
+
+def prune_heads(model: HeadlensModel, plan) -> HeadlensModel:
+    """A new model without the heads in ``plan`` (``{layer: [original head ids]}``, a
+    ``prune_plan.json`` record or its path; see :func:`normalize_plan`); the input
+    model is not changed and shares no tensor with the result."""
+    plan = normalize_plan(model, plan)
+    cfg = model.cfg
+    kept = [[h for h in cfg.heads_in_layer(layer) if h not in plan.get(layer, [])]
+            for layer in range(cfg.n_layers)]
+    new_cfg = cfg.replace(kept_heads=kept) if (plan or cfg.is_pruned) else cfg.replace()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for layer in range(cfg.n_layers):
+        attn = model.blocks[layer].attn
+        q = torch.tensor([i for i, h in enumerate(attn.head_ids) if h in kept[layer]], dtype=torch.long,
+                         device=model.device)
+        kv = torch.tensor([attn.kv_ids.index(j) for j in new_cfg.kv_heads_in_layer(layer)], dtype=torch.long,
+                          device=model.device)
+        p = f"blocks.{layer}.attn."
+        for name, index, dim in (("W_Q", q, 1), ("b_Q", q, 0), ("W_K", kv, 1), ("b_K", kv, 0),
+                                 ("W_V", kv, 1), ("b_V", kv, 0), ("W_O", q, 0)):
+            if p + name in state:
+                state[p + name] = state[p + name].index_select(dim, index).contiguous()
+    return HeadlensModel.from_state_dict(new_cfg, state, model.tokenizer).train(model.training)
+
+
+def parameter_count(model) -> int:
+    """Number of parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _timed(model, batch) -> float:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(batch)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure_speedup(model, pruned, batch, repeats: int = 10, warmup: int = 2) -> dict:
+    """Parameters and forward time of ``model`` and ``pruned`` on ``batch`` (a batch dict or
+    ``[B, P]`` token ids): medians of ``repeats`` after ``warmup``, the two models alternating so
+    that both see the same machine load."""
+    check(repeats >= 1 and warmup >= 0, "repeats must be >= 1 and warmup >= 0")
+    times = {"full": [], "pruned": []}
+    for i in range(warmup + repeats):
+        for name, m in (("full", model), ("pruned", pruned)):
+            t = _timed(m, batch)
+            if i >= warmup:
+                times[name].append(t)
+    t_full, t_pruned = float(np.median(times["full"])), float(np.median(times["pruned"]))
+    n_full, n_pruned = parameter_count(model), parameter_count(pruned)
+    return {"heads_full": model.cfg.n_heads_total, "heads_pruned": pruned.cfg.n_heads_total,
+            "params_full": n_full, "params_pruned": n_pruned, "param_fraction": n_pruned / n_full,
+            "time_full_ms": 1e3 * t_full, "time_pruned_ms": 1e3 * t_pruned, "speedup": t_full / t_pruned}

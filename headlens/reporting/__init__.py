@@ -1,0 +1,13 @@
+"""The main job: one call from a model to a research report on its attention heads.
+
+Owns: :mod:`~headlens.reporting.pipeline` (the stages, in order, and :class:`Report`),
+:mod:`~headlens.reporting.folder` (a report folder written atomically, with resume state),
+:mod:`~headlens.reporting.run_record` (``run.json``), :mod:`~headlens.reporting.render` (findings,
+HTML and Markdown), :mod:`~headlens.reporting.figures` and ``templates/``.
+May import every earlier stage (:mod:`headlens.model`, :mod:`headlens.io`, :mod:`headlens.patterns`,
+:mod:`headlens.importance`, :mod:`headlens.pruning`); nothing but :mod:`headlens.cli` imports it.
+Public names: ``report``, ``Report``.
+"""
+from headlens.reporting.pipeline import Report, report
+
+__all__ = ["report", "Report"]

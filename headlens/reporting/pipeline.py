@@ -1,0 +1,387 @@
+"""``headlens report``: one call from a model to a research report on its attention heads.
+
+    model -> capture + pattern scores -> roles -> clusters -> ablation sweep (bootstrap CIs)
+          -> gradient importance -> pruning curve -> figures -> heads.csv, report.html, ...
+
+The single-head sweep runs once: the pruning curve's ablation order reads its per-example
+metrics on the selection split (so a mean ablation's mean is taken over all task examples).
+
+:func:`report` runs it and returns a :class:`Report` (the tables, the pruning plan, the figure
+paths and ``run.json``); :meth:`Report.load` reads a finished report folder back. The folder is
+written atomically and every finished stage is saved inside it for resume (see
+:mod:`headlens.reporting.folder`), so re-running the same call after a crash resumes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from headlens.errors import HeadlensError, check
+from headlens.importance.ablation import ABLATIONS
+from headlens.model.config import parse_dtype
+from headlens.pruning.plans import PLAN_FILE, plan_record, read_plan, write_plan
+from headlens.reporting import render
+from headlens.reporting.folder import ReportFolder, atomic_write, is_complete, write_json, write_table
+from headlens.reporting.run_record import (
+    StepTimer,
+    add_timings,
+    as_list,
+    model_key,
+    package_version,
+    run_record,
+    task_key,
+    texts_key,
+)
+
+DEFAULT_MODEL = "minilm"
+
+PRUNE_SPLIT = 0.5  # fraction of the task's examples the pruning plans are chosen on
+RESUME_FORMAT = 3  # in the resume fingerprint: bump when a stage's saved result changes form
+SCORE_FIGURES = ("score_previous_token", "score_first_token", "score_separator", "score_entropy_norm",
+                 "score_induction")
+
+
+@dataclass
+class Report:
+    """A finished report.
+
+    heads: one row per head (``layer, head, role, pattern_class, cluster, importance,
+    importance_se, importance_ci_low, importance_ci_high, grad_importance, score_*``);
+    clusters: one row per cluster; pruning: the pruning curve (one row per method, seed and step);
+    plan: the recommended plan ``{layer: [heads]}`` (give it, or ``prune_plan.json``, to
+    :func:`headlens.pruning.physical.prune_heads`); plan_record: ``prune_plan.json`` (every
+    method's plan, see :mod:`headlens.pruning.plans`); figures: name -> PNG path; run: ``run.json``
+    (configuration, versions, timings, results; ``timings_s["total"]`` sums every attempt of a
+    resumed run, listed in ``attempts``, and ``resumed_stages`` names the stages an earlier
+    attempt computed); distance: the head x head Jensen-Shannon
+    distance (``distance.csv``: column ``head`` then one column per head, ``"layer.head"``).
+    """
+
+    out: Path
+    heads: pd.DataFrame
+    clusters: pd.DataFrame
+    pruning: pd.DataFrame
+    plan: dict
+    figures: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)
+    distance: Optional[pd.DataFrame] = None
+    plan_record: dict = field(default_factory=dict)
+
+    @property
+    def html(self) -> Path:
+        return self.out / "report.html"
+
+    def summary(self) -> str:
+        """The text ``headlens report`` prints at the end."""
+        return render.summary_text(self)
+
+    def findings(self) -> list[str]:
+        return render.findings(self)
+
+    def top_heads(self, n: int = 10) -> pd.DataFrame:
+        """The ``n`` heads whose ablation hurts the task most (see :func:`headlens.reporting.render.ranked`)."""
+        return render.ranked(self).head(n)
+
+    def add_section(self, title: str, paragraphs=(), notes=(), tables: Optional[dict] = None,
+                    figures: Optional[dict] = None) -> None:
+        """Append a section of study-specific results to the finished report and re-render it.
+
+        paragraphs: sentences of text; notes: bullet points; tables: ``{title: DataFrame}``
+        (saved as ``<section>_<n>.csv``); figures: ``{title: (png_path, caption)}`` (copied into
+        ``figures/``, an ``.svg`` beside the PNG too). Stored in ``run.json`` so that
+        :meth:`load` and re-rendering keep it; the pages are rewritten atomically.
+        """
+        import re
+        import shutil
+
+        check(is_complete(self.out), f"{self.out} is not a complete report")
+        sid = "_".join(re.sub(r"[^a-z0-9]+", " ", title.lower()).split()[:3]) or "section"
+        section = dict(id=sid, title=title, paragraphs=list(paragraphs), notes=list(notes), tables=[],
+                       figures=[])
+        for i, (name, df) in enumerate((tables or {}).items()):
+            write_table(df, self.out / f"{sid}_{i}.csv")
+            text = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+            section["tables"].append(dict(title=name, file=f"{sid}_{i}.csv", text_columns=text))
+        for i, (name, (png, caption)) in enumerate((figures or {}).items()):
+            stem = f"{sid}_{i}"
+            for src in (Path(png), Path(png).with_suffix(".svg")):
+                if src.is_file():
+                    shutil.copyfile(src, self.out / "figures" / f"{stem}{src.suffix}")
+            self.figures[stem] = self.out / "figures" / f"{stem}.png"
+            section["figures"].append(dict(name=stem, title=name, caption=caption, path=f"figures/{stem}.png"))
+        self.run["sections"] = [x for x in self.run.get("sections", []) if x["id"] != sid] + [section]
+        write_json(self.out / "run.json", self.run)
+        atomic_write(self.out / "report.md", render.render_markdown(self).encode())
+        atomic_write(self.out / "report.html", render.render_html(self).encode())
+
+    def __repr__(self) -> str:
+        m = self.run.get("model", {})
+        return (f"Report({str(self.out)!r}: {m.get('name', '?')}, {len(self.heads)} heads, "
+                f"{len(self.clusters)} clusters, task {self.run.get('data', {}).get('task', '?')})")
+
+    @classmethod
+    def load(cls, folder) -> "Report":
+        """Read a finished report folder; refuses one a run did not complete."""
+        folder = Path(folder).expanduser()
+        check(folder.is_dir(), f"report folder {str(folder)!r} does not exist")
+        if not is_complete(folder):
+            raise HeadlensError(f"{str(folder)!r} holds no complete headlens report (run.json without "
+                                "status 'complete' or report.html missing: the run failed or is "
+                                "still going); re-run the same command to resume it")
+        run = json.loads((folder / "run.json").read_text())
+        text = {"role": str, "pattern_class": str, "members": str, "medoid": str, "description": str,
+                "roles": str, "method": str}
+
+        def read(name):
+            return pd.read_csv(folder / name, dtype=text, keep_default_na=False, na_values=[""])
+        record = read_plan(folder / PLAN_FILE)
+        figures = {name: folder / rel for name, rel in run.get("figures", {}).items()}
+        for section in run.get("sections", []):
+            figures.update({f["name"]: folder / f["path"] for f in section["figures"]})
+        distance = None
+        if (folder / "distance.csv").is_file():
+            distance = pd.read_csv(folder / "distance.csv", dtype={"head": str})
+        return cls(folder, read("heads.csv"), read("clusters.csv"), read("pruning.csv"), record["heads"],
+                   figures, run, distance, record)
+
+
+def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str = "zero",
+           metric: Optional[str] = None, batch_size: int = 16, device: str = "cpu",
+           dtype: str = "float32", seed: int = 0, n_examples: int = 48, prune_target: float = 0.5,
+           prune_floor: Optional[float] = 0.9, n_bootstrap: int = 1000, n_clusters: Optional[int] = None,
+           progress: bool = True, resume: bool = True, force: bool = False, keep_resume: bool = False,
+           data=None, command: Optional[str] = None) -> Report:
+    """Run the whole analysis of ``model`` on ``task`` and write the report folder ``out``.
+
+    model: bundled name (``headlens models``), checkpoint or transformers folder, or a loaded
+    :class:`~headlens.HeadlensModel` (used as it is: ``dtype`` and ``device`` then do not apply).
+    task: a bundled task name, a task file or a :class:`headlens.importance.tasks.Task` (default: the
+    model's bundled task); metric: a text-task kind or the task's metric option (see
+    :func:`_load_task`). ablation: ``zero``, ``mean``, ``resample`` or ``uniform``.
+    n_examples: task examples for the importance sweep and pruning (and, without ``data``, the
+    number of bundled sentences for the pattern scores). data: texts or token-id sequences for
+    the pattern scores and clustering. prune_target: fraction of heads the pruning curve goes
+    to; prune_floor: fraction of the full model's metric a pruning plan must keep on the
+    selection split (None: plans prune to prune_target). seed: bootstrap, clustering, random
+    pruning orders, task splits. resume: reuse the stages a killed run of the same configuration
+    finished in ``out``; force: discard them. keep_resume: leave ``out/.resume``.
+    command: how the run was started, for ``run.json``.
+    """
+    check(ablation in ABLATIONS, f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    parse_dtype(dtype)
+    check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+    check(n_examples >= 2, f"n_examples must be >= 2, got {n_examples}")
+    check(0 < prune_target < 1, f"prune_target must be a fraction in (0, 1), got {prune_target}")
+    check(prune_floor is None or 0 < prune_floor <= 1,
+          f"prune_floor must be a fraction in (0, 1] or None, got {prune_floor}")
+    check(n_bootstrap >= 0, f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    config = dict(model=model if isinstance(model, str) else model_key(model),
+                  task=task if task is None or isinstance(task, str) else task_key(task),
+                  ablation=ablation, metric=metric, batch_size=batch_size, device=device, dtype=dtype,
+                  seed=seed, n_examples=n_examples, prune_target=prune_target, prune_floor=prune_floor,
+                  n_bootstrap=n_bootstrap, n_clusters=n_clusters,
+                  data=None if data is None else texts_key(data))
+    folder = ReportFolder(out, dict(config, headlens=package_version("headlens"), resume_format=RESUME_FORMAT),
+                          resume=resume, force=force)
+    timings = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=7, desc="headlens report", unit="step", disable=not progress, leave=False)
+    step = StepTimer(bar, timings, folder)
+    try:
+        with step("load model and task"):
+            net = _load_model(model, dtype, device)
+            the_task = _load_task(net, task, metric, n_examples)
+            texts = _pattern_texts(n_examples) if data is None else as_list(data)
+            check(len(texts) >= 2, "data must hold at least 2 texts or token sequences")
+        result = _analyse(net, the_task, texts, folder, step, config, progress)
+        run = run_record(net, the_task, texts, config, result, command, folder)
+        with step("figures"):
+            run["figures"] = _figures(net, texts, result, run, folder.staging / "figures")
+        bar.close()
+        add_timings(run, timings, folder)
+        rep = Report(folder.out, result["heads"], result["clusters"], result["pruning"], result["plan"],
+                     {k: folder.out / v for k, v in run["figures"].items()}, run, result["distance"],
+                     plan_record(result["plan"], result["plans"], result["pruning_summary"]["recommended"],
+                                 model=net.cfg.name, n_heads=len(net.head_labels()), task=the_task.name,
+                                 metric=the_task.metric_name, target=config["prune_target"],
+                                 floor=config["prune_floor"]))
+        _write(rep, folder)
+    except BaseException:
+        bar.close()
+        folder.abandon()
+        raise
+    folder.publish(keep_resume=keep_resume)
+    return rep
+
+
+def _load_model(model, dtype: str, device: str):
+    from headlens.model.transformer import HeadlensModel
+
+    if isinstance(model, HeadlensModel):
+        return model
+    from headlens.io.loading import load
+
+    return load(model, dtype=parse_dtype(dtype), device=device)
+
+
+def _load_task(model, task, metric: Optional[str], n_examples: int):
+    """The task (default: the model's bundled one); ``metric`` picks a text-task kind (``lm``,
+    ``mlm``, ``fidelity``), a fidelity measure (``kl``, ``cosine``) or the task's own metric option
+    (``logit_diff``, ``accuracy``, ``cosine_margin``)."""
+    from headlens.importance.tasks import TEXT_KINDS, default_task_name, load_task
+
+    kwargs = {}
+    if metric in TEXT_KINDS:
+        kwargs["kind"] = metric
+    elif metric in ("kl", "cosine"):
+        kwargs.update(kind="fidelity", measure=metric)
+    elif metric is not None:
+        kwargs["metric"] = metric
+    source = task if task is not None else default_task_name(model)
+    try:
+        return load_task(source, model=model, n_examples=n_examples, **kwargs)
+    except TypeError as e:  # an option the task's class does not take
+        raise HeadlensError(f"metric {metric!r} does not apply to task {source!r}: {e}") from None
+
+
+def _pattern_texts(n: int) -> list[str]:
+    from headlens.data.corpora import bundled_sentences
+
+    return bundled_sentences(n)
+
+
+def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progress: bool) -> dict:
+    """Scores, roles, clusters, importance, gradients and pruning, each saved in ``folder`` for resume.
+    The single-head sweep runs once: its per-example metrics give the importance table (all
+    examples) and the pruning curve's ablation order (the selection split's examples)."""
+    from headlens.importance.gradients import gradient_importance
+    from headlens.importance.statistics import importance_table
+    from headlens.importance.sweep import sweep_metrics
+    from headlens.patterns.clusters import HeadClusterer
+    from headlens.patterns.roles import assign_roles
+    from headlens.patterns.scores import pattern_scores
+
+    seed, batch_size = config["seed"], config["batch_size"]
+    with step("pattern scores"):
+        scores = folder.stage("scores", lambda: pattern_scores(model, texts, batch_size=batch_size, seed=seed,
+                                                               progress=progress))
+        roles = assign_roles(scores)
+    with step("clusters"):
+        clusterer = folder.stage("clusters", lambda: HeadClusterer(
+            n_clusters=config["n_clusters"], seed=seed, batch_size=batch_size, progress=progress,
+        ).fit(model, texts, scores=roles))
+    with step("ablation sweep"):
+        metrics = folder.stage("ablation", lambda: sweep_metrics(
+            model, task, ablation=config["ablation"], seed=seed, batch_size=batch_size,
+            resume_dir=folder.sweep_resume_dir(), progress=progress))
+        sweep = importance_table(*metrics, task, n_bootstrap=config["n_bootstrap"], seed=seed)
+    with step("gradient importance"):
+        grads = folder.stage("gradients", lambda: gradient_importance(model, task, batch_size=batch_size,
+                                                                       progress=progress))
+    with step("pruning curve"):
+        pruning = folder.stage("pruning", lambda: _prune(model, task, texts, config, metrics, progress))
+    heads = (roles.merge(clusterer.labels_, on=["layer", "head"])
+             .merge(sweep.drop(columns=["metric_clean", "n_examples"]), on=["layer", "head"])
+             .merge(grads[["layer", "head", "grad_importance", "grad_importance_raw"]], on=["layer", "head"]))
+    first = ["layer", "head", "role", "pattern_class", "cluster", "importance", "importance_se",
+             "importance_ci_low", "importance_ci_high", "damage", "metric_ablated", "grad_importance",
+             "grad_importance_raw"]
+    score_cols = [c for c in heads if c.startswith("score_")]
+    rest = [c for c in heads if c not in first and c not in score_cols]
+    heads = heads[first + rest + score_cols].sort_values(["layer", "head"], ignore_index=True)
+    clusters = clusterer.table_.sort_values("cluster", ignore_index=True)
+    names = [f"{layer}.{head}" for layer, head in model.head_labels()]
+    distance = pd.DataFrame(clusterer.distance_, index=pd.Index(names, name="head"), columns=names)
+    return dict(heads=heads, clusters=clusters, distance=distance.reset_index(), pruning=pruning["curve"],
+                plan=pruning["plan"], plans=pruning["plans"],
+                pruning_summary=pruning["summary"], clusterer=clusterer,
+                clean_metric=float(sweep["metric_clean"].iloc[0]))
+
+
+def _selection_sweep(task, metrics: tuple, seed: int):
+    """The pruning curve's ablation sweep: the full task's per-example metrics ``(heads, clean
+    [N], {head: [N]})`` restricted to the examples of its selection split (no second sweep; a
+    mean ablation's mean and resample's donors thus come from all examples)."""
+    from headlens.importance.statistics import importance_table
+    from headlens.pruning.curve import selection_split
+
+    heads, clean, ablated = metrics
+    select, _, rows = selection_split(task, PRUNE_SPLIT, seed)
+    return importance_table(heads, clean[rows], {h: v[rows] for h, v in ablated.items()}, select, n_bootstrap=0)
+
+
+def _prune(model, task, texts, config: dict, metrics: tuple, progress: bool) -> dict:
+    """Pruning curves of the three methods (the ablation order from the sweep's ``metrics``), the
+    recommended plan, and what removing its heads physically saves (parameters, forward time)."""
+    from headlens.pruning.curve import pruning_curve
+    from headlens.pruning.physical import measure_speedup, prune_heads
+
+    res = pruning_curve(model, task, target=config["prune_target"], floor=config["prune_floor"],
+                        split=PRUNE_SPLIT, seed=config["seed"], ablation=config["ablation"],
+                        batch_size=config["batch_size"], sweep=_selection_sweep(task, metrics, config["seed"]),
+                        progress=progress)
+    curve = res.curve.sort_values(["method", "seed", "n_pruned"], ignore_index=True, na_position="first")
+    plan = {str(layer): heads for layer, heads in sorted(res.plan.items()) if heads}
+    at = {m: int(sum(len(h) for h in p.values())) for m, p in res.plans.items()}
+    summary = dict(recommended=res.recommended, floor=config["prune_floor"], target=config["prune_target"],
+                   n_heads=len(model.head_labels()), unpruned=float(res.curve.attrs.get("unpruned", np.nan)),
+                   n_selection=res.curve.attrs.get("n_selection"), n_heldout=res.curve.attrs.get("n_heldout"),
+                   methods={m: dict(n_pruned=n, metric=_curve_metric(curve, m, n)) for m, n in at.items()})
+    if plan:
+        batch = model.to_tokens(texts[:8], truncate=True)
+        with torch.no_grad():
+            summary["physical"] = measure_speedup(model, prune_heads(model, plan), batch, repeats=5, warmup=1)
+    return dict(curve=curve, plan=plan, plans=res.plans, summary=summary)
+
+
+def _curve_metric(curve: pd.DataFrame, method: str, n: int) -> float:
+    """Held-out metric of ``method`` with ``n`` heads removed (random: mean over seeds)."""
+    return float(curve[(curve.method == method) & (curve.n_pruned == n)].metric.mean())
+
+
+def _figures(model, texts, result: dict, run: dict, folder: Path) -> dict:
+    """Draw every figure (PNG + SVG) into ``folder``; returns name -> PNG path relative to the report."""
+    from headlens.reporting.figures import importance as fi
+    from headlens.reporting.figures import patterns as fg
+
+    scored = render.damage_frame(Report(folder, result["heads"], None, None, {}, {}, run))
+    metric = run["data"].get("metric") or "metric"
+    columns = [c for c in SCORE_FIGURES if c in scored and scored[c].notna().all()]
+    paths = fg.cluster_figures(model, result["clusterer"], _gallery_text(texts), str(folder),
+                               score_columns=columns)
+    paths["importance"] = fi.importance_heatmap(scored, str(folder / "importance"), metric=metric)
+    paths["grad_vs_ablation"] = fi.importance_scatter(scored, str(folder / "grad_vs_ablation"))
+    paths["pruning_curve"] = fi.pruning_plot(result["pruning"], str(folder / "pruning_curve"), metric=metric,
+                                             clean=result["pruning_summary"]["unpruned"])
+    return {name: f"figures/{Path(p[0]).name}" for name, p in paths.items()}
+
+
+def _gallery_text(texts: list):
+    """A sentence of middling length for the pattern gallery (readable token labels)."""
+    if not all(isinstance(t, str) for t in texts):
+        return texts[0]
+    return min(texts, key=lambda t: (abs(len(t.split()) - 14), t))
+
+
+def _write(rep: Report, folder: ReportFolder) -> None:
+    """Write every file of ``rep`` into the staging folder (``report.html`` last)."""
+    stage = folder.staging
+    write_table(rep.heads, stage / "heads.csv")
+    write_table(rep.clusters, stage / "clusters.csv")
+    write_table(rep.pruning, stage / "pruning.csv")
+    write_plan(stage / PLAN_FILE, rep.plan_record or plan_record(rep.plan))
+    if rep.distance is not None:
+        write_table(rep.distance, stage / "distance.csv")
+    staged = Report(stage, rep.heads, rep.clusters, rep.pruning, rep.plan,
+                    {k: stage / Path(v).relative_to(rep.out) for k, v in rep.figures.items()}, rep.run,
+                    plan_record=rep.plan_record)
+    (stage / "report.md").write_text(render.render_markdown(staged))
+    write_json(stage / "run.json", rep.run)
+    (stage / "report.html").write_text(render.render_html(staged))

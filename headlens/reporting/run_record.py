@@ -1,0 +1,118 @@
+"""What ``run.json`` records about a ``headlens report`` run: the configuration (with keys that
+identify a model, task or data given as objects, for the resume fingerprint), package versions,
+platform, and the seconds of every step and every attempt (see :mod:`headlens.reporting.folder`)."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import platform
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from headlens.reporting.folder import ReportFolder
+
+PACKAGES = ["headlens", "torch", "transformers", "transformer-lens", "scikit-learn", "pandas", "numpy",
+            "scipy", "matplotlib", "seaborn"]
+FILES = ["heads.csv", "clusters.csv", "pruning.csv", "prune_plan.json", "distance.csv", "figures/",
+         "report.md", "run.json", "report.html"]
+
+
+def package_version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def as_list(data) -> list:
+    """Texts or token sequences (a ``[N, P]`` tensor, lists of ints) as a list."""
+    return data.tolist() if isinstance(data, torch.Tensor) else list(data)
+
+
+def model_key(model) -> str:
+    """Identify an in-memory model for the resume fingerprint: its config and a weight hash."""
+    h = hashlib.sha256(model.cfg.to_json().encode())
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return f"{model.cfg.name}@{h.hexdigest()[:16]}"
+
+
+def texts_key(data) -> str:
+    """Identify given pattern texts (or token sequences) by their number and a hash."""
+    items = as_list(data)
+    return f"{len(items)} sequences, sha256 {hashlib.sha256(repr(items).encode()).hexdigest()[:16]}"
+
+
+def task_key(task) -> str:
+    """Identify a Task object for the resume fingerprint: class, name and every example."""
+    digest = hashlib.sha256(repr([task.rows(i) for i in range(len(task))]).encode()).hexdigest()[:16]
+    return f"{type(task).__name__} {task.name!r} ({len(task)} examples, sha256 {digest})"
+
+
+class StepTimer:
+    """Context manager per pipeline step (``with timer("clusters"): ...``): advances the progress
+    bar and records the step's seconds (wall and CPU) in ``timings``; a stage resumed from its
+    saved stage in ``folder`` counts with the seconds it took when an earlier attempt computed it."""
+
+    def __init__(self, bar, timings: dict, folder: ReportFolder):
+        self.bar, self.timings, self.folder = bar, timings, folder
+
+    def __call__(self, name: str):
+        self.name = name
+        return self
+
+    def __enter__(self):
+        self.bar.set_postfix_str(self.name)
+        self.t0, self.c0, self.n_resumed = time.perf_counter(), time.process_time(), len(self.folder.resumed)
+
+    def __exit__(self, *exc):
+        saved = [self.folder.seconds[name] for name in self.folder.resumed[self.n_resumed:]]
+        self.timings[self.name] = round(time.perf_counter() - self.t0 + sum(s["wall"] for s in saved), 3)
+        self.timings[f"{self.name} (cpu)"] = round(time.process_time() - self.c0 + sum(s["cpu"] for s in saved), 3)
+        self.bar.update(1)
+
+
+def _iso(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_record(model, task, texts, config: dict, result: dict, command: Optional[str],
+               folder: ReportFolder) -> dict:
+    """``run.json`` without figures and timings (:func:`add_timings` adds those when known)."""
+    cfg = model.cfg
+    stability = result["clusterer"].stability_
+    return {
+        "status": "complete",
+        "command": command or "headlens.report(" + ", ".join(f"{k}={v!r}" for k, v in config.items()) + ")",
+        "config": config,
+        "model": dict(name=cfg.name, family=cfg.family, causal=cfg.causal, n_layers=cfg.n_layers,
+                      n_heads=cfg.n_heads, n_heads_total=cfg.n_heads_total, source=cfg.source,
+                      n_params=sum(p.numel() for p in model.parameters())),
+        "data": dict(pattern_texts=len(texts),
+                     pattern_source="headlens/data/text/sentences.txt" if config["data"] is None else "given",
+                     task=task.name, task_kind=task.kind, task_examples=len(task), metric=task.metric_name,
+                     higher_is_better=bool(task.higher_is_better), clean_metric=result["clean_metric"]),
+        "results": dict(cluster_stability_ari=stability.get("ari_mean"), n_clusters=len(result["clusters"]),
+                        pruning=result["pruning_summary"]),
+        "files": list(FILES),
+        "resumed_stages": folder.resumed,
+        "stage_seconds": folder.seconds,
+        "versions": {p: package_version(p) for p in PACKAGES},
+        "platform": dict(system=platform.platform(), python=sys.version.split()[0],
+                         machine=platform.machine(), torch_threads=torch.get_num_threads()),
+        "created": _iso(time.time()),
+    }
+
+
+def add_timings(run: dict, timings: dict, folder: ReportFolder) -> None:
+    """Put the steps' seconds into ``run["timings_s"]`` with ``total`` and ``total (cpu)``: the
+    seconds of every attempt at the report (a resumed run's true cost), listed in ``attempts``."""
+    spent = folder.elapsed()
+    run["timings_s"] = {k: round(v, 3) for k, v in dict(timings, total=spent["wall"]).items()}
+    run["timings_s"]["total (cpu)"] = spent["cpu"]
+    run["attempts"] = [dict(started=_iso(a["started"]), wall_s=a["wall"], cpu_s=a["cpu"]) for a in folder.attempts]
