@@ -124,7 +124,7 @@ def main(argv=None) -> int:
 
     # 3. ablation: each head alone, then groups
     task = RepeatedHalfTask(tokens, T)
-    sweep = ablation_sweep(two, task, kind="zero", n_bootstrap=1000, seed=SEED, progress=False)
+    sweep = ablation_sweep(two, task, ablation="zero", n_bootstrap=1000, seed=SEED, progress=False)
     sweep.to_csv(out / "ablation.csv", index=False)
     clean = task.evaluate(two)
     groups = {}

@@ -47,9 +47,10 @@ def smollm2():
 def text_task(model, n_examples: int, max_tokens: int):
     """Next-token loss on ``n_examples`` pydoc lines spread over the bundled file, each at least
     ``max_tokens`` tokens long (with BOS) and cut there, so that no batch carries padding."""
-    from headlens.importance.tasks import DATA, LMLossTask
+    from headlens.data import TASKS_DIR
+    from headlens.importance.tasks import LMLossTask
 
-    lines = [x for x in (DATA / "pydoc_text.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
+    lines = [x for x in (TASKS_DIR / "pydoc_text.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
     lengths = [len(ids) + 1 for ids in model.tokenizer(lines, add_special_tokens=False)["input_ids"]]
     long_enough = [t for t, n in zip(lines, lengths) if n >= max_tokens]
     step = max(1, len(long_enough) // n_examples)

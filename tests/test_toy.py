@@ -14,7 +14,7 @@ from headlens.synthetic import toys as toy
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 MODELS = MODELS_DIR
-SHIPPED = {spec.name: kind for kind, spec in toy.TOY_KINDS.items()}
+SHIPPED = {spec.name: name for name, spec in toy.TOYS.items()}
 
 
 def heads_of(card_or_table, layer=None):
@@ -43,8 +43,8 @@ def test_repeated_segments_are_deterministic_and_checked():
         toy.repeated_segment_tokens(4, 20, 10, torch.Generator(), min_half=10)
 
 
-def test_unknown_kind_and_bad_arguments_raise():
-    with pytest.raises(HeadlensError, match="kind must be one of"):
+def test_unknown_toy_and_bad_arguments_raise():
+    with pytest.raises(HeadlensError, match="toy must be one of"):
         toy.toy_spec("induction-3l")
     with pytest.raises(HeadlensError, match="steps"):
         toy.train_toy("induction-1l", steps=0)
@@ -111,7 +111,7 @@ def test_short_first_token_run_forms_a_first_token_head():
 # --- CLI ----------------------------------------------------------------------------------------
 def test_cli_writes_a_loadable_checkpoint_with_card(tmp_path, capsys):
     out = tmp_path / "toy"
-    assert main(["train-toy", "--kind", "first-token", "--steps", "3", "--seed", "1", "--out", str(out),
+    assert main(["train-toy", "--toy", "first-token", "--steps", "3", "--seed", "1", "--out", str(out),
                  "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out
     model = load_model(out)
@@ -119,7 +119,7 @@ def test_cli_writes_a_loadable_checkpoint_with_card(tmp_path, capsys):
     assert card["steps"] == 3 and card["seed"] == 1 and card["name"] == "toy-first-token"
     assert model.cfg.n_layers == 1 and model.cfg.mlp == "none"
     assert (out / "card.md").read_text().startswith("# toy-first-token")
-    assert main(["train-toy", "--kind", "first-token", "--steps", "0", "--out", str(out), "--quiet"]) == 2
+    assert main(["train-toy", "--toy", "first-token", "--steps", "0", "--out", str(out), "--quiet"]) == 2
 
 
 # --- the shipped checkpoints --------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""The ``headlens`` command line. :mod:`~headlens.cli.app` builds the parser and runs a subcommand;
-each subcommand is a module here with ``NAME``, ``HELP``, ``DESCRIPTION``,
-``add_arguments(parser)`` and ``run(args) -> int``; :mod:`~headlens.cli.options` declares the
-options several subcommands share.
+"""The ``headlens`` command line.
+
+Owns: :mod:`~headlens.cli.app` (builds the parser and runs a subcommand); each subcommand is a
+module here with ``NAME``, ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and
+``run(args) -> int``; :mod:`~headlens.cli.options` declares the options several subcommands share.
 May import every stage; nothing in headlens imports it.
 Public names: ``main``, ``build_parser``.
 """

@@ -37,13 +37,13 @@ def add_arguments(parser) -> None:
 
 def load_model_and_task(args):
     """The model and task named on the command line (shared with ``headlens prune``)."""
-    from headlens.importance.tasks import TEXT_KINDS, default_task_name, load_task
+    from headlens.importance.tasks import TEXT_TASKS, default_task_name, load_task
     from headlens.io.loading import load
 
     model = load(args.model, dtype=args.dtype, device=args.device)
     options = {}
-    if args.metric in TEXT_KINDS:
-        options["kind"] = args.metric
+    if args.metric in TEXT_TASKS:
+        options["task_type"] = args.metric
     elif args.metric is not None:
         options["metric"] = args.metric
     task = load_task(args.task or default_task_name(model), model=model, n_examples=args.n_examples, **options)

@@ -8,7 +8,7 @@ SHARED = {
     "--ablation": dict(default="zero", choices=("zero", "mean", "resample", "uniform"),
                        help="how a head is removed: zero its output, replace it by its dataset mean, by "
                             "another example's (resample), or make its attention uniform"),
-    "--metric": dict(default=None, help="text-task kind (lm, mlm, fidelity) or the task's metric option "
+    "--metric": dict(default=None, help="text-task type (lm, mlm, fidelity) or the task's metric option "
                                         "(logit_diff, accuracy, cosine_margin)"),
     "--n-examples": dict(type=int, default=None, help="use the first N examples of the task"),
     "--batch-size": dict(type=int, default=16, help="examples per forward pass"),

@@ -13,11 +13,11 @@ DESCRIPTION = ("Train one of headlens' toy decoders from scratch on this CPU, de
 
 
 def add_arguments(parser) -> None:
-    from headlens.synthetic.toys import TOY_KINDS
+    from headlens.synthetic.toys import TOYS
 
-    parser.add_argument("--kind", required=True, choices=sorted(TOY_KINDS), help="which toy model")
+    parser.add_argument("--toy", required=True, choices=sorted(TOYS), help="which toy model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the kind's recipe)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the toy's recipe)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (the result depends on it; 1 is fastest on a busy machine)")
     parser.add_argument("--out", required=True, help="folder to write the checkpoint and model card into")
@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from headlens.synthetic.toys import save_toy, train_toy
 
-    model, card = train_toy(args.kind, seed=args.seed, steps=args.steps, threads=args.threads,
+    model, card = train_toy(args.toy, seed=args.seed, steps=args.steps, threads=args.threads,
                             progress=not args.quiet)
     folder = save_toy(model, card, args.out)
     ev = card["eval"]

@@ -1,6 +1,6 @@
 """Models headlens ships or finds on this machine, by name.
 
-``BUNDLED`` maps a name to a :class:`BundledModel`; :func:`bundled_models` adds the toy folders.
+``BUNDLED_MODELS`` maps a name to a :class:`BundledModel`; :func:`bundled_models` adds the toy folders.
 Entries:
 
 - ``minilm``: sentence-transformers/all-MiniLM-L6-v2 (6 layers x 12 heads, BERT family), read
@@ -9,7 +9,7 @@ Entries:
   :func:`headlens.io.native.save_model` (its ``card.json`` gives the description), found by
   :func:`bundled_models` on every call;
 - further entries register a lazily imported loader, e.g.
-  ``BUNDLED["x"] = BundledModel("x", "...", "llama", lazy_loader("headlens.io.gguf", "load_x"))``.
+  ``BUNDLED_MODELS["x"] = BundledModel("x", "...", "llama", lazy_loader("headlens.io.gguf", "load_x"))``.
 
 A loader is called as ``loader(dtype=..., device=...)`` and returns a :class:`HeadlensModel`.
 """
@@ -107,7 +107,7 @@ def discover_toys(models_dir: Optional[Path] = None) -> dict[str, BundledModel]:
     return {e.name: e for e in entries if e is not None}
 
 
-BUNDLED: dict[str, BundledModel] = {
+BUNDLED_MODELS: dict[str, BundledModel] = {
     "minilm": BundledModel(
         name="minilm", family="bert", loader=load_minilm, n_layers=6, n_heads=12,
         description="sentence-transformers/all-MiniLM-L6-v2: 6-layer BERT-style sentence encoder "
@@ -125,5 +125,5 @@ BUNDLED: dict[str, BundledModel] = {
 
 
 def bundled_models() -> dict[str, BundledModel]:
-    """``BUNDLED`` plus the toy folders now under ``headlens/data/models``, in registry order."""
-    return {**BUNDLED, **{k: v for k, v in discover_toys().items() if k not in BUNDLED}}
+    """``BUNDLED_MODELS`` plus the toy folders now under ``headlens/data/models``, in registry order."""
+    return {**BUNDLED_MODELS, **{k: v for k, v in discover_toys().items() if k not in BUNDLED_MODELS}}

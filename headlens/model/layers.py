@@ -99,7 +99,7 @@ def _gelu_new(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-ACTIVATIONS = {
+MLP_ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_new": _gelu_new,
     "relu": F.relu,
@@ -118,7 +118,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gated = cfg.mlp in ("swiglu", "geglu")
-        self.act = ACTIVATIONS[cfg.mlp]
+        self.act = MLP_ACTIVATIONS[cfg.mlp]
         self.W_in = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
         if self.gated:
             self.W_gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)

@@ -19,7 +19,7 @@ from transformer_lens.hook_points import HookPoint
 from headlens.errors import HeadlensError, check
 from headlens.model.attention import Attention
 from headlens.model.config import ModelConfig
-from headlens.model.layers import ACTIVATIONS, MLP, make_norm
+from headlens.model.layers import MLP, MLP_ACTIVATIONS, make_norm
 
 Gate = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -89,7 +89,7 @@ class Unembed(nn.Module):
 
     def forward(self, x: torch.Tensor, W_E: torch.Tensor) -> torch.Tensor:
         if self.cfg.unembed == "mlm":
-            x = self.transform_ln(ACTIVATIONS["gelu"](self.transform(x)))
+            x = self.transform_ln(MLP_ACTIVATIONS["gelu"](self.transform(x)))
         x = x.contiguous()  # a slice (e.g. hidden[:, :-1]) would send the matmul down a slower batched path
         logits = x @ (W_E.T if self.cfg.tie_embeddings else self.W_U)
         return logits + self.b_U if self.b_U is not None else logits

@@ -162,7 +162,7 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     model: bundled name (``headlens models``), checkpoint or transformers folder, or a loaded
     :class:`~headlens.HeadlensModel` (used as it is: ``dtype`` and ``device`` then do not apply).
     task: a bundled task name, a task file or a :class:`headlens.importance.tasks.Task` (default: the
-    model's bundled task); metric: a text-task kind or the task's metric option (see
+    model's bundled task); metric: a text-task type or the task's metric option (see
     :func:`_load_task`). ablation: ``zero``, ``mean``, ``resample`` or ``uniform``.
     n_examples: task examples for the importance sweep and pruning (and, without ``data``, the
     number of bundled sentences for the pattern scores). data: texts or token-id sequences for
@@ -232,16 +232,16 @@ def _load_model(model, dtype: str, device: str):
 
 
 def _load_task(model, task, metric: Optional[str], n_examples: int):
-    """The task (default: the model's bundled one); ``metric`` picks a text-task kind (``lm``,
+    """The task (default: the model's bundled one); ``metric`` picks a text-task type (``lm``,
     ``mlm``, ``fidelity``), a fidelity measure (``kl``, ``cosine``) or the task's own metric option
     (``logit_diff``, ``accuracy``, ``cosine_margin``)."""
-    from headlens.importance.tasks import TEXT_KINDS, default_task_name, load_task
+    from headlens.importance.tasks import TEXT_TASKS, default_task_name, load_task
 
     kwargs = {}
-    if metric in TEXT_KINDS:
-        kwargs["kind"] = metric
+    if metric in TEXT_TASKS:
+        kwargs["task_type"] = metric
     elif metric in ("kl", "cosine"):
-        kwargs.update(kind="fidelity", measure=metric)
+        kwargs.update(task_type="fidelity", measure=metric)
     elif metric is not None:
         kwargs["metric"] = metric
     source = task if task is not None else default_task_name(model)

@@ -95,7 +95,7 @@ def run_record(model, task, texts, config: dict, result: dict, command: Optional
                       n_params=sum(p.numel() for p in model.parameters())),
         "data": dict(pattern_texts=len(texts),
                      pattern_source="headlens/data/text/sentences.txt" if config["data"] is None else "given",
-                     task=task.name, task_kind=task.kind, task_examples=len(task), metric=task.metric_name,
+                     task=task.name, task_type=task.task_type, task_examples=len(task), metric=task.metric_name,
                      higher_is_better=bool(task.higher_is_better), clean_metric=result["clean_metric"]),
         "results": dict(cluster_stability_ari=stability.get("ari_mean"), n_clusters=len(result["clusters"]),
                         pruning=result["pruning_summary"]),

@@ -60,7 +60,7 @@ class ToySpec:
         return self.vocab_size // 2 if self.task == "first-token" else self.vocab_size
 
 
-TOY_KINDS = {
+TOYS = {
     "induction-2l": ToySpec(
         "toy-induction-2l", "induction", n_layers=2, n_heads=4,
         description="2-layer attention-only decoder trained on random tokens repeated with a random "
@@ -78,13 +78,13 @@ TOY_KINDS = {
 }
 
 
-def toy_spec(kind: str) -> ToySpec:
-    """The :class:`ToySpec` of ``kind``: ``induction-2l``, ``induction-1l`` or ``first-token``
+def toy_spec(name: str) -> ToySpec:
+    """The :class:`ToySpec` of the toy ``name``: ``induction-2l``, ``induction-1l`` or ``first-token``
     (with or without the ``toy-`` prefix)."""
-    key = kind[4:] if isinstance(kind, str) and kind.startswith("toy-") else kind
-    if key not in TOY_KINDS:
-        raise HeadlensError(f"kind must be one of {sorted(TOY_KINDS)}, got {kind!r}")
-    return TOY_KINDS[key]
+    key = name[4:] if isinstance(name, str) and name.startswith("toy-") else name
+    if key not in TOYS:
+        raise HeadlensError(f"toy must be one of {sorted(TOYS)}, got {name!r}")
+    return TOYS[key]
 
 
 def toy_config(spec: ToySpec) -> ModelConfig:
@@ -148,15 +148,15 @@ def task_loss(model: HeadlensModel, task: str, tokens: torch.Tensor) -> torch.Te
 
 
 # --- training ---------------------------------------------------------------------------------
-def train_toy(kind: Union[str, ToySpec], seed: int = 0, steps: Optional[int] = None, threads: int = 1,
+def train_toy(toy: Union[str, ToySpec], seed: int = 0, steps: Optional[int] = None, threads: int = 1,
               progress: bool = False) -> tuple[HeadlensModel, dict]:
-    """Train toy model ``kind`` (a name in :data:`TOY_KINDS` or a :class:`ToySpec`) from scratch.
+    """Train toy model ``toy`` (a name in :data:`TOYS` or a :class:`ToySpec`) from scratch.
 
     AdamW with linear warm-up and cosine decay over ``steps`` (default: the spec's). Deterministic
     under ``seed`` and ``threads`` (one thread is also the fastest on a busy CPU). Returns the
     model (eval mode) and its model card (see :func:`model_card`).
     """
-    spec = kind if isinstance(kind, ToySpec) else toy_spec(kind)
+    spec = toy if isinstance(toy, ToySpec) else toy_spec(toy)
     steps = spec.steps if steps is None else steps
     check(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
     check(isinstance(threads, int) and threads >= 1, f"threads must be an integer >= 1, got {threads!r}")
@@ -328,7 +328,7 @@ def model_card(model: HeadlensModel, spec: ToySpec, seed: int, steps: int, threa
         "seed": seed,
         "steps": steps,
         "recipe": recipe,
-        "reproduce": f"headlens train-toy --kind {spec.name[4:]} --seed {seed} --steps {steps} "
+        "reproduce": f"headlens train-toy --toy {spec.name[4:]} --seed {seed} --steps {steps} "
                      f"--threads {threads} --out DIR",
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(train_cpu_seconds, 1),

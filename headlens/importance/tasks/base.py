@@ -4,7 +4,7 @@ A :class:`Task` holds examples and turns the model's final hidden states into a 
 metric (so that ablation effects get bootstrap confidence intervals over examples). The analyses
 run the model themselves (gated, hooked, resumed from a cached layer) and call
 :meth:`Task.compute` on the result; :meth:`Task.evaluate` is the plain way to score a model.
-The kinds of task are in :mod:`headlens.importance.tasks.kinds`; loading and the bundled tasks in
+The types of task are in :mod:`headlens.importance.tasks.types`; loading and the bundled tasks in
 :mod:`headlens.importance.tasks`.
 
 Shapes: ``N`` examples in the task, ``B`` examples in a batch, ``R`` model rows in a batch
@@ -68,7 +68,7 @@ class Task:
     """Base class. Subclasses set the class attributes, ``_fields`` (per-example lists), and
     implement :meth:`rows` and :meth:`score`; :meth:`prepare` may add targets."""
 
-    kind = "task"
+    task_type = "task"
     metric_name = "metric"
     higher_is_better = True
     needs_reference = False  # score() needs the unablated model's hidden states
@@ -76,7 +76,7 @@ class Task:
     _fields: tuple = ()
 
     def __init__(self, name: Optional[str] = None, max_tokens: Optional[int] = None):
-        self.name = name or self.kind
+        self.name = name or self.task_type
         self.max_tokens = max_tokens
         lengths = {f: len(getattr(self, f)) for f in self._fields if getattr(self, f) is not None}
         check(len(set(lengths.values())) <= 1,

@@ -10,7 +10,7 @@ import pandas as pd
 from headlens.data import TASKS_DIR
 from headlens.errors import HeadlensError, check
 from headlens.importance.tasks.base import Task
-from headlens.importance.tasks.kinds import (
+from headlens.importance.tasks.types import (
     ContrastTask,
     EmbeddingContrastTask,
     FidelityTask,
@@ -18,9 +18,7 @@ from headlens.importance.tasks.kinds import (
     MLMLossTask,
 )
 
-DATA = TASKS_DIR
-
-BUNDLED = {
+BUNDLED_TASKS = {
     "paraphrase": ("paraphrase.jsonl", None, "sentence triples (paraphrase vs. distractor) for embedding models"),
     "ioi": ("ioi.jsonl", None, "IOI-style indirect-object prompts with ABC counterfactuals, for decoders"),
     "text": ("pydoc_text.txt", None, "Python-docs prose: LM loss, MLM loss or embedding fidelity by model"),
@@ -28,12 +26,12 @@ BUNDLED = {
     "mlm": ("pydoc_text.txt", "mlm", "Python-docs prose, masked-token loss"),
     "fidelity": ("pydoc_text.txt", "fidelity", "Python-docs prose, faithfulness to the unablated model"),
 }
-TEXT_KINDS = {"lm": LMLossTask, "mlm": MLMLossTask, "fidelity": FidelityTask}
+TEXT_TASKS = {"lm": LMLossTask, "mlm": MLMLossTask, "fidelity": FidelityTask}
 
 
 def list_tasks() -> pd.DataFrame:
     """The bundled tasks: name, file, description."""
-    return pd.DataFrame([(n, f, d) for n, (f, _, d) in BUNDLED.items()], columns=["name", "file", "description"])
+    return pd.DataFrame([(n, f, d) for n, (f, _, d) in BUNDLED_TASKS.items()], columns=["name", "file", "description"])
 
 
 def default_task_name(model) -> str:
@@ -43,41 +41,41 @@ def default_task_name(model) -> str:
     return "text" if model.unembed is not None else "paraphrase"
 
 
-def _text_kind(model) -> str:
+def _text_task_type(model) -> str:
     if model is None or (model.cfg.causal and model.unembed is not None):
         return "lm"
     return "mlm" if model.unembed is not None else "fidelity"
 
 
-def load_task(name_or_path: Union[str, Path, Task], model=None, kind: Optional[str] = None,
+def load_task(name_or_path: Union[str, Path, Task], model=None, task_type: Optional[str] = None,
               n_examples: Optional[int] = None, **options) -> Task:
     """A task from a bundled name (see :func:`list_tasks`), a text file (one example per line)
     or a JSONL file (records with ``prompt/right/wrong[/corrupted]``, ``anchor/positive/negative``
-    or ``text``). ``kind`` picks the text task (``lm``, ``mlm``, ``fidelity``; default: by
+    or ``text``). ``task_type`` picks the text task (``lm``, ``mlm``, ``fidelity``; default: by
     ``model``); ``n_examples`` keeps the first n; ``options`` go to the task's constructor."""
     if isinstance(name_or_path, Task):
         task = name_or_path
     else:
         name = str(name_or_path)
-        if name in BUNDLED:
-            path, kind = DATA / BUNDLED[name][0], kind or BUNDLED[name][1]
+        if name in BUNDLED_TASKS:
+            path, task_type = TASKS_DIR / BUNDLED_TASKS[name][0], task_type or BUNDLED_TASKS[name][1]
         else:
             path = Path(name)
             if not path.is_file():
-                raise HeadlensError(f"task {name!r} is neither a bundled task ({', '.join(BUNDLED)}) nor a file")
-        task = _read_task(path, model, kind, options)
-        task.name = name if name in BUNDLED else path.stem
+                raise HeadlensError(f"task {name!r} is neither a bundled task ({', '.join(BUNDLED_TASKS)}) nor a file")
+        task = _read_task(path, model, task_type, options)
+        task.name = name if name in BUNDLED_TASKS else path.stem
     if n_examples is not None:
         check(n_examples >= 1, f"n_examples must be >= 1, got {n_examples}")
         task = task.subset(range(min(n_examples, len(task))))
     return task
 
 
-def _read_task(path: Path, model, kind, options) -> Task:
+def _read_task(path: Path, model, task_type, options) -> Task:
     text = path.read_text(encoding="utf-8")
     if path.suffix != ".jsonl":
         lines = [x for x in text.splitlines() if x.strip()]
-        return _text_task(lines, model, kind, options)
+        return _text_task(lines, model, task_type, options)
     try:
         records = [json.loads(x) for x in text.splitlines() if x.strip()]
     except json.JSONDecodeError as e:
@@ -91,14 +89,14 @@ def _read_task(path: Path, model, kind, options) -> Task:
     if {"anchor", "positive", "negative"} <= keys:
         return EmbeddingContrastTask(col("anchor"), col("positive"), col("negative"), **options)
     if "text" in keys:
-        return _text_task(col("text"), model, kind, options)
+        return _text_task(col("text"), model, task_type, options)
     raise HeadlensError(f"task file {str(path)!r}: records need the fields prompt/right/wrong, "
                         f"anchor/positive/negative or text; got {sorted(keys)}")
 
 
-def _text_task(lines, model, kind, options) -> Task:
-    kind = kind or _text_kind(model)
-    check(kind in TEXT_KINDS, f"kind must be one of {sorted(TEXT_KINDS)}, got {kind!r}")
-    if kind == "fidelity" and model is not None and "measure" not in options:
+def _text_task(lines, model, task_type, options) -> Task:
+    task_type = task_type or _text_task_type(model)
+    check(task_type in TEXT_TASKS, f"task_type must be one of {sorted(TEXT_TASKS)}, got {task_type!r}")
+    if task_type == "fidelity" and model is not None and "measure" not in options:
         options = dict(options, measure="kl" if model.unembed is not None else "cosine")
-    return TEXT_KINDS[kind](lines, **options)
+    return TEXT_TASKS[task_type](lines, **options)

@@ -56,6 +56,18 @@ class Family:
 
 FAMILIES: dict[str, Family] = {}
 
+# transformers' activation names -> headlens' ModelConfig.mlp (gelu_pytorch_tanh is gelu_new up to ~1e-7)
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "relu": "relu",
+                  "silu": "silu", "swish": "silu"}
+
+
+def mlp_activation(name, where: str) -> str:
+    """headlens' ``mlp`` for the transformers activation ``name`` (``where`` names the config field
+    in the error, e.g. ``"GPT-2 activation_function"``)."""
+    if not isinstance(name, str) or name not in HF_ACTIVATIONS:
+        raise HeadlensError(f"{where} {name!r} is not supported; headlens reads {sorted(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[name]
+
 
 def register(family: Family) -> Family:
     FAMILIES[family.name] = family

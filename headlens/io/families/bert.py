@@ -8,6 +8,7 @@ from headlens.io.families.base import (
     merge_bias,
     merge_heads_in,
     merge_heads_out,
+    mlp_activation,
     register,
     split_bias,
     split_heads_in,
@@ -16,18 +17,12 @@ from headlens.io.families.base import (
 )
 from headlens.model.config import ModelConfig
 
-# transformers' hidden_act -> headlens' mlp (gelu_pytorch_tanh is gelu_new up to ~1e-7)
-ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_new",
-               "gelu_pytorch_tanh": "gelu_new", "silu": "silu", "swish": "silu"}
-
 
 def config_from_hf(c) -> ModelConfig:
     has_mlm = any(a.endswith("ForMaskedLM") or a.endswith("ForPreTraining")
                   for a in (getattr(c, "architectures", None) or []))
     act = c.hidden_act if isinstance(c.hidden_act, str) else None
-    if act not in ACTIVATIONS:
-        raise HeadlensError(f"BERT hidden_act {c.hidden_act!r} is not supported; headlens reads "
-                            f"{sorted(ACTIVATIONS)}")
+    mlp = mlp_activation(c.hidden_act, "BERT hidden_act")
     if has_mlm and act != "gelu":
         raise HeadlensError(f"BERT MLM heads with hidden_act {act!r} are not supported (only 'gelu')")
     position = getattr(c, "position_embedding_type", "absolute") or "absolute"
@@ -44,7 +39,7 @@ def config_from_hf(c) -> ModelConfig:
         n_heads=c.num_attention_heads, d_head=c.hidden_size // c.num_attention_heads,
         d_mlp=c.intermediate_size, n_ctx=c.max_position_embeddings, vocab_size=c.vocab_size,
         causal=False, norm="layernorm", norm_eps=c.layer_norm_eps, norm_position="post",
-        final_norm=False, mlp=ACTIVATIONS[act], positional="learned",
+        final_norm=False, mlp=mlp, positional="learned",
         n_token_types=c.type_vocab_size, embed_norm=True,
         tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)) or not has_mlm,
         unembed="mlm" if has_mlm else "none", unembed_bias=has_mlm, pad_token_id=c.pad_token_id,

@@ -6,18 +6,12 @@ bias ``[3*H*d]``); headlens splits it per head and fuses it back on export.
 from __future__ import annotations
 
 from headlens.errors import HeadlensError
-from headlens.io.families.base import Family, register, transpose
+from headlens.io.families.base import Family, mlp_activation, register, transpose
 from headlens.model.config import ModelConfig
-
-# transformers' activation_function -> headlens' mlp (gelu_pytorch_tanh is gelu_new up to ~1e-7)
-ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
-               "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
 def config_from_hf(c) -> ModelConfig:
-    if c.activation_function not in ACTIVATIONS:
-        raise HeadlensError(f"GPT-2 activation_function {c.activation_function!r} is not supported; "
-                            f"headlens reads {sorted(ACTIVATIONS)}")
+    mlp = mlp_activation(c.activation_function, "GPT-2 activation_function")
     for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         if getattr(c, flag, False):
             raise HeadlensError(f"GPT-2 checkpoints with {flag}=True are not supported")
@@ -31,7 +25,7 @@ def config_from_hf(c) -> ModelConfig:
         family="gpt2", n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head,
         d_head=c.n_embd // c.n_head, d_mlp=c.n_inner or 4 * c.n_embd, n_ctx=c.n_positions,
         vocab_size=c.vocab_size, causal=True, norm="layernorm", norm_eps=c.layer_norm_epsilon,
-        mlp=ACTIVATIONS[c.activation_function], positional="learned",
+        mlp=mlp, positional="learned",
         tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
         attn_scale=None if c.scale_attn_weights else 1.0,
         bos_token_id=token(c.bos_token_id), eos_token_id=token(c.eos_token_id),

@@ -1,4 +1,4 @@
-"""The kinds of task (see :mod:`headlens.importance.tasks.base` for the protocol and the shapes).
+"""The types of task (see :mod:`headlens.importance.tasks.base` for the protocol and the shapes).
 
 :class:`LMLossTask` (next-token loss), :class:`MLMLossTask` (masked-token loss),
 :class:`ContrastTask` (logit difference right - wrong at the answer position, IOI-style, or
@@ -33,7 +33,7 @@ class _TextTask(Task):
 
 class LMLossTask(_TextTask):
     """Mean next-token cross-entropy per text (decoders), padding excluded. Lower is better."""
-    kind, metric_name, higher_is_better = "lm", "lm_loss", False
+    task_type, metric_name, higher_is_better = "lm", "lm_loss", False
 
     def prepare(self, model, inputs):
         short = (inputs["attention_mask"].sum(1) < 2).nonzero()[:, 0].tolist()
@@ -52,7 +52,7 @@ class MLMLossTask(_TextTask):
     """Masked-token cross-entropy per text (encoders with an MLM head). A fraction
     ``mask_prob`` of each text's non-special tokens (at least one) is replaced by the mask token,
     deterministically under ``seed`` and the example's index. Lower is better."""
-    kind, metric_name, higher_is_better = "mlm", "mlm_loss", False
+    task_type, metric_name, higher_is_better = "mlm", "mlm_loss", False
 
     def __init__(self, texts, name=None, max_tokens=64, mask_prob: float = 0.15, seed: int = 0):
         check(0 < mask_prob < 1, f"mask_prob must lie in (0, 1), got {mask_prob}")
@@ -88,7 +88,7 @@ class FidelityTask(_TextTask):
     """Faithfulness to the unablated model on the same texts. ``measure="kl"``: KL(clean || model)
     of next-token distributions, mean over real positions (lower is better); ``"cosine"``: cosine
     of the mean-pooled sentence embeddings (higher is better; for encoders without a head)."""
-    kind, needs_reference = "fidelity", True
+    task_type, needs_reference = "fidelity", True
 
     def __init__(self, texts, name=None, max_tokens=64, measure: str = "kl"):
         check(measure in ("kl", "cosine"), f"measure must be 'kl' or 'cosine', got {measure!r}")
@@ -112,7 +112,7 @@ class FidelityTask(_TextTask):
 class CallableTask(_TextTask):
     """A user metric: ``fn(output, inputs) -> [B]`` where ``output`` is the logits ``[B, P, V]``
     (``output="logits"``) or final hidden states ``[B, P, D]`` and ``inputs`` the batch dict."""
-    kind = "callable"
+    task_type = "callable"
 
     def __init__(self, texts, fn: Callable, higher_is_better: bool = True, metric_name: str = "custom",
                  output: str = "logits", name=None, max_tokens=64):
@@ -139,7 +139,7 @@ class ContrastTask(Task):
     mask token when it has one (MLM encoders), else its last token. Continuations are strings
     (their first token counts) or token ids. ``corrupted``: counterfactual prompts of the same
     token length, used by attribution patching."""
-    kind = "contrast"
+    task_type = "contrast"
     _fields = ("prompts", "right", "wrong", "corrupted")
 
     def __init__(self, prompts, right, wrong, corrupted=None, metric: str = "logit_diff", name=None):
@@ -199,7 +199,7 @@ class EmbeddingContrastTask(Task):
     """(anchor, positive, negative) sentence triples for embedding models (MiniLM): metric =
     cos(anchor, positive) - cos(anchor, negative) of mean-pooled final hidden states
     (``metric="cosine_margin"``, higher is better) or 1 where the positive is closer (``"accuracy"``)."""
-    kind, rows_per_example = "embedding_contrast", 3
+    task_type, rows_per_example = "embedding_contrast", 3
     _fields = ("anchors", "positives", "negatives")
 
     def __init__(self, anchors, positives, negatives, metric: str = "cosine_margin", name=None, max_tokens=None):
@@ -224,7 +224,7 @@ class RepeatedHalfTask(Task):
     follows an unseen token). ``tokens [N, P]``: token ids whose last ``2 * half_len`` positions
     are the two copies (e.g. :func:`headlens.synthetic.toys.eval_tokens`, :func:`headlens.patterns.scores.probe_tokens`).
     Decoders only. Lower is better."""
-    kind, metric_name, higher_is_better = "repeated_half", "repeated_half_loss", False
+    task_type, metric_name, higher_is_better = "repeated_half", "repeated_half_loss", False
     _fields = ("tokens",)
 
     def __init__(self, tokens, half_len: int, name: Optional[str] = "repeated-half"):
