@@ -88,6 +88,7 @@ class Attention(nn.Module):
         gate: Optional[torch.Tensor] = None,
         rotary_cos_sin: Optional[tuple] = None,
         kv_input: Optional[torch.Tensor] = None,
+        past_kv=None,
     ) -> torch.Tensor:
         """``x [B, P, D]`` -> ``[B, P, D]``.
 
@@ -95,6 +96,8 @@ class Attention(nn.Module):
         gate: ``[H]`` (or ``[B, H]``, one per example) multiplier on each head's output (1 keeps,
         0 removes); may need grad.
         kv_input: ``[B, S, D]`` to attend over instead of ``x`` (defaults to ``x``).
+        past_kv: a :class:`headlens.model.kv_cache.KVCache` whose positions come before ``x``'s
+        (then ``S = S0 + P`` and ``mask`` covers all of them).
         """
         kv_x = x if kv_input is None else kv_input
         q = self._project(x, self.W_Q, self.b_Q)
@@ -105,8 +108,10 @@ class Attention(nn.Module):
             cos, sin = rotary_cos_sin
             q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
         q = self.hook_q(q.transpose(1, 2)).transpose(1, 2)
-        k = self.hook_k(k.transpose(1, 2)).transpose(1, 2)
-        v = v.transpose(1, 2)
+        k = self.hook_k(k.transpose(1, 2))
+        if past_kv is not None:  # earlier positions first: [B, S0 + P, K, d]
+            k, v = past_kv.extend(self.layer, k, v)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
         if not self._kv_identity:  # grouped-query attention: each query head reads its group
             k, v = k.index_select(1, self.kv_map), v.index_select(1, self.kv_map)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale

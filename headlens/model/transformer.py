@@ -24,15 +24,18 @@ from headlens.model.layers import MLP, MLP_ACTIVATIONS, make_norm
 Gate = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-def visible_positions(P: int, causal: bool, sliding_window: Optional[int], device=None) -> Optional[torch.Tensor]:
-    """``[P, P]`` bool: which key positions each query position may see by position alone (keys
-    up to the query, within ``sliding_window`` if any, for causal models); None: all of them."""
+def visible_positions(P: int, causal: bool, sliding_window: Optional[int], device=None,
+                      offset: int = 0) -> Optional[torch.Tensor]:
+    """``[P, offset + P]`` bool: which key positions each query position may see by position alone
+    (keys up to the query, within ``sliding_window`` if any, for causal models); None: all of them.
+    ``offset``: the queries are positions ``offset .. offset + P - 1`` (after a KV cache)."""
     if not causal:
         return None
-    i = torch.arange(P, device=device)
-    visible = i[None, :] <= i[:, None]
+    i = torch.arange(offset, offset + P, device=device)
+    j = torch.arange(offset + P, device=device)
+    visible = j[None, :] <= i[:, None]
     if sliding_window:
-        visible = visible & (i[:, None] - i[None, :] < sliding_window)
+        visible = visible & (i[:, None] - j[None, :] < sliding_window)
     return visible
 
 
@@ -49,14 +52,15 @@ class Block(nn.Module):
         for name in ("resid_pre", "attn_in", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def forward(self, x, mask, gate=None, rotary_cos_sin=None, attn_out=None):
+    def forward(self, x, mask, gate=None, rotary_cos_sin=None, attn_out=None, past_kv=None):
         """``x [B, P, D]`` -> ``[B, P, D]``. ``attn_out [B, P, D]``: take this as the attention
-        sublayer's output instead of computing it (the rest of the layer runs as usual)."""
+        sublayer's output instead of computing it (the rest of the layer runs as usual).
+        ``past_kv``: a KV cache of earlier positions (see :mod:`headlens.model.kv_cache`)."""
         x = self.hook_resid_pre(x)
         post = self.cfg.norm_position == "post"
         if attn_out is None:
             attn_in = self.hook_attn_in(x if post else self.ln1(x))
-            attn_out = self.attn(attn_in, mask, gate, rotary_cos_sin)
+            attn_out = self.attn(attn_in, mask, gate, rotary_cos_sin, past_kv=past_kv)
         attn_out = self.hook_attn_out(attn_out)
         if self.mlp is None:
             resid = x + attn_out
@@ -174,10 +178,12 @@ class HeadlensModel(HookedRootModule):
         return encode(self, texts, **kwargs)
 
     # --- forward --------------------------------------------------------------------------
-    def attention_mask_bias(self, attention_mask: Optional[torch.Tensor], P: int, dtype) -> Optional[torch.Tensor]:
-        """Additive mask ``[B or 1, 1, P, P]``: 0 where a query may look, dtype-min elsewhere."""
+    def attention_mask_bias(self, attention_mask: Optional[torch.Tensor], P: int, dtype,
+                            offset: int = 0) -> Optional[torch.Tensor]:
+        """Additive mask ``[B or 1, 1, P, offset + P]``: 0 where a query may look, dtype-min
+        elsewhere (``offset``: cached positions before the queries)."""
         cfg, device = self.cfg, self.device
-        visible = visible_positions(P, cfg.causal, cfg.sliding_window, device)
+        visible = visible_positions(P, cfg.causal, cfg.sliding_window, device, offset)
         visible = visible[None, None] if visible is not None else None
         if attention_mask is not None:
             keys = attention_mask[:, None, None, :].bool()
@@ -224,8 +230,9 @@ class HeadlensModel(HookedRootModule):
         check(all(bool(torch.isfinite(r.detach()).all()) for r in rows), "head_gate holds NaN or infinite values")
 
     def check_inputs(self, B: int, P: int, input_ids, attention_mask, token_type_ids, position_ids,
-                     residual, start_at_layer: int, stop_at_layer: Optional[int]) -> None:
-        """Shapes, dtypes, ranges and finiteness of :meth:`forward`'s arguments."""
+                     residual, start_at_layer: int, stop_at_layer: Optional[int], S0: int = 0) -> None:
+        """Shapes, dtypes, ranges and finiteness of :meth:`forward`'s arguments (``S0``: positions
+        in ``past_kv``, which ``attention_mask`` covers too)."""
         cfg, L = self.cfg, self.cfg.n_layers
         if input_ids is not None:
             check(not input_ids.is_floating_point() and not input_ids.is_complex(),
@@ -238,9 +245,10 @@ class HeadlensModel(HookedRootModule):
             check(residual.ndim == 3 and residual.shape[-1] == cfg.d_model and residual.numel() > 0,
                   f"residual must be [batch, pos, d_model={cfg.d_model}], got shape {tuple(residual.shape)}")
             check(bool(torch.isfinite(residual.detach()).all()), "residual holds NaN or infinite values")
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-            check(t is None or tuple(t.shape) == (B, P),
-                  f"{name} must have the shape of input_ids {(B, P)}, got {tuple(t.shape) if t is not None else None}")
+        for name, t, n in (("attention_mask", attention_mask, S0 + P), ("token_type_ids", token_type_ids, P)):
+            check(t is None or tuple(t.shape) == (B, n),
+                  f"{name} must have the shape {(B, n)}" + (" (past_kv's positions, then input_ids')" if n != P else
+                  " of input_ids") + f", got {tuple(t.shape) if t is not None else None}")
         if token_type_ids is not None and self.W_token_type is not None:
             check(int(token_type_ids.min()) >= 0 and int(token_type_ids.max()) < cfg.n_token_types,
                   f"token_type_ids must lie in [0, {cfg.n_token_types})")
@@ -276,6 +284,7 @@ class HeadlensModel(HookedRootModule):
         start_at_layer: int = 0,
         stop_at_layer: Optional[int] = None,
         residual: Optional[torch.Tensor] = None,
+        past_kv=None,
     ) -> Optional[torch.Tensor]:
         """Run the model.
 
@@ -283,7 +292,9 @@ class HeadlensModel(HookedRootModule):
         real token). ``return_type``: ``"logits"`` (``[B, P, V]``; hidden states for models
         without an output head), ``"hidden"`` (final hidden states ``[B, P, D]``) or ``None``.
         ``start_at_layer`` with ``residual [B, P, D]`` resumes from that layer's residual stream;
-        ``stop_at_layer`` returns the residual stream entering that layer.
+        ``stop_at_layer`` returns the residual stream entering that layer. ``past_kv``: a
+        :class:`headlens.model.kv_cache.KVCache` of the positions before these (then the inputs
+        are positions ``S0 ..`` and ``attention_mask`` is ``[B, S0 + P]``); an open cache is extended.
         """
         if isinstance(input_ids, Mapping):  # a batch dict or a transformers BatchEncoding
             batch = input_ids
@@ -304,20 +315,23 @@ class HeadlensModel(HookedRootModule):
                   "residual must be a [batch, pos, d_model] tensor, got " + (f"shape {tuple(residual.shape)}" if
                   isinstance(residual, torch.Tensor) else type(residual).__name__))
         B, P = (residual if residual is not None else input_ids).shape[:2]
-        check(P <= cfg.n_ctx, f"sequence length {P} exceeds the model's context of {cfg.n_ctx} tokens")
+        S0 = 0 if past_kv is None else past_kv.length
+        check(past_kv is None or S0 == 0 or past_kv.batch_size == B,
+              f"past_kv holds {past_kv.batch_size if past_kv is not None else 0} rows, the input has {B}")
+        check(S0 + P <= cfg.n_ctx, f"sequence length {S0 + P} exceeds the model's context of {cfg.n_ctx} tokens")
         self.check_inputs(B, P, input_ids if residual is None else None, attention_mask, token_type_ids,
-                          position_ids, residual, start_at_layer, stop_at_layer)
+                          position_ids, residual, start_at_layer, stop_at_layer, S0)
         if head_gate is not None:
             self.check_gate(head_gate, B)
         if position_ids is None:
-            position_ids = torch.arange(P, device=self.device)[None].expand(B, P)
+            position_ids = torch.arange(S0, S0 + P, device=self.device)[None].expand(B, P)
         x = residual if residual is not None else self.embed(input_ids, token_type_ids, position_ids)
-        mask = self.attention_mask_bias(attention_mask, P, x.dtype)
+        mask = self.attention_mask_bias(attention_mask, P, x.dtype, S0)
         rot = self.blocks[0].attn.rotary
         cos_sin = rot.cos_sin(position_ids, x.dtype) if rot is not None else None
         stop = cfg.n_layers if stop_at_layer is None else stop_at_layer
         for layer in range(start_at_layer, stop):
-            x = self.blocks[layer](x, mask, self._gate_for(head_gate, layer), cos_sin)
+            x = self.blocks[layer](x, mask, self._gate_for(head_gate, layer), cos_sin, past_kv=past_kv)
         if stop_at_layer is not None:
             return x
         if self.ln_final is not None:
