@@ -262,11 +262,12 @@ def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progr
     The single-head sweep runs once: its per-example metrics give the importance table (all
     examples) and the pruning curve's ablation order (the selection split's examples)."""
     from headlens.importance.gradients import gradient_importance
-    from headlens.importance.statistics import importance_table
+    from headlens.importance.statistics import importance_table, spearman_ci
     from headlens.importance.sweep import sweep_metrics
     from headlens.patterns.clusters import HeadClusterer
     from headlens.patterns.roles import assign_roles
     from headlens.patterns.scores import pattern_scores
+    from headlens.reporting.evidence import sweep_statistics
 
     seed, batch_size = config["seed"], config["batch_size"]
     with step("pattern scores"):
@@ -291,18 +292,20 @@ def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progr
              .merge(sweep.drop(columns=["metric_clean", "n_examples"]), on=["layer", "head"])
              .merge(grads[["layer", "head", "grad_importance", "grad_importance_raw"]], on=["layer", "head"]))
     first = ["layer", "head", "role", "pattern_class", "cluster", "importance", "importance_se",
-             "importance_ci_low", "importance_ci_high", "damage", "metric_ablated", "grad_importance",
-             "grad_importance_raw"]
+             "importance_ci_low", "importance_ci_high", "p_value", "q_value", "p_holm", "damage", "metric_ablated",
+             "grad_importance", "grad_importance_raw"]
     score_cols = [c for c in heads if c.startswith("score_")]
     rest = [c for c in heads if c not in first and c not in score_cols]
     heads = heads[first + rest + score_cols].sort_values(["layer", "head"], ignore_index=True)
     clusters = clusterer.table_.sort_values("cluster", ignore_index=True)
     names = [f"{layer}.{head}" for layer, head in model.head_labels()]
     distance = pd.DataFrame(clusterer.distance_, index=pd.Index(names, name="head"), columns=names)
+    results = dict(statistics=sweep_statistics(sweep, seed),
+                   grad_vs_ablation=spearman_ci(heads.grad_importance_raw, heads.importance.abs(), seed=seed))
     return dict(heads=heads, clusters=clusters, distance=distance.reset_index(), pruning=pruning["curve"],
                 plan=pruning["plan"], plans=pruning["plans"],
                 pruning_summary=pruning["summary"], clusterer=clusterer,
-                clean_metric=float(sweep["metric_clean"].iloc[0]))
+                clean_metric=float(sweep["metric_clean"].iloc[0]), results=results)
 
 
 def _selection_sweep(task, metrics: tuple, seed: int):

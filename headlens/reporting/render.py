@@ -14,6 +14,11 @@ import jinja2
 import numpy as np
 import pandas as pd
 
+from headlens.reporting import claims
+from headlens.reporting.words import head_name
+from headlens.reporting.words import num as _num
+from headlens.reporting.words import signed as _signed
+
 SECTIONS = [  # (id, title, introductory sentence)
     ("importance", "Head importance",
      "Importance is the change of the task metric when one head is ablated (metric(ablated) - "
@@ -32,7 +37,8 @@ SECTIONS = [  # (id, title, introductory sentence)
 FIGURES = {
     "importance": ("importance", "Damage per head",
                    "Metric change when the head alone is ablated, signed so that red means the ablation "
-                   "hurts; * marks heads whose 95% bootstrap CI excludes zero."),
+                   "hurts; * marks heads significant at a 5% false-discovery rate (Benjamini-Hochberg "
+                   "q-values of the heads' paired t-tests)."),
     "grad_vs_ablation": ("importance", "Gradient vs ablation importance",
                          "Michel et al.'s head-mask gradient importance (raw, not normalised per layer) "
                          "against the damage of the exact ablation sweep (horizontal bars: 95% CI); the "
@@ -54,7 +60,7 @@ FIGURES = {
 }
 
 HEAD_COLUMNS = ["layer", "head", "role", "pattern_class", "cluster", "damage", "importance",
-                "importance_ci_low", "importance_ci_high", "grad_importance"]
+                "importance_ci_low", "importance_ci_high", "q_value", "grad_importance"]
 
 
 def _figure_key(name: str):
@@ -91,23 +97,6 @@ def figure_order(names) -> list[str]:
     return sorted(names, key=rank)
 
 
-def head_name(layer, head) -> str:
-    return f"{int(layer)}.{int(head)}"
-
-
-def _num(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not np.isfinite(x)):
-        return "n/a"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    return f"{x:.{digits}g}" if abs(x) < 1e-3 else f"{x:.{digits}f}"
-
-
-def _signed(x, digits: int = 3) -> str:
-    s = _num(x, digits)
-    return s if s.startswith("-") or s == "n/a" else "+" + s
-
-
 def _ci(row) -> str:
     return f"[{_num(row.importance_ci_low)}, {_num(row.importance_ci_high)}]"
 
@@ -138,45 +127,35 @@ def grad_vs_ablation_rho(heads: pd.DataFrame) -> float:
 
 
 def findings(report) -> list[str]:
-    """The key findings in plain sentences, each computed from the report's numbers."""
+    """The key findings in plain sentences, each computed from the report's numbers; warnings that
+    undercut the rest (a task that does not need attention, too few examples) come first."""
     heads, run = report.heads, report.run
     data = run.get("data", {})
     metric = data.get("metric", "the metric")
     direction = "higher" if data.get("higher_is_better") else "lower"
-    out = []
+    first, controls = claims.control_claims(report)
+    out = list(first)
     if "importance" in heads:
-        n = len(heads)
         dmg = ranked(report)
-        parts = [f"head {head_name(r.layer, r.head)} ({_signed(r.importance)}, 95% CI {_ci(r)}, {r.role})"
-                 for r in dmg.head(3).itertuples()]
+        parts = [f"head {head_name(r.layer, r.head)} ({_signed(r.importance)}, 95% CI {_ci(r)}"
+                 f"{claims.top_head_note(r)}, {r.role})" for r in dmg.head(3).itertuples()]
         out.append(f"Ablating these heads hurts {metric} ({direction} is better) the most: "
                    + "; ".join(parts) + ".")
-        needed = int((dmg.damage_low > 0).sum())
-        helps = dmg[dmg.damage_high < 0]
-        rest = (f" Removing any one of the other {n - needed} alone makes no measurable difference or helps."
-                if needed < n else "")
-        out.append(f"{needed} of {n} heads ({needed / n:.0%}) are needed: their confidence interval lies "
-                   f"entirely on the harmful side.{rest}")
-        if len(helps):
-            first = helps.sort_values("damage").head(5)
-            names = ", ".join(head_name(r.layer, r.head) for r in first.itertuples())
-            out.append(f"Removing {len(helps)} head(s) alone improves {metric} (CI entirely on the "
-                       f"improving side): {names}{', ...' if len(helps) > 5 else '.'}")
+        out += claims.importance_claims(report, dmg)
         by_layer = dmg.groupby("layer").damage.sum().clip(lower=0)
         if by_layer.sum() > 0:
             layer = int(by_layer.idxmax())
             out.append(f"Layer {layer} carries {by_layer.max() / by_layer.sum():.0%} of the summed "
                        "harm of single-head ablations.")
+    out += controls
     if "role" in heads:
         census = heads.role.value_counts()
         out.append("Role census: " + ", ".join(f"{c} {r}" for r, c in census.items()) + ".")
     if "grad_importance_raw" in heads and "importance" in heads:
-        rho = grad_vs_ablation_rho(heads)
-        agree = "closely" if rho >= 0.8 else "roughly" if rho >= 0.5 else "weakly" if rho >= 0.2 else "hardly"
-        out.append(f"Gradient importance (Michel et al., E_x |g dL(x)/dg| at g = 1) {agree} agrees with the "
-                   f"exact sweep: Spearman rho = {_num(rho, 2)} against |importance|.")
+        out.append(claims.rho_claim(report, grad_vs_ablation_rho(heads)))
     out += _cluster_findings(report)
-    out += _pruning_findings(report)
+    out += claims.cluster_stability_claim(report)
+    out += claims.pruning_claims(report)
     return out
 
 
@@ -222,30 +201,6 @@ def _cluster_findings(report) -> list[str]:
         verdict = "stable" if ari >= 0.75 else "moderately stable" if ari >= 0.5 else "not stable"
         out.append(f"The clusters are {verdict} across bootstrap resamples of the data "
                    f"(mean adjusted Rand index {_num(ari, 2)}).")
-    return out
-
-
-def _pruning_findings(report) -> list[str]:
-    pr = report.run.get("results", {}).get("pruning", {})
-    if not pr.get("methods"):
-        return []
-    total, floor = pr["n_heads"], pr.get("floor")
-    rule = (f"losing at most {1 - floor:.0%} of the full model's metric on the selection split"
-            if floor else f"up to the target of {pr.get('target', 0):.0%} of the heads")
-    parts = [f"{m} {r['n_pruned']} ({r['n_pruned'] / total:.0%}; held-out {_num(r['metric'])})"
-             for m, r in sorted(pr["methods"].items())]
-    out = [f"Pruning heads together, {rule}: " + ", ".join(parts) + f" of {total} heads can go "
-           f"(full model: {_num(pr.get('unpruned'))} on {pr.get('n_heldout', '?')} held-out examples)."]
-    best = pr.get("recommended")
-    phys = pr.get("physical")
-    if best and phys:
-        removed = phys["heads_full"] - phys["heads_pruned"]
-        out.append(f"The saved plan (prune_plan.json, {best} order) removes {removed} heads; applied "
-                   f"physically (headlens.pruning.physical.prune_heads) it keeps "
-                   f"{phys['param_fraction']:.1%} of the parameters and runs {phys['speedup']:.2f}x as fast "
-                   f"({_num(phys['time_full_ms'], 3)} -> {_num(phys['time_pruned_ms'], 3)} ms per batch here).")
-    elif best:
-        out.append(f"The saved plan (prune_plan.json, {best} order) removes no head.")
     return out
 
 

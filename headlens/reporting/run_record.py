@@ -98,7 +98,7 @@ def run_record(model, task, texts, config: dict, result: dict, command: Optional
                      task=task.name, task_type=task.task_type, task_examples=len(task), metric=task.metric_name,
                      higher_is_better=bool(task.higher_is_better), clean_metric=result["clean_metric"]),
         "results": dict(cluster_stability_ari=stability.get("ari_mean"), n_clusters=len(result["clusters"]),
-                        pruning=result["pruning_summary"]),
+                        pruning=result["pruning_summary"], **result.get("results", {})),
         "files": list(FILES),
         "resumed_stages": folder.resumed,
         "stage_seconds": folder.seconds,

@@ -24,7 +24,11 @@ uniform        0                                       0: uniform over the visib
 ============== ======================================= =====================================
 
 Heads not named in ``roles`` are uniform. A query with no target key (e.g. the previous token of
-position 0) spreads its attention uniformly. Only ``previous`` heads write to the residual stream.
+position 0) spreads its attention uniformly. Only ``previous`` heads write to the residual stream,
+and the heads given in ``writes``: head ``(l, h)`` with ``values [V]`` adds ``values[x_j]``,
+weighted by its attention to key ``j``, to a residual coordinate of its own (``2V + C + n`` for the
+``n``-th head of ``writes`` in sorted order), so a metric that reads those coordinates has a
+known effect per head and example (``-values[x_j]`` when the head is zero-ablated).
 """
 from __future__ import annotations
 
@@ -58,19 +62,26 @@ def parse_role(role) -> tuple:
 
 
 def planted_model(roles: dict, n_layers: int = 2, n_heads: int = 4, d_model=None, vocab_size: int = 32,
-                  n_ctx: int = 32, scale: float = 40.0, causal: bool = True) -> HeadlensModel:
+                  n_ctx: int = 32, scale: float = 40.0, causal: bool = True, writes=None) -> HeadlensModel:
     """A :class:`HeadlensModel` whose heads ``{(layer, head): role}`` do exactly their role.
 
     Roles: ``previous``, ``next``, ``self``, ``offset:k`` (attend to key ``i + k``), ``first``,
     ``duplicate``, ``induction`` (needs a ``previous`` head in an earlier layer), ``uniform``.
     ``scale`` is the logit of a target key over the others: ``exp(-scale)`` leaks elsewhere.
-    ``d_model`` defaults to (and must be at least) ``2 * vocab_size + n_ctx``.
+    ``d_model`` defaults to (and must be at least) ``2 * vocab_size + n_ctx`` (+ one coordinate per
+    head of ``writes``, ``{(layer, head): values [vocab_size]}``, see the module doc).
     """
     check(isinstance(roles, dict), f"roles must be a dict {{(layer, head): role}}, got {type(roles).__name__}")
     check(n_layers >= 1 and n_heads >= 1, f"need n_layers >= 1 and n_heads >= 1, got {n_layers}, {n_heads}")
     check(vocab_size >= 2 and n_ctx >= 2, f"need vocab_size >= 2 and n_ctx >= 2, got {vocab_size}, {n_ctx}")
     V, C = vocab_size, n_ctx
-    needed = 2 * V + C
+    writes = {} if writes is None else dict(writes)
+    for key, values in writes.items():
+        check(isinstance(key, tuple) and len(key) == 2 and 0 <= key[0] < n_layers and 0 <= key[1] < n_heads,
+              f"writes keys must be (layer, head) tuples inside {n_layers} layers x {n_heads} heads, got {key!r}")
+        check(len(values) == vocab_size, f"writes[{key}] must hold {vocab_size} values (one per token), "
+                                         f"got {len(values)}")
+    needed = 2 * V + C + len(writes)
     d_model = needed if d_model is None else d_model
     check(d_model >= needed, f"d_model must be >= 2 * vocab_size + n_ctx = {needed}, got {d_model}")
     parsed = {}
@@ -121,4 +132,8 @@ def planted_model(roles: dict, n_layers: int = 2, n_heads: int = 4, d_model=None
             elif kind == "induction":
                 Q[tok, tok] = scale
                 K[V + C + tok, tok] = 1.0
+        for n, ((layer, head), values) in enumerate(sorted(writes.items())):
+            attn = model.blocks[layer].attn
+            attn.W_V[tok, head, tok] = 1.0
+            attn.W_O[head, tok, 2 * V + C + n] = torch.as_tensor(values, dtype=attn.W_O.dtype)
     return model.eval()

@@ -23,11 +23,13 @@ METHOD_COLORS = {"michel": "#1f77b4", "ablation": "#d62728", "random": "#7f7f7f"
 def importance_heatmap(heads: pd.DataFrame, path: str = "importance", metric: str = "metric",
                        title: Optional[str] = None) -> list[str]:
     """Layer x head heatmap of ``damage`` (diverging, centred at 0); each cell shows the value,
-    with ``*`` where the 95% CI excludes zero."""
+    with ``*`` where the head is significant at a 5% false-discovery rate (``q_value < 0.05``,
+    Benjamini-Hochberg; without a ``q_value`` column: where the 95% CI excludes zero)."""
     check({"layer", "head", "damage", "damage_low", "damage_high"} <= set(heads.columns),
           "heads needs layer, head, damage, damage_low, damage_high columns")
     grid = heads.pivot(index="layer", columns="head", values="damage").astype(float)
-    sig = (heads.damage_low > 0) | (heads.damage_high < 0)
+    corrected = "q_value" in heads
+    sig = heads.q_value < 0.05 if corrected else (heads.damage_low > 0) | (heads.damage_high < 0)
     marks = heads.assign(text=[f"{d:.2g}{'*' if s else ''}" for d, s in zip(heads.damage, sig)])
     text = marks.pivot(index="layer", columns="head", values="text").fillna("")
     L, H = grid.shape
@@ -40,7 +42,8 @@ def importance_heatmap(heads: pd.DataFrame, path: str = "importance", metric: st
                 cbar_kws={"label": f"damage ({metric} change, + = hurts)"})
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(title or "Damage when one head is ablated (* : 95% CI excludes 0)")
+    star = "q < 0.05, Benjamini-Hochberg" if corrected else "95% CI excludes 0"
+    ax.set_title(title or f"Damage when one head is ablated (* : {star})")
     return save_figure(fig, path)
 
 
