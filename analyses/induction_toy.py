@@ -158,7 +158,7 @@ def main(argv=None) -> int:
          s2.set_index(["layer", "head"]).loc[prev, "role"] == "previous-token"),
         ("1-layer control has no induction head", "induction" not in set(s1.role)),
         ("first-token model: its documented heads are 'first-token sink' and 'previous-token'",
-         sf.loc[tuple(first_card["first-token"][0]), "role"] == "first-token sink"
+         sf.loc[tuple(first_card["first-token sink"][0]), "role"] == "first-token sink"
          and sf.loc[tuple(first_card["previous-token"][0]), "role"] == "previous-token"),
         ("ablating the previous-token head hurts more than ablating any single induction head (CIs apart)",
          sw.loc[prev, "importance_ci_low"] > max(sw.loc[h, "importance_ci_high"] for h in induction)),

@@ -9,7 +9,9 @@ from headlens import HeadlensError
 from headlens.cli import main
 from headlens.data import MODELS_DIR
 from headlens.io.native import load_model, read_card
+from headlens.synthetic import cards
 from headlens.synthetic import toys as toy
+from headlens.synthetic.training import train_toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -47,7 +49,7 @@ def test_unknown_toy_and_bad_arguments_raise():
     with pytest.raises(HeadlensError, match="toy must be one of"):
         toy.toy_spec("induction-3l")
     with pytest.raises(HeadlensError, match="steps"):
-        toy.train_toy("induction-1l", steps=0)
+        train_toy("induction-1l", steps=0)
     model = load_model(MODELS / "toy-induction-1l")
     with pytest.raises(HeadlensError, match="half_len"):
         toy.eval_tokens(model, half_len=40)
@@ -65,9 +67,9 @@ def test_readout_losses_score_a_perfect_model():
 
 # --- training -----------------------------------------------------------------------------------
 def test_training_is_deterministic_under_the_seed():
-    a, card = toy.train_toy("first-token", seed=3, steps=4)
-    b, _ = toy.train_toy("first-token", seed=3, steps=4)
-    c, _ = toy.train_toy("first-token", seed=4, steps=4)
+    a, card = train_toy("first-token", seed=3, steps=4)
+    b, _ = train_toy("first-token", seed=3, steps=4)
+    c, _ = train_toy("first-token", seed=4, steps=4)
     for name, tensor in a.state_dict().items():
         assert torch.equal(tensor, b.state_dict()[name]), name
     assert not torch.equal(a.W_E.weight, c.W_E.weight)
@@ -76,7 +78,7 @@ def test_training_is_deterministic_under_the_seed():
 
 @pytest.fixture(scope="module")
 def short_2l():
-    return toy.train_toy("induction-2l", seed=0, steps=400)
+    return train_toy("induction-2l", seed=0, steps=400)
 
 
 @pytest.mark.slow
@@ -94,7 +96,7 @@ def test_short_two_layer_run_forms_previous_token_and_induction_heads(short_2l):
 
 @pytest.mark.slow
 def test_short_one_layer_control_has_no_induction_head():
-    _, card = toy.train_toy("induction-1l", seed=0, steps=200)
+    _, card = train_toy("induction-1l", seed=0, steps=200)
     chance = card["heads"][0]["induction_chance"]
     assert max(h["induction"] for h in card["heads"]) < 2 * chance
     assert card["eval"]["loss_repeated_half"] > card["eval"]["log_n_tokens"] - 0.5
@@ -103,7 +105,7 @@ def test_short_one_layer_control_has_no_induction_head():
 
 @pytest.mark.slow
 def test_short_first_token_run_forms_a_first_token_head():
-    _, card = toy.train_toy("first-token", seed=0, steps=200)
+    _, card = train_toy("first-token", seed=0, steps=200)
     assert max(h["first_token"] for h in card["heads"]) > 0.9
     assert card["eval"]["accuracy_first_token"] > 0.9
 
@@ -130,7 +132,7 @@ def test_shipped_checkpoint_still_shows_its_documented_behaviour(name):
     model = load_model(folder)
     assert card["name"] == name and card["config"] == model.cfg.to_dict()
     assert (folder / "model.safetensors").stat().st_size < 2_000_000
-    heads, metrics = toy.measure(model, card["task"])
+    heads, metrics = cards.measure(model, card["task"])
     for row, documented in zip(heads.to_dict("records"), card["heads"]):
         for key, value in documented.items():
             if isinstance(value, float):
@@ -152,7 +154,7 @@ def test_shipped_cards_state_the_known_roles():
     assert two["eval"]["loss_repeated_half"] < 0.1 < 4.0 < two["eval"]["loss_first_half"]
     assert "induction" not in one["roles"]
     assert one["eval"]["loss_repeated_half"] > one["eval"]["log_n_tokens"] - 0.5
-    assert sorted(first["roles"]) == ["first-token", "previous-token"]
+    assert sorted(first["roles"]) == ["first-token sink", "previous-token"]
     assert first["eval"]["accuracy_first_token"] > 0.99 and first["eval"]["accuracy_previous_token"] > 0.99
 
 

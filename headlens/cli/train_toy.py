@@ -25,7 +25,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from headlens.synthetic.toys import save_toy, train_toy
+    from headlens.synthetic.cards import save_toy
+    from headlens.synthetic.training import train_toy
 
     model, card = train_toy(args.toy, seed=args.seed, steps=args.steps, threads=args.threads,
                             progress=not args.quiet)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from headlens.errors import HeadlensError
 from headlens.files import atomic_write, writable_folder
+from headlens.io.tokenizers import load_tokenizer
 from headlens.model.config import ModelConfig
 from headlens.model.transformer import HeadlensModel
 
@@ -71,11 +72,7 @@ def load_model(folder, dtype: Optional[torch.dtype] = None, device=None) -> Head
         raise HeadlensError(f"checkpoint file {str(weights)!r} is corrupted or truncated: {e}") from e
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    tokenizer = None
-    if (folder / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)  # None when the folder holds no tokenizer files
     return HeadlensModel.from_state_dict(cfg, state, tokenizer)  # refuses NaN / infinite weights
 
 

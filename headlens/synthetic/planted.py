@@ -41,7 +41,7 @@ from headlens.model.transformer import HeadlensModel
 ALIASES = {
     "previous": ("offset", -1), "previous-token": ("offset", -1), "prev": ("offset", -1),
     "next": ("offset", 1), "next-token": ("offset", 1), "self": ("offset", 0),
-    "first": ("first", 0), "first-token": ("first", 0), "bos": ("first", 0),
+    "first": ("first", 0), "first-token": ("first", 0), "first-token sink": ("first", 0), "bos": ("first", 0),
     "duplicate": ("duplicate", 0), "duplicate-token": ("duplicate", 0),
     "induction": ("induction", 0), "uniform": ("uniform", 0), "broad": ("uniform", 0),
 }

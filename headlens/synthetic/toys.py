@@ -1,7 +1,8 @@
-"""Small attention-only decoders whose heads' roles are known: their training data, the training
-loop, and the measurements written into their model cards.
+"""Small attention-only decoders whose heads' roles are known: their specs, training data, losses
+and evaluation data. Training is :mod:`headlens.synthetic.training`; the model cards, measured
+with the library's own pattern scores, roles and ablation, :mod:`headlens.synthetic.cards`.
 
-Kinds (Elhage et al. 2021; Olsson et al. 2022):
+Toys (Elhage et al. 2021; Olsson et al. 2022):
 
 - ``induction-2l``: 2 layers x 4 heads, trained on random tokens repeated with a random period.
   Layer 0 forms a previous-token head and layer 1 induction heads (K-composition), so the loss on
@@ -16,15 +17,11 @@ Shapes: ``N`` sequences, ``P`` positions, ``T`` half length, ``V`` vocabulary, `
 """
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from headlens.errors import HeadlensError, check
 from headlens.model.config import ModelConfig
@@ -147,48 +144,6 @@ def task_loss(model: HeadlensModel, task: str, tokens: torch.Tensor) -> torch.Te
     return (losses["first_token"].mean() + losses["previous_token"].mean()) / 2
 
 
-# --- training ---------------------------------------------------------------------------------
-def train_toy(toy: Union[str, ToySpec], seed: int = 0, steps: Optional[int] = None, threads: int = 1,
-              progress: bool = False) -> tuple[HeadlensModel, dict]:
-    """Train toy model ``toy`` (a name in :data:`TOYS` or a :class:`ToySpec`) from scratch.
-
-    AdamW with linear warm-up and cosine decay over ``steps`` (default: the spec's). Deterministic
-    under ``seed`` and ``threads`` (one thread is also the fastest on a busy CPU). Returns the
-    model (eval mode) and its model card (see :func:`model_card`).
-    """
-    spec = toy if isinstance(toy, ToySpec) else toy_spec(toy)
-    steps = spec.steps if steps is None else steps
-    check(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
-    check(isinstance(threads, int) and threads >= 1, f"threads must be an integer >= 1, got {threads!r}")
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(seed)
-        model = HeadlensModel(toy_config(spec)).init_weights(seed=seed).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98),
-                                weight_decay=spec.weight_decay)
-        warmup = min(spec.warmup, max(1, steps // 10))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-        data_gen = torch.Generator().manual_seed(seed + 1_000_003)
-        losses = []
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in tqdm(range(steps), desc=spec.name, disable=not progress):
-            loss = task_loss(model, spec.task, train_batch(spec, data_gen))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        timing = {"train_seconds": time.perf_counter() - wall, "train_cpu_seconds": time.process_time() - cpu}
-        model.eval()
-        card = model_card(model, spec, seed=seed, steps=steps, threads=threads,
-                          final_loss=sum(losses[-50:]) / len(losses[-50:]), **timing)
-    finally:
-        torch.set_num_threads(old_threads)
-    return model, card
-
-
 # --- measurements -----------------------------------------------------------------------------
 def eval_tokens(model: HeadlensModel, half_len: Optional[int] = None, n_seqs: int = 200,
                 seed: int = EVAL_SEED, n_tokens: Optional[int] = None) -> tuple[torch.Tensor, int]:
@@ -241,154 +196,3 @@ def task_metrics(model: HeadlensModel, task: str, tokens: torch.Tensor, half_len
     return readout_metrics(model, tokens, head_gate)
 
 
-@torch.no_grad()
-def head_attention(model: HeadlensModel, tokens: torch.Tensor, half_len: int) -> pd.DataFrame:
-    """Per-head attention measured from ``blocks.{l}.attn.hook_pattern`` on ``[BOS?, x, x]``.
-
-    Columns: ``layer, head, previous_token`` (mean ``A[i, i-1]`` over ``i >= 1``),
-    ``first_token`` (mean ``A[i, 0]`` over ``i >= 1``), ``self`` (mean ``A[i, i]``),
-    ``induction`` (mean ``A[i, i-T+1]`` over the second copy), and each under uniform causal
-    attention (``*_chance``).
-    """
-    check(tokens.ndim == 2 and tokens.shape[1] >= 2 * half_len,
-          f"tokens must be [N, P] holding two copies of length half_len={half_len}")
-    P = tokens.shape[1]
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"))
-    i = torch.arange(P)
-    second = i[P - half_len:]
-    uniform = torch.tril(torch.ones(P, P)) / (i[:, None] + 1)
-    rows = []
-    for layer in range(model.cfg.n_layers):
-        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float().mean(0)  # [H, P, S]
-        for h, head in enumerate(model.blocks[layer].attn.head_ids):
-            row = {"layer": layer, "head": head}
-            for suffix, A in (("", pattern[h]), ("_chance", uniform)):
-                row["previous_token" + suffix] = A[i[1:], i[1:] - 1].mean().item()
-                row["first_token" + suffix] = A[i[1:], 0].mean().item()
-                row["self" + suffix] = A[i, i].mean().item()
-                row["induction" + suffix] = A[second, second - half_len + 1].mean().item()
-            rows.append(row)
-    return pd.DataFrame(rows).sort_values(["layer", "head"], ignore_index=True)
-
-
-def head_ablations(model: HeadlensModel, task: str, tokens: torch.Tensor, half_len: int) -> pd.DataFrame:
-    """The card's losses with each head zeroed alone (``head_gate`` = 0): one row per head,
-    ``layer, head`` then one ``ablated_<loss>`` column per loss of :func:`task_metrics`."""
-    rows = []
-    for layer, head in model.head_labels():
-        gate = torch.ones(model.cfg.n_layers, model.cfg.n_heads)
-        gate[layer, model.blocks[layer].attn.head_ids.index(head)] = 0
-        metrics = task_metrics(model, task, tokens, half_len, head_gate=gate)
-        rows.append({"layer": layer, "head": head,
-                     **{f"ablated_{k}": v for k, v in metrics.items() if k.startswith("loss")}})
-    return pd.DataFrame(rows)
-
-
-# Thresholds that turn the measured attention into the roles a card states.
-ROLE_THRESHOLDS = {"previous_token": 0.5, "induction": 0.3, "first_token": 0.5}
-
-
-def known_roles(heads: pd.DataFrame, thresholds: Optional[dict] = None) -> pd.Series:
-    """One role per head: the score in ``thresholds`` it exceeds by the widest margin, else ``other``."""
-    thresholds = dict(ROLE_THRESHOLDS, **(thresholds or {}))
-    margin = pd.DataFrame({role: heads[role] - t for role, t in thresholds.items()})
-    best = margin.idxmax(axis=1).str.replace("_", "-")
-    return best.where(margin.max(axis=1) > 0, "other")
-
-
-def measure(model: HeadlensModel, task: Optional[str] = None) -> tuple[pd.DataFrame, dict]:
-    """Everything a card states about ``model``: per-head table (attention scores, chance levels,
-    role, ablated losses) and the clean losses on the evaluation data."""
-    task = task or ("induction" if model.cfg.bos_token_id is not None else "first-token")
-    n_tokens = model.cfg.vocab_size // 2 if task == "first-token" else None
-    tokens, half_len = eval_tokens(model, n_tokens=n_tokens)
-    heads = head_attention(model, tokens, half_len)
-    heads["role"] = known_roles(heads)
-    heads = heads.merge(head_ablations(model, task, tokens, half_len), on=["layer", "head"])
-    metrics = task_metrics(model, task, tokens, half_len)
-    n_drawn = n_tokens or (model.cfg.vocab_size - (model.cfg.bos_token_id is not None))
-    metrics.update(half_len=half_len, n_seqs=len(tokens), log_n_tokens=math.log(n_drawn))
-    return heads, metrics
-
-
-def _rounded(d: dict) -> dict:
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
-
-
-def model_card(model: HeadlensModel, spec: ToySpec, seed: int, steps: int, threads: int,
-               final_loss: float, train_seconds: float, train_cpu_seconds: float) -> dict:
-    """The card of a trained toy model: task, config, recipe, losses, per-head scores and roles."""
-    heads, metrics = measure(model, spec.task)
-    recipe = {k: v for k, v in asdict(spec).items() if k not in ("name", "task", "description", "steps")}
-    return {
-        "name": spec.name,
-        "task": spec.task,
-        "description": spec.description,
-        "config": model.cfg.to_dict(),
-        "seed": seed,
-        "steps": steps,
-        "recipe": recipe,
-        "reproduce": f"headlens train-toy --toy {spec.name[4:]} --seed {seed} --steps {steps} "
-                     f"--threads {threads} --out DIR",
-        "train_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(train_cpu_seconds, 1),
-        "torch_threads": threads,
-        "torch_version": torch.__version__,
-        "final_train_loss": round(final_loss, 4),
-        "eval": dict(_rounded(metrics), seed=EVAL_SEED,
-                     data="[BOS?, x, x] with x uniform random tokens (headlens.synthetic.toys.eval_tokens)"),
-        "role_thresholds": ROLE_THRESHOLDS,
-        "heads": [_rounded(row) for row in heads.to_dict("records")],
-        "roles": {role: [[int(r.layer), int(r.head)] for r in heads.itertuples() if r.role == role]
-                  for role in sorted(set(heads["role"])) if role != "other"},
-    }
-
-
-ROLE_TEXT = {"previous-token": "attends to the previous token", "induction": "induction head: attends "
-             "to the token after the previous occurrence of the current token",
-             "first-token": "attends to the first token", "other": "no single known role"}
-
-
-def card_markdown(card: dict) -> str:
-    """Human-readable model card (``card.md``) from :func:`model_card`'s dict."""
-    ev = card["eval"]
-    losses = ", ".join(f"{k} = {v}" for k, v in ev.items() if k.startswith(("loss", "accuracy")))
-    lines = [
-        f"# {card['name']}", "", card["description"], "",
-        f"- task: `{card['task']}`; seed {card['seed']}; {card['steps']} steps of batch "
-        f"{card['recipe']['batch_size']} (AdamW lr {card['recipe']['lr']}, cosine); trained in "
-        f"{card['train_seconds']} s ({card['train_cpu_seconds']} s CPU, {card['torch_threads']} thread, "
-        f"torch {card['torch_version']}); final training loss {card['final_train_loss']}",
-        f"- architecture: {card['config']['n_layers']} layer(s) x {card['config']['n_heads']} heads, "
-        f"d_model {card['config']['d_model']}, attention only, pre-LayerNorm, learned positions, "
-        f"vocabulary {card['config']['vocab_size']}, context {card['config']['n_ctx']}, "
-        f"BOS id {card['config']['bos_token_id']}",
-        f"- evaluation on {ev['n_seqs']} sequences [BOS?, x, x], half length {ev['half_len']} "
-        f"(seed {ev['seed']}): {losses}; log(#tokens) = {ev['log_n_tokens']}",
-        f"- reproduce: `{card['reproduce']}`", "",
-        "## Heads", "",
-        "Attention measured from `blocks.{l}.attn.hook_pattern` on the evaluation data "
-        "(chance = uniform causal attention). `ablated ...` = the loss with that head's output zeroed.", "",
-    ]
-    ablated = [k for k in card["heads"][0] if k.startswith("ablated_")]
-    cols = ["previous_token", "first_token", "self", "induction"]
-    lines.append("| layer | head | role | " + " | ".join(c.replace("_", " ") for c in cols + ablated) + " |")
-    lines.append("|" + "---|" * (3 + len(cols) + len(ablated)))
-    for h in card["heads"]:
-        cells = [str(h["layer"]), str(h["head"]), h["role"]] + [f"{h[c]:.3f}" for c in cols + ablated]
-        lines.append("| " + " | ".join(cells) + " |")
-    chance = card["heads"][0]
-    lines += ["", "Chance levels: " + ", ".join(f"{c.replace('_', ' ')} {chance[c + '_chance']:.3f}" for c in cols),
-              "", "## Known roles", ""]
-    for role, heads in card["roles"].items():
-        lines.append(f"- {role} ({ROLE_TEXT.get(role, role)}): " + ", ".join(f"L{l}H{h}" for l, h in heads))
-    if not card["roles"]:
-        lines.append("- none: no head passes the thresholds " + str(card["role_thresholds"]))
-    return "\n".join(lines) + "\n"
-
-
-def save_toy(model: HeadlensModel, card: dict, folder):
-    """Write a trained toy model with its ``card.json`` and ``card.md`` (a headlens checkpoint)."""
-    from headlens.io.native import save_model
-
-    return save_model(model, folder, card=card, card_md=card_markdown(card))
