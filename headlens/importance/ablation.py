@@ -6,7 +6,10 @@ One mechanism, configured by ``ablation``: a TransformerLens hook replaces each 
 positions (``resample``: a derangement of the task's rows, fixed by ``seed``; past that row's end
 its padding positions' ``z``); ``uniform`` replaces the head's pattern
 (``hook_pattern [B, H, P, S]``) by uniform attention over the keys the query may see (Kovaleva
-et al. 2019). Hooks live only inside ``model.hooks(...)``: the model is never left altered.
+et al. 2019); ``streaming`` (or a :class:`headlens.importance.streaming.Streaming` with its sink
+and window sizes) masks the keys a streaming head's KV cache drops after the context
+(``hook_attn_scores``, see :mod:`headlens.importance.streaming`). Hooks live only inside
+``model.hooks(...)``: the model is never left altered.
 
 Sign convention: ``importance = mean over examples of metric(ablated) - metric(clean)``. For a loss
 (lower is better) a positive importance means the head helps; for a higher-is-better metric
@@ -27,10 +30,21 @@ import torch
 
 from headlens.errors import check
 from headlens.importance.statistics import importance_table
+from headlens.importance.streaming import Streaming, StreamingReplacement
 from headlens.importance.tasks import load_task
 from headlens.model.heads import local_index, resolve_heads
 
-ABLATIONS = ("zero", "mean", "resample", "uniform")
+ABLATIONS = ("zero", "mean", "resample", "uniform")  # the ones that apply to any task
+
+
+def as_ablation(ablation):
+    """The ablation to run: one of :data:`ABLATIONS`, or ``"streaming"`` / a :class:`Streaming`
+    (for long-context tasks, which say where their context ends); anything else is refused."""
+    if isinstance(ablation, Streaming):
+        return ablation
+    check(isinstance(ablation, str) and ablation in ABLATIONS + ("streaming",),
+          f"ablation must be one of {ABLATIONS}, 'streaming' or a Streaming(sink, window), got {ablation!r}")
+    return Streaming() if ablation == "streaming" else ablation
 
 
 # --- the replacement values -------------------------------------------------------------------
@@ -43,19 +57,22 @@ def derangement(n: int, seed: int) -> torch.Tensor:
     return perm
 
 
-def hook_name(ablation: str, layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_{'pattern' if ablation == 'uniform' else 'z'}"
+def hook_name(ablation, layer: int) -> str:
+    point = {"uniform": "pattern"}.get(ablation, "attn_scores" if isinstance(ablation, Streaming) else "z")
+    return f"blocks.{layer}.attn.hook_{point}"
 
 
-ACTIVATION_HOOKS = {"z": "attn.hook_z", "v": "attn.hook_v", "attn_out": "hook_attn_out"}
+ACTIVATION_HOOKS = {"z": "attn.hook_z", "v": "attn.hook_v", "attn_out": "hook_attn_out",
+                    "attn_scores": "attn.hook_attn_scores"}
 
 
 @torch.no_grad()
-def clean_activations(model, batches, layer: int, resid=None, names=("z",)) -> tuple[dict, list]:
+def clean_activations(model, batches, layer: int, resid=None, names=("z",), past_kv=None) -> tuple[dict, list]:
     """Clean activations of ``layer`` per batch, ``{name: [per batch]}`` with ``z [R, P, H, d]``,
-    ``v [R, S, K, d]``, ``attn_out [R, P, D]``; and the residual stream after the layer
-    ``[R, P, D]`` per batch. ``resid``: per-batch residual entering ``layer`` (else computed
-    from the input)."""
+    ``v [R, S, K, d]``, ``attn_out [R, P, D]``, ``attn_scores [R, H, P, S]``; and the residual
+    stream after the layer ``[R, P, D]`` per batch. ``resid``: per-batch residual entering
+    ``layer`` (else computed from the input); ``past_kv``: per-batch KV caches of the positions
+    before ``resid``'s (then only those later positions run)."""
     acts = {name: [] for name in names}
     hooks = [(f"blocks.{layer}.{ACTIVATION_HOOKS[name]}", lambda t, hook, keep=acts[name]: keep.append(t.clone()))
              for name in names]
@@ -66,7 +83,8 @@ def clean_activations(model, batches, layer: int, resid=None, names=("z",)) -> t
                 nxt.append(model(b.inputs, stop_at_layer=layer + 1))
             else:
                 nxt.append(model(residual=resid[i], attention_mask=b.inputs["attention_mask"],
-                                 start_at_layer=layer, stop_at_layer=layer + 1))
+                                 start_at_layer=layer, stop_at_layer=layer + 1,
+                                 past_kv=None if past_kv is None else past_kv[i]))
     return acts, nxt
 
 
@@ -113,7 +131,15 @@ class Replacement:
         return None
 
 
-def ablation_hook(ablation: str, assignments: list, rows: int, value: Optional[torch.Tensor]):
+def make_replacement(model, ablation, batches, zs=None, per_position: bool = True, seed: int = 0, **streaming):
+    """The :class:`Replacement` of ``ablation`` (a :class:`StreamingReplacement` for streaming,
+    given its ``acts``, ``starts`` and ``prefix_values`` in the fast sweep)."""
+    if isinstance(ablation, Streaming):
+        return StreamingReplacement(ablation, batches, **streaming)
+    return Replacement(model, ablation, batches, zs, per_position, seed)
+
+
+def ablation_hook(ablation, assignments: list, rows: int, value: Optional[torch.Tensor]):
     """Hook for one layer: copy ``c`` (rows ``c*rows:(c+1)*rows``) ablates local heads ``assignments[c]``."""
 
     def hook(t, hook):
@@ -124,6 +150,8 @@ def ablation_hook(ablation: str, assignments: list, rows: int, value: Optional[t
             rs = slice(c * rows, (c + 1) * rows)
             if ablation == "uniform":  # t [R', H, P, S]
                 t[rs, hs] = value.to(t.dtype)
+            elif isinstance(ablation, Streaming):  # t: scores [R', H, P, S]; value: hidden keys [R, 1, P, S]
+                t[rs, hs] = t[rs, hs].masked_fill(value, torch.finfo(t.dtype).min)
             elif value is None:  # t [R', P, H, d]
                 t[rs, :, hs] = 0
             else:
@@ -139,7 +167,7 @@ def ablate(model, task, heads, ablation: str = "zero", per_position: bool = True
            batch_size: int = 16) -> np.ndarray:
     """Metric per example ``[N]`` with all of ``heads`` (see :func:`resolve_heads`: a head, a list,
     a layer ``{l: None}``, a cluster) ablated together."""
-    check(ablation in ABLATIONS, f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    ablation = as_ablation(ablation)
     task = load_task(task, model)
     pairs = resolve_heads(model, heads)
     batches = task.batches(model, batch_size)
@@ -147,7 +175,7 @@ def ablate(model, task, heads, ablation: str = "zero", per_position: bool = True
     repl = {}
     for layer in layers:
         zs = clean_activations(model, batches, layer)[0]["z"] if ablation in ("mean", "resample") else None
-        repl[layer] = Replacement(model, ablation, batches, zs, per_position, seed)
+        repl[layer] = make_replacement(model, ablation, batches, zs, per_position, seed)
     out = []
     for i, b in enumerate(batches):
         ref = task.reference(model, b)

@@ -27,6 +27,7 @@ class KVCache:
         self.keys: list[Optional[torch.Tensor]] = [None] * n_layers
         self.values: list[Optional[torch.Tensor]] = [None] * n_layers
         self.frozen = frozen
+        self.copies = 1  # a frozen cache read as this many stacked copies of its batch (see repeat)
 
     @property
     def length(self) -> int:
@@ -35,12 +36,14 @@ class KVCache:
 
     @property
     def batch_size(self) -> Optional[int]:
-        return None if self.keys[0] is None else int(self.keys[0].shape[0])
+        return None if self.keys[0] is None else int(self.keys[0].shape[0]) * self.copies
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached keys and values of ``layer`` followed by the new ``k, v [B, P, K, d]``:
         ``[B, S0 + P, K, d]`` each. An open cache keeps the result."""
         old_k, old_v = self.keys[layer], self.values[layer]
+        if old_k is not None and self.copies > 1:  # one layer at a time: never every layer's copies at once
+            old_k, old_v = old_k.repeat(self.copies, 1, 1, 1), old_v.repeat(self.copies, 1, 1, 1)
         if old_k is not None:
             check(old_k.shape[0] == k.shape[0] and old_k.shape[2:] == k.shape[2:],
                   f"past_kv layer {layer} holds keys {tuple(old_k.shape)}, the input gives {tuple(k.shape)}")
@@ -56,13 +59,14 @@ class KVCache:
     def prefix(self, n: int) -> "KVCache":
         """A frozen cache of the first ``n`` positions (views, no copy)."""
         out = KVCache(len(self.keys), frozen=True)
+        out.copies = self.copies
         out.keys = [None if k is None else k[:, :n] for k in self.keys]
         out.values = [None if v is None else v[:, :n] for v in self.values]
         return out
 
     def repeat(self, n: int) -> "KVCache":
-        """A frozen cache whose batch is this one's ``n`` times over (for stacked copies of a batch)."""
-        out = KVCache(len(self.keys), frozen=True)
-        out.keys = [None if k is None else k.repeat(n, 1, 1, 1) for k in self.keys]
-        out.values = [None if v is None else v.repeat(n, 1, 1, 1) for v in self.values]
+        """A frozen cache read as its batch ``n`` times over (stacked copies of a batch); each
+        layer's copies are made when that layer reads them."""
+        out = self.prefix(self.length)
+        out.copies = self.copies * n
         return out
