@@ -10,7 +10,7 @@ import torch
 import headlens
 from headlens.errors import HeadlensError
 from headlens.importance.ablation import ABLATIONS, ablate, ablation_effect, derangement
-from headlens.importance.sweep import ablation_sweep
+from headlens.importance.sweep import ablation_sweep, sweep_metrics
 from headlens.importance.tasks import CallableTask, LMLossTask, load_task
 from headlens.model.heads import gate_without, resolve_heads
 
@@ -103,6 +103,42 @@ def test_zero_ablation_equals_transformer_lens_hook_z(gpt2_pair):
         assert np.abs(ours - theirs).max() < 1e-4 and np.abs(ours - gated).max() < 1e-5
         row = sweep[(sweep["layer"] == layer) & (sweep["head"] == head)].iloc[0]
         assert abs(row.importance - (theirs - task.evaluate(model)).mean()) < 1e-4
+
+
+@pytest.mark.parametrize("ablation", ["mean", "resample"])
+def test_mean_and_resample_ablation_equal_transformer_lens_hook_z(gpt2_pair, ablation):
+    """An independent check of the replacement values: on the bridge, plain TransformerLens hooks on
+    ``hook_z`` put in each head's dataset mean over real tokens per position (``mean``), or the
+    ``z`` of donor row ``derangement(N, seed)[i]`` at the same positions (``resample``; past a
+    shorter donor's end, its padding positions' z), and the loss is computed here."""
+    model, bridge = gpt2_pair
+    task = LMLossTask(TEXTS)
+    batch = task.batches(model, len(TEXTS))[0]
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    heads, clean, ablated = sweep_metrics(model, task, ablation, batch_size=2, seed=3, progress=False)
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(2)]
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
+    perm = derangement(len(TEXTS), 3)
+    m = mask[:, :, None, None].float()
+    for layer, head in [(0, 2), (1, 1)]:
+        z = cache[f"blocks.{layer}.attn.hook_z"]  # [B, P, H, d]
+        if ablation == "mean":
+            value = ((z * m).sum(0) / m.sum(0))[None, :, head]  # [1, P, d]
+        else:
+            value = z[perm][:, :, head]
+
+        def patch(z, hook, value=value):
+            z = z.clone()
+            z[:, :, head] = value
+            return z
+
+        with torch.no_grad():
+            logits = bridge.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", patch)])
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        theirs = ((loss * mask[:, 1:]).sum(1) / mask[:, 1:].sum(1)).numpy()
+        assert np.abs(ablated[(layer, head)] - theirs).max() < 1e-4, (ablation, layer, head)
+        assert np.abs(ablated[(layer, head)] - clean).max() > 1e-3  # the replacement changed something
 
 
 def test_groups_layers_and_effects(gpt2):
