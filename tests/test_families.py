@@ -104,9 +104,8 @@ def test_parity_with_transformers(case):
 def test_parity_with_transformer_bridge(case, bert_tokenizer):
     """The bridge wraps (and renames) the transformers modules and may add tokens to its tokenizer,
     so it gets fresh copies of both."""
-    from transformer_lens.model_bridge import TransformerBridge
-
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+    from transformer_lens.model_bridge import TransformerBridge
 
     name, folder, _, model = case
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
