@@ -5,6 +5,7 @@ The package reads as its pipeline (see docs/ARCHITECTURE.md):
 with ``data`` (bundled files) underneath and ``synthetic`` (known-role models) beside it.
 The entry points are :func:`headlens.load` and :func:`headlens.report`.
 """
+from headlens import viz as viz  # headlens.viz.attention: the offline attention viewer
 from headlens.errors import HeadlensError
 from headlens.io import from_hf_model, list_models, load
 from headlens.model import HeadlensModel, ModelConfig

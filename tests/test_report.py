@@ -255,7 +255,7 @@ def tiny_report(tiny_run):
 def test_report_writes_every_output(tiny_report):
     rep, out = tiny_report, tiny_report.out
     for name in ["heads.csv", "heads.parquet", "clusters.csv", "pruning.csv", "prune_plan.json", "report.md",
-                 "run.json", "report.html"]:
+                 "run.json", "report.html", "attention_view.json"]:
         assert (out / name).is_file(), name
     assert not (out / ".staging").exists() and not (out / ".resume").exists()
     heads = pd.read_csv(out / "heads.csv")

@@ -37,7 +37,7 @@ window.addEventListener("load", function () {
     images: imgs.length,
     broken: imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).map(function (i) { return i.alt; }),
     errors: window.__errors, failed_resources: window.__failed, tables: document.querySelectorAll("table.sortable").length,
-    sorted_layer_desc: sorted, external: Array.prototype.filter.call(document.querySelectorAll("[src],[href]"),
+    sorted_layer_desc: sorted, viewers: document.querySelectorAll("div.hl-attn[data-built]").length, external: Array.prototype.filter.call(document.querySelectorAll("[src],[href]"),
       function (e) { return /^(https?:)?\\/\\//.test(e.getAttribute("src") || e.getAttribute("href")); }).length});
   document.body.appendChild(out);
 });
@@ -91,4 +91,5 @@ def test_a_real_report_page_loads_with_every_figure(tiny_report, tmp_path):
     """The page of a real run (tiny GPT-2 through the whole pipeline): all its figures decode."""
     seen = probe(tiny_report.html, tmp_path)
     assert seen["images"] == len(tiny_report.figures) >= 10
+    assert seen["viewers"] == 1  # the attention viewer section (tests/test_viewer.py drives it)
     assert seen["broken"] == [] and seen["errors"] == [] and seen["failed_resources"] == [] and seen["external"] == 0

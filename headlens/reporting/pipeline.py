@@ -204,6 +204,8 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
         run = run_record(net, the_task, texts, config, result, command, folder)
         with step("figures"):
             run["figures"] = _figures(net, texts, result, run, folder.staging / "figures")
+            from headlens.reporting.viewer import add_view
+            add_view(run, net, _gallery_text(texts), result["heads"], folder.staging)
         bar.close()
         add_timings(run, timings, folder)
         rep = Report(folder.out, result["heads"], result["clusters"], result["pruning"], result["plan"],

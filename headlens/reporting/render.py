@@ -14,7 +14,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from headlens.reporting import claims
+from headlens.reporting import claims, viewer
 from headlens.reporting.words import head_name
 from headlens.reporting.words import num as _num
 from headlens.reporting.words import signed as _signed
@@ -291,6 +291,7 @@ def _context(report, inline_figures: bool) -> dict:
         notes = cluster_notes(report) if sid == "clusters" else []
         if figs or tabs:
             sections.append(dict(id=sid, title=title, text=text, figures=figs, tables=tabs, notes=notes))
+    sections = viewer.insert_section(sections, report)
     sections += [_study_section(report, sec, inline_figures) for sec in run.get("sections", [])]
     m = run.get("model", {})
     return dict(title=f"Attention heads of {m.get('name', 'a model')}",
