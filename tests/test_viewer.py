@@ -167,7 +167,8 @@ window.addEventListener("load", function () { setTimeout(function () {
             head_option: v.querySelector("select.hl-headsel").value, from: ws("from"), to: ws("to"),
             from_focus: focus("from"), to_focus: focus("to"), from_top: top("from"), to_top: top("to"),
             readout: v.querySelector(".hl-readout").textContent, note: v.querySelector(".hl-headnote").textContent, pinned: v.classList.contains("hl-pinned"),
-            background: all(v, ".hl-from .hl-tok", function (s) { return s.style.background; })};
+            background: all(v, ".hl-from .hl-tok", function (s) { return s.style.background; }),
+            matrix: v.querySelector(".hl-matrix canvas").toDataURL(), thumb: v.querySelectorAll("canvas.hl-thumb")[2].toDataURL()};
   }
   try {
     steps.forEach(function (s) {
@@ -262,6 +263,7 @@ def test_notebook_views_respond_to_clicks_and_hovers(planted, bert, bert_hf, tmp
     assert s[6]["head"] == "0.2" and s[8]["head"] == "1.2"
     assert_shows(s[6], p[2], 9, 9)
     assert s[7]["from"] == s[6]["from"] and s[7]["background"] != s[6]["background"]  # the colour scale only
+    assert s[7]["matrix"] != s[6]["matrix"] and s[7]["thumb"] != s[6]["thumb"] and s[6]["thumb"] == s[0]["thumb"]
     assert (s[9]["from_focus"], s[9]["to_focus"]) == (10, 9)  # crosshair: row 10, column 9
     assert_shows(s[9], p[6], 10, 9)
     assert s[9]["readout"] == f'query "{ids[10]}" (10) \u2192 key "{ids[9]}" (9): {p[6][10, 9]:.3f}'

@@ -37,13 +37,13 @@ def add_view(run: dict, model, text, heads, folder) -> None:
 
 def insert_section(sections: list, report) -> list:
     """``sections`` with the viewer's section after the patterns section (unchanged when the
-    report has no viewer, e.g. one written before it existed)."""
+    report has no viewer, e.g. one written before it existed). A cut text's note is in the view."""
     name = report.run.get("attention_view")
     if not name or not (Path(report.out) / name).is_file():
         return sections
     data = json.loads((Path(report.out) / name).read_text())
     section = dict(id="viewer", title=TITLE, text=TEXT.format(digits=data["digits"]),
-                   notes=[data["note"]] if data.get("note") else [], tables=[], figures=[],
+                   notes=[], tables=[], figures=[],
                    html=AttentionView(data).html())
     at = next((i + 1 for i, s in enumerate(sections) if s["id"] == "patterns"), len(sections))
     return sections[:at] + [section] + sections[at:]

@@ -268,7 +268,11 @@
     headSel.addEventListener("change", function () { select(firstOfLayer(+layerSel.value) + (+headSel.value)); });
     prev.addEventListener("click", function () { select(state.index - 1); });
     next.addEventListener("click", function () { select(state.index + 1); });
-    scaleSel.addEventListener("change", function () { state.scale = scaleSel.value; render(); });
+    scaleSel.addEventListener("change", function () {
+      state.scale = scaleSel.value;
+      thumbs.forEach(function (c, i) { paint(c, heads[i], state.scale); });
+      render();
+    });
     grid.addEventListener("click", function (e) {
       var i = e.target.getAttribute && e.target.getAttribute("data-index");
       if (i !== null && i !== undefined) select(+i);
