@@ -223,28 +223,42 @@ class RepeatedHalfTask(Task):
     predicts it): per sequence, the mean loss predicting ``x[1:]`` in the second copy (``x[0]``
     follows an unseen token). ``tokens [N, P]``: token ids whose last ``2 * half_len`` positions
     are the two copies (e.g. :func:`headlens.synthetic.toys.eval_tokens`, :func:`headlens.patterns.scores.probe_tokens`).
+    ``corrupted [N, P]``: counterfactual token ids of the same shape (e.g. a fresh first copy, so
+    that nothing repeats), for patching; the loss is still that of predicting ``tokens``.
     Decoders only. Lower is better."""
     task_type, metric_name, higher_is_better = "repeated_half", "repeated_half_loss", False
-    _fields = ("tokens",)
+    _fields = ("tokens", "corrupted")
 
-    def __init__(self, tokens, half_len: int, name: Optional[str] = "repeated-half"):
-        try:
-            ids = torch.as_tensor(tokens)
-        except (TypeError, ValueError, RuntimeError):
-            raise HeadlensError("tokens must be token ids [N, P] (rows of one length)") from None
-        check(ids.ndim == 2 and not ids.is_floating_point(), f"tokens must be integer token ids [N, P], "
-                                                             f"got {ids.dtype} of shape {tuple(ids.shape)}")
+    def __init__(self, tokens, half_len: int, name: Optional[str] = "repeated-half", corrupted=None):
+        ids = self._ids(tokens, "tokens")
         check(isinstance(half_len, (int, np.integer)) and 2 <= half_len <= ids.shape[1] // 2,
               f"half_len must be an integer in [2, P // 2 = {ids.shape[1] // 2}], got {half_len!r}")
         self.tokens, self.half_len = ids.tolist(), int(half_len)
+        self.corrupted = None
+        if corrupted is not None:
+            bad = self._ids(corrupted, "corrupted")
+            check(bad.shape == ids.shape, f"corrupted must have the shape of tokens {tuple(ids.shape)}, "
+                                          f"got {tuple(bad.shape)}")
+            self.corrupted = bad.tolist()
         super().__init__(name, None)
+
+    @staticmethod
+    def _ids(tokens, name: str) -> torch.Tensor:
+        try:
+            ids = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError):
+            raise HeadlensError(f"{name} must be token ids [N, P] (rows of one length)") from None
+        check(ids.ndim == 2 and not ids.is_floating_point(), f"{name} must be integer token ids [N, P], "
+                                                             f"got {ids.dtype} of shape {tuple(ids.shape)}")
+        return ids
 
     def rows(self, i):
         return [self.tokens[i]]
 
     def prepare(self, model, inputs):
         check(model.cfg.causal, f"task {self.name!r} needs a decoder: {model.cfg.name!r} sees the whole sequence")
-        return inputs, {}, None
+        corrupted = self.encode_rows(model, self.corrupted) if self.corrupted is not None else None
+        return inputs, {}, corrupted
 
     def score(self, model, hidden, batch, reference=None):
         start = hidden.shape[1] - self.half_len  # x[0] of the second copy

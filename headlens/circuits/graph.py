@@ -1,0 +1,228 @@
+"""The residual-stream graph of a pre-norm transformer, and a forward pass in which every edge of
+it can be patched on its own.
+
+Senders write into the residual stream: the input embeddings (``input``), every head
+(``a{l}.h{h}``, its ``z_h W_O^h``) and every MLP (``m{l}``). Receivers read it: every query head's
+query input (``a{l}.h{h}<q>``), every key/value head's key and value inputs (``a{l}.kv{j}<k>``,
+``<v>``; with multi-head attention a key/value head is its query head), every MLP's input and the
+logits (the final residual stream). An edge joins a sender to each receiver after it (a layer's
+heads feed its own MLP unless the block is parallel, as in GPT-NeoX), as in TransformerLens'
+``attribution_patching.enumerate_edges`` summed over positions.
+
+:func:`graph_forward` runs the model with every receiver reading its own copy of the residual
+stream, ``x_v = x - sum_u patched[u, v] (a_u - a_u,replacement) + tap_v``: with no patch and no tap
+it is the ordinary forward; a patched edge makes ``v`` see ``u``'s replacement (e.g. corrupted)
+output instead of its current one (Hanna et al. 2024's edge patching); ``tap_v`` (zeros) lets one
+backward pass give ``dM / d x_v`` for every receiver. Each receiver's q, k or v is computed from its
+own input with the layer's norm, weights and rotary embedding; an MLP receiver's output is the
+layer's MLP on its own input.
+
+Shapes: ``R`` rows, ``P`` positions, ``D`` d_model, ``n_s`` senders, ``n_r`` receivers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from headlens.circuits.runs import check_additive
+
+
+@dataclass
+class EdgeGraph:
+    """Senders and receivers of a model, in forward order, and which edges exist.
+
+    senders: ``(kind, layer, head)`` with kind ``input`` (layer -1), ``head`` or ``mlp`` (head -1);
+    receivers: ``(via, layer, head)`` with via ``q`` (a query head), ``k`` / ``v`` (a key/value head),
+    ``mlp`` (head -1) or ``logits`` (layer ``L``, head -1); ``allowed [n_s, n_r]``: the edges."""
+
+    senders: list
+    receivers: list
+    allowed: torch.Tensor
+
+    @classmethod
+    def of(cls, model) -> "EdgeGraph":
+        check_additive(model, "edge attribution")
+        cfg, senders, receivers, slots = model.cfg, [("input", -1, -1)], [], []
+        parallel = cfg.parallel_block
+        for layer in range(cfg.n_layers):
+            attn, has_mlp = model.blocks[layer].attn, model.blocks[layer].mlp is not None
+            for via, ids in (("q", attn.head_ids), ("k", attn.kv_ids), ("v", attn.kv_ids)):
+                receivers += [(via, layer, h) for h in ids]
+                slots += [len(senders)] * len(ids)  # senders so far feed these receivers
+            heads = [("head", layer, h) for h in attn.head_ids]
+            if has_mlp and parallel:
+                receivers.append(("mlp", layer, -1))
+                slots.append(len(senders))
+            senders += heads
+            if has_mlp and not parallel:
+                receivers.append(("mlp", layer, -1))
+                slots.append(len(senders))
+            if has_mlp:
+                senders.append(("mlp", layer, -1))
+        receivers.append(("logits", cfg.n_layers, -1))
+        slots.append(len(senders))
+        allowed = torch.arange(len(senders))[:, None] < torch.tensor(slots)[None, :]
+        return cls(senders, receivers, allowed)
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.allowed.sum())
+
+    def sender_name(self, i: int) -> str:
+        kind, layer, head = self.senders[i]
+        return "input" if kind == "input" else f"a{layer}.h{head}" if kind == "head" else f"m{layer}"
+
+    def receiver_name(self, j: int) -> str:
+        via, layer, head = self.receivers[j]
+        if via == "q":
+            return f"a{layer}.h{head}<q>"
+        if via in ("k", "v"):
+            return f"a{layer}.kv{head}<{via}>"
+        return f"m{layer}" if via == "mlp" else "logits"
+
+    def layer_receivers(self, layer: int) -> dict:
+        """``{via: [receiver index]}`` of ``layer`` (``logits``: layer ``L``)."""
+        out = {}
+        for j, (via, ll, _) in enumerate(self.receivers):
+            if ll == layer:
+                out.setdefault(via, []).append(j)
+        return out
+
+
+def _project(attn, Y: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-head inputs ``Y [R, P, n, D]`` through each head's own slice of ``W [D, n, d]`` -> ``[R, P, n, d]``."""
+    out = torch.einsum("rpnD,Dnd->rpnd", Y, W)
+    return out + b if b is not None else out
+
+
+def _rotate(attn, t: torch.Tensor, cos_sin) -> torch.Tensor:
+    if attn.rotary is None:
+        return t
+    cos, sin = cos_sin
+    return attn.rotary.apply(t.transpose(1, 2), cos, sin).transpose(1, 2)
+
+
+class _GraphRun:
+    """The hooks of one :func:`graph_forward` and the state they share."""
+
+    def __init__(self, model, graph: EdgeGraph, R: int, P: int, patched, replacement, taps: bool, dtype):
+        self.model, self.graph, self.patched, self.replacement = model, graph, patched, replacement
+        self.outputs = torch.zeros(R, P, len(graph.senders), model.cfg.d_model, dtype=dtype, device=model.device)
+        self.index = {s: i for i, s in enumerate(graph.senders)}
+        self.taps = {}
+        if taps:
+            self.taps = {j: torch.zeros(R, P, model.cfg.d_model, dtype=dtype, device=model.device, requires_grad=True)
+                         for j in range(len(graph.receivers))}
+        self.qkv, self.mid = {}, None
+        rot = model.blocks[0].attn.rotary
+        pos = torch.arange(P, device=model.device)[None].expand(R, P)
+        self.cos_sin = rot.cos_sin(pos, dtype) if rot is not None else None
+
+    def inputs(self, x: torch.Tensor, receivers: list) -> Optional[torch.Tensor]:
+        """``[R, P, len(receivers), D]``: each receiver's own residual input, or None if all are ``x``."""
+        patched = self.patched is not None and bool(self.patched[:, receivers].any())
+        tapped = bool(self.taps)
+        if not patched and not tapped:
+            return None
+        X = x[:, :, None].expand(-1, -1, len(receivers), -1)
+        if patched:
+            mask = self.patched[:, receivers].to(x.dtype)  # [n_s, n]
+            diff = self.outputs - self.replacement
+            X = X - torch.einsum("rpsD,sn->rpnD", diff, mask)
+        if tapped:
+            X = X + torch.stack([self.taps[j] for j in receivers], 2)
+        return X
+
+    def hooks(self) -> list:
+        model, L = self.model, self.model.cfg.n_layers
+        hooks = []
+        for layer in range(L):
+            block = model.blocks[layer]
+            hooks.append((f"blocks.{layer}.hook_resid_pre", self._resid_pre(layer)))
+            for via in ("q", "k", "v"):
+                hooks.append((f"blocks.{layer}.attn.hook_{via}", self._use(layer, via)))
+            hooks.append((f"blocks.{layer}.attn.hook_z", self._z(layer)))
+            if block.mlp is not None:
+                if not model.cfg.parallel_block:
+                    hooks.append((f"blocks.{layer}.hook_resid_mid", self._mid))
+                hooks.append((f"blocks.{layer}.hook_mlp_out", self._mlp(layer)))
+        hooks.append((f"blocks.{L - 1}.hook_resid_post", self._final))
+        return hooks
+
+    def _resid_pre(self, layer: int):
+        def hook(x, hook):
+            if layer == 0:
+                self.outputs[:, :, 0] = x.detach()
+            self.mid = x  # a parallel block's MLP reads the layer input
+            block, mine = self.model.blocks[layer], self.graph.layer_receivers(layer)
+            attn = block.attn
+            weights = {"q": (attn.W_Q, attn.b_Q), "k": (attn.W_K, attn.b_K), "v": (attn.W_V, attn.b_V)}
+            for via in ("q", "k", "v"):
+                X = self.inputs(x, mine[via])
+                if X is None:
+                    self.qkv[(layer, via)] = None
+                    continue
+                t = _project(attn, block.ln1(X), *weights[via])
+                self.qkv[(layer, via)] = t if via == "v" else _rotate(attn, t, self.cos_sin)
+            return x
+        return hook
+
+    def _use(self, layer: int, via: str):
+        def hook(t, hook):
+            new = self.qkv.pop((layer, via), None)
+            return t if new is None else new.to(t.dtype)
+        return hook
+
+    def _z(self, layer: int):
+        def hook(z, hook):
+            W_O = self.model.blocks[layer].attn.W_O
+            start = self.index[("head", layer, self.model.blocks[layer].attn.head_ids[0])]
+            self.outputs[:, :, start:start + W_O.shape[0]] = torch.einsum("rphd,hdD->rphD", z.detach(), W_O.detach())
+            return z
+        return hook
+
+    def _mid(self, x, hook):
+        self.mid = x
+        return x
+
+    def _mlp(self, layer: int):
+        def hook(out, hook):
+            block = self.model.blocks[layer]
+            j = self.graph.layer_receivers(layer)["mlp"]
+            X = self.inputs(self.mid, j)
+            if X is not None:
+                out = block.mlp(block.ln2(X[:, :, 0]))
+            self.outputs[:, :, self.index[("mlp", layer, -1)]] = out.detach()
+            return out
+        return hook
+
+    def _final(self, x, hook):
+        X = self.inputs(x, [len(self.graph.receivers) - 1])
+        return x if X is None else X[:, :, 0]
+
+
+def graph_forward(model, graph: EdgeGraph, inputs: Optional[dict] = None, residual: Optional[torch.Tensor] = None,
+                  attention_mask: Optional[torch.Tensor] = None, patched: Optional[torch.Tensor] = None,
+                  replacement: Optional[torch.Tensor] = None, taps: bool = False) -> tuple:
+    """One forward with per-receiver inputs (see the module doc). ``inputs`` (a batch) or ``residual``
+    (the embeddings ``[R, P, D]``, with ``attention_mask``); ``patched [n_s, n_r]`` (1: the edge takes
+    its sender's ``replacement [R, P, n_s, D]`` output). Returns ``(hidden [R, P, D], outputs
+    [R, P, n_s, D], taps {receiver: [R, P, D]})``: final hidden states, each sender's output in this
+    run, and the zero taps added to each receiver's input (with ``taps``, for gradients)."""
+    if inputs is not None:
+        ids = inputs["input_ids"]
+        R, P, dtype = ids.shape[0], ids.shape[1], model.dtype
+        attention_mask = inputs.get("attention_mask")
+    else:
+        R, P, dtype = residual.shape[0], residual.shape[1], residual.dtype
+    if patched is not None:
+        patched = patched.bool().to(model.device) & graph.allowed.to(model.device)
+    run = _GraphRun(model, graph, R, P, patched, replacement, taps, dtype)
+    with model.hooks(fwd_hooks=run.hooks()):
+        if inputs is not None:
+            hidden = model(inputs, return_type="hidden")
+        else:
+            hidden = model(residual=residual, attention_mask=attention_mask, return_type="hidden")
+    return hidden, run.outputs, run.taps
