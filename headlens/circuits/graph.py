@@ -2,10 +2,10 @@
 it can be patched on its own.
 
 Senders write into the residual stream: the input embeddings (``input``), every head
-(``a{l}.h{h}``, its ``z_h W_O^h``) and every MLP (``m{l}``). Receivers read it: every query head's
-query input (``a{l}.h{h}<q>``), every key/value head's key and value inputs (``a{l}.kv{j}<k>``,
-``<v>``; with multi-head attention a key/value head is its query head), every MLP's input and the
-logits (the final residual stream). An edge joins a sender to each receiver after it (a layer's
+(``l.h``, its ``z_h W_O^h``) and every MLP (``mlp{l}``). Receivers read it: every query head's
+query input (``l.h<q>``), every key/value head's key and value inputs (``l.kv{j}<k>``, ``<v>``;
+with multi-head attention key/value head ``j`` is query head ``j``), every MLP's input
+(``mlp{l}``) and the logits (``logits``, the final residual stream). An edge joins a sender to each receiver after it (a layer's
 heads feed its own MLP unless the block is parallel, as in GPT-NeoX), as in TransformerLens'
 ``attribution_patching.enumerate_edges`` summed over positions.
 
@@ -72,15 +72,15 @@ class EdgeGraph:
 
     def sender_name(self, i: int) -> str:
         kind, layer, head = self.senders[i]
-        return "input" if kind == "input" else f"a{layer}.h{head}" if kind == "head" else f"m{layer}"
+        return "input" if kind == "input" else f"{layer}.{head}" if kind == "head" else f"mlp{layer}"
 
     def receiver_name(self, j: int) -> str:
         via, layer, head = self.receivers[j]
         if via == "q":
-            return f"a{layer}.h{head}<q>"
+            return f"{layer}.{head}<q>"
         if via in ("k", "v"):
-            return f"a{layer}.kv{head}<{via}>"
-        return f"m{layer}" if via == "mlp" else "logits"
+            return f"{layer}.kv{head}<{via}>"
+        return f"mlp{layer}" if via == "mlp" else "logits"
 
     def layer_receivers(self, layer: int) -> dict:
         """``{via: [receiver index]}`` of ``layer`` (``logits``: layer ``L``)."""

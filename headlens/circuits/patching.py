@@ -37,20 +37,26 @@ from headlens.circuits.runs import (
 )
 from headlens.errors import check
 from headlens.importance.tasks import load_task
+from headlens.model.heads import resolve_heads
 
 ACTIVATIONS = ("z", "q", "k", "v", "pattern")
 KV_ACTIVATIONS = ("k", "v")
 
 
-def _indices(model, layer: int, activation: str, by_position: bool, P: int) -> list[tuple]:
-    """``(original head, local index, position or None)`` of every patch of ``activation`` in ``layer``."""
+def _indices(model, layer: int, activation: str, by_position: bool, P: int, heads=None) -> list[tuple]:
+    """``(original head, local index, position or None)`` of every patch of ``activation`` in ``layer``;
+    ``heads``: only those query heads (for ``k`` and ``v``: the key/value heads they read)."""
     attn = model.blocks[layer].attn
+    chosen = None if heads is None else [h for ll, h in heads if ll == layer]
     if activation in KV_ACTIVATIONS:
-        heads = list(enumerate(attn.kv_ids))
+        ids = list(enumerate(attn.kv_ids))
+        if chosen is not None:
+            wanted = {int(attn.kv_map[attn.head_ids.index(h)]) for h in chosen}
+            ids = [(j, kv) for j, kv in ids if j in wanted]
     else:
-        heads = list(enumerate(attn.head_ids))
+        ids = [(j, h) for j, h in enumerate(attn.head_ids) if chosen is None or h in chosen]
     positions = range(P) if by_position else [None]
-    return [(head, local, p) for p in positions for local, head in heads]
+    return [(head, local, p) for p in positions for local, head in ids]
 
 
 def _tail(activation: str, local: int, p) -> tuple:
@@ -73,15 +79,17 @@ def _patch_hook(activation: str, picks: list[tuple], rows: int, source: torch.Te
 
 @torch.no_grad()
 def patching_metrics(model, task, activations=("z",), by_position: bool = False, direction: str = "denoise",
-                     batch_size: int = 16, memory_budget_mb: float = 512, progress: bool = True) -> tuple:
+                     heads=None, batch_size: int = 16, memory_budget_mb: float = 512, progress: bool = True) -> tuple:
     """Every patch's metric per example: ``(keys, patched {key: [N]}, clean [N], corrupted [N])`` with
-    ``key = (layer, head, activation, position or -1)`` (``head``: a key/value head for ``k``, ``v``)."""
+    ``key = (layer, head, activation, position or -1)`` (``head``: a key/value head for ``k``, ``v``).
+    ``heads``: patch only these query heads (see :func:`headlens.model.heads.resolve_heads`; default all)."""
     for a in activations:
         check(a in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {a!r}")
     task, batches = circuit_batches(model, task, batch_size, "activation patching")
     L = model.cfg.n_layers
+    heads = None if heads is None else resolve_heads(model, heads)
     per_key, clean, corrupted = {}, [], []
-    total = sum(len(_indices(model, layer, a, by_position, batches[0].inputs["input_ids"].shape[1]))
+    total = sum(len(_indices(model, layer, a, by_position, batches[0].inputs["input_ids"].shape[1], heads))
                 for layer in range(L) for a in activations) * len(batches)
     bar = tqdm(total=total, desc="activation patching", disable=not progress, leave=False)
     try:
@@ -96,7 +104,9 @@ def patching_metrics(model, task, activations=("z",), by_position: bool = False,
             for layer in range(L):
                 x = resid[f"blocks.{layer}.hook_resid_pre"]
                 for a in activations:
-                    picks = _indices(model, layer, a, by_position, P)
+                    picks = _indices(model, layer, a, by_position, P, heads)
+                    if not picks:
+                        continue
                     n = copies_per_chunk(model, R, P, memory_budget_mb, len(picks))
                     for chunk in [picks[i:i + n] for i in range(0, len(picks), n)]:
                         name = f"blocks.{layer}.attn.hook_{a}"
@@ -115,12 +125,12 @@ def patching_metrics(model, task, activations=("z",), by_position: bool = False,
 
 
 def activation_patching(model, task, activations=("z",), by_position: bool = False, direction: str = "denoise",
-                        batch_size: int = 16, n_bootstrap: int = 1000, seed: int = 0,
+                        heads=None, batch_size: int = 16, n_bootstrap: int = 1000, seed: int = 0,
                         memory_budget_mb: float = 512, progress: bool = True) -> pd.DataFrame:
-    """Patch every head's ``activations`` (all positions, or each position with ``by_position``) between
-    the clean and corrupted inputs; one row per patch (see the module doc for the columns)."""
+    """Patch every head's (or only ``heads``') ``activations`` (all positions, or each position with
+    ``by_position``) between the clean and corrupted inputs; one row per patch (see the module doc)."""
     task = load_task(task, model)
-    keys, patched, clean, corrupted = patching_metrics(model, task, activations, by_position, direction,
+    keys, patched, clean, corrupted = patching_metrics(model, task, activations, by_position, direction, heads,
                                                        batch_size, memory_budget_mb, progress)
     base = corrupted if direction == "denoise" else clean
     values = np.stack([patched[k] for k in keys])  # [n_patches, N]

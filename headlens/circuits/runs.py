@@ -134,3 +134,20 @@ def recovered(metric: np.ndarray, clean: np.ndarray, corrupted: np.ndarray, n_bo
         res = bootstrap(arrays, stat, paired=True, vectorized=True, n_resamples=n_bootstrap,
                         method="percentile", random_state=np.random.default_rng(seed))
     return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+@torch.no_grad()
+def metric_gap(model, task, batch_size: int = 16, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """The task metric on the clean and the corrupted inputs: ``name, metric, higher_is_better,
+    n_examples, clean, corrupted`` (means) and ``gap, gap_low, gap_high`` (clean - corrupted, 95% CI)."""
+    task, batches = circuit_batches(model, task, batch_size, "a circuit analysis")
+    clean, corrupted = [], []
+    for batch in batches:
+        ref = task.reference(model, batch)
+        for inputs, keep in ((batch.inputs, clean), (batch.corrupted, corrupted)):
+            keep.append(task.compute(model, model(inputs, return_type="hidden"), batch, ref).double().cpu())
+    clean, corrupted = torch.cat(clean).numpy(), torch.cat(corrupted).numpy()
+    gap, low, high = mean_ci((clean - corrupted)[None], n_bootstrap, seed)
+    return dict(name=task.name, metric=task.metric_name, higher_is_better=bool(task.higher_is_better),
+                n_examples=len(clean), clean=float(clean.mean()), corrupted=float(corrupted.mean()),
+                gap=float(gap[0]), gap_low=float(low[0]), gap_high=float(high[0]))

@@ -78,6 +78,8 @@ class ReportFolder:
     counted up to the last resume file it wrote (its CPU time up to its last finished stage).
     """
 
+    last = (MARKER, PAGE)  # moved into place last, in this order: their presence means "complete"
+
     def __init__(self, out, config: dict, resume: bool = True, force: bool = False):
         self.out = Path(out).expanduser().resolve()
         self.key = fingerprint(config)
@@ -176,19 +178,19 @@ class ReportFolder:
         return path
 
     def publish(self, keep_resume: bool = False) -> None:
-        """Move the staged report into the folder: everything else, then ``run.json``, then
-        ``report.html``. Removes the resume state unless ``keep_resume``."""
+        """Move the staged report into the folder: everything else, then the files of :attr:`last`
+        (``run.json``, then ``report.html``). Removes the resume state unless ``keep_resume``."""
         staged = sorted(p.name for p in self.staging.iterdir())
-        for name in (PAGE, MARKER):
+        for name in reversed(self.last):
             (self.out / name).unlink(missing_ok=True)
         for name in staged:
-            if name in (PAGE, MARKER):
+            if name in self.last:
                 continue
             target = self.out / name
             if target.is_dir():
                 shutil.rmtree(target)
             os.replace(self.staging / name, target)
-        for name in (MARKER, PAGE):
+        for name in self.last:
             if (self.staging / name).exists():
                 os.replace(self.staging / name, self.out / name)
         shutil.rmtree(self.staging, ignore_errors=True)

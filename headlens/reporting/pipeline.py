@@ -156,7 +156,7 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
            dtype: str = "float32", seed: int = 0, n_examples: int = 48, prune_target: float = 0.5,
            prune_floor: Optional[float] = 0.9, n_bootstrap: int = 1000, n_clusters: Optional[int] = None,
            progress: bool = True, resume: bool = True, force: bool = False, keep_resume: bool = False,
-           data=None, command: Optional[str] = None) -> Report:
+           data=None, circuits: bool = False, command: Optional[str] = None) -> Report:
     """Run the whole analysis of ``model`` on ``task`` and write the report folder ``out``.
 
     model: bundled name (``headlens models``), checkpoint or transformers folder, or a loaded
@@ -170,7 +170,8 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     to; prune_floor: fraction of the full model's metric a pruning plan must keep on the
     selection split (None: plans prune to prune_target). seed: bootstrap, clustering, random
     pruning orders, task splits. resume: reuse the stages a killed run of the same configuration
-    finished in ``out``; force: discard them. keep_resume: leave ``out/.resume``.
+    finished in ``out``; force: discard them. keep_resume: leave ``out/.resume``. circuits: add the
+    "Circuits" section (:mod:`headlens.reporting.circuits`; decoders and tasks with corrupted inputs).
     command: how the run was started, for ``run.json``.
     """
     check(ablation in ABLATIONS, f"ablation must be one of {ABLATIONS}, got {ablation!r}")
@@ -186,13 +187,13 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
                   ablation=ablation, metric=metric, batch_size=batch_size, device=device, dtype=dtype,
                   seed=seed, n_examples=n_examples, prune_target=prune_target, prune_floor=prune_floor,
                   n_bootstrap=n_bootstrap, n_clusters=n_clusters,
-                  data=None if data is None else texts_key(data))
+                  data=None if data is None else texts_key(data), circuits=circuits)
     folder = ReportFolder(out, dict(config, headlens=package_version("headlens"), resume_format=RESUME_FORMAT),
                           resume=resume, force=force)
     timings = {}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=7, desc="headlens report", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=7 + circuits, desc="headlens report", unit="step", disable=not progress, leave=False)
     step = StepTimer(bar, timings, folder)
     try:
         with step("load model and task"):
@@ -200,12 +201,21 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
             the_task = _load_task(net, task, metric, n_examples)
             texts = _pattern_texts(n_examples) if data is None else as_list(data)
             check(len(texts) >= 2, "data must hold at least 2 texts or token sequences")
+            if circuits:
+                from headlens.reporting import circuits as report_circuits
+
+                report_circuits.check_applicable(net, the_task)
         result = _analyse(net, the_task, texts, folder, step, config, progress)
+        if circuits:
+            with step("circuits"):
+                found = report_circuits.report_stage(net, the_task, folder, config, progress)
         run = run_record(net, the_task, texts, config, result, command, folder)
         with step("figures"):
             run["figures"] = _figures(net, texts, result, run, folder.staging / "figures")
             from headlens.reporting.viewer import add_view
             add_view(run, net, _gallery_text(texts), result["heads"], folder.staging)
+            if circuits:
+                report_circuits.add_section(found, run, folder.staging)
         bar.close()
         add_timings(run, timings, folder)
         rep = Report(folder.out, result["heads"], result["clusters"], result["pruning"], result["plan"],
