@@ -19,9 +19,10 @@ REPORTS = ROOT / "reports"
 
 
 def slim(rep, keep_svg: bool = False) -> None:
-    """Keep the committed copy small: drop the SVG (unless ``keep_svg``) and Parquet twins (the
-    PNGs and CSVs stay; re-running the study writes them all again)."""
-    for path in ([] if keep_svg else list(rep.out.glob("figures/*.svg"))) + list(rep.out.glob("*.parquet")):
+    """Keep the committed copy small: drop the SVG (unless ``keep_svg``), PDF and Parquet twins (the
+    PNGs, CSVs and LaTeX tables stay; re-running the study writes them all again)."""
+    for path in ([] if keep_svg else list(rep.out.glob("figures/*.svg"))) + list(rep.out.glob("figures/*.pdf")) \
+            + list(rep.out.glob("*.parquet")):
         path.unlink()
 
 
@@ -77,4 +78,5 @@ def line_figure(table, x: str, columns: dict, path: Path, xlabel: str, ylabel: s
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+    fig.savefig(Path(path).with_suffix(".pdf"))
     return path

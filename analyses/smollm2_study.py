@@ -93,7 +93,7 @@ def induction_section(rep, model, n_seqs: int, half_len: int, top_k: int, out_di
     started = time.perf_counter()
     tokens, start, T = probe_tokens(model, n_seqs=n_seqs, half_len=half_len, seed=SEED)
     scores = pattern_scores(model, tokens, seed=SEED, n_probe=n_seqs, probe_len=half_len)
-    text_damage = rep.heads[["layer", "head", "damage", "importance_ci_low", "importance_ci_high"]].rename(
+    text_damage = rep.heads[["layer", "head", "damage", "importance_ci_low", "importance_ci_high", "q_value"]].rename(
         columns=lambda c: f"lm_{c}" if c not in ("layer", "head") else c)
     shown = ["layer", "head", "score_induction", "score_previous_token", "score_duplicate_token",
              "score_first_token"]
@@ -143,7 +143,7 @@ def induction_section(rep, model, n_seqs: int, half_len: int, top_k: int, out_di
     groups_kv = [(int(layer), int(kv), part) for (layer, kv), part in lm.groupby(["layer", "kv_head"]) if len(part) > 1]
     sharing = "; ".join(", ".join(f"{layer}.{int(h)}" for h in sorted(part["head"])) + f" all read key/value head {kv} of "
                         f"layer {layer}" for layer, kv, part in groups_kv) or "no two of them share a key/value head"
-    lm_free = int(((lm.lm_importance_ci_low <= 0) & (lm.lm_importance_ci_high >= 0)).sum())
+    lm_free = int((lm.lm_q_value >= 0.05).sum())  # not needed at a 5% false-discovery rate
     notes = [
         f"Top induction heads (attention from the second copy to the token after the earlier occurrence): "
         f"{fmt(top_ind, 'score_induction')}.",
@@ -165,7 +165,8 @@ def induction_section(rep, model, n_seqs: int, half_len: int, top_k: int, out_di
         f"Alone, on the pydoc prose (short windows, few repeats), the same {top_k} induction heads change the "
         "LM loss by "
         + ", ".join(f"{int(r.layer)}.{int(r.head)} {r.lm_damage:+.4f}" for r in lm.itertuples())
-        + f" nats each; {lm_free} of the {top_k} CIs include 0 (the report's sweep above).",
+        + f" nats each; {lm_free} of the {top_k} are not needed at a 5% false-discovery rate (Benjamini-Hochberg "
+        "q >= 0.05 over all heads in the report's sweep above).",
     ]
     rep.add_section(
         "Induction and previous-token heads on repeated random tokens",

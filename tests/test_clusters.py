@@ -50,6 +50,7 @@ def test_planted_groups_are_separated(method, planted):
     assert fit.n_clusters_ == 2
     assert adjusted_rand_score(TRUTH, fit.labels_["cluster"]) == 1.0
     assert fit.stability_["ari_mean"] == 1.0 and len(fit.stability_["ari"]) == 4
+    assert (fit.table_["stability"] == 1.0).all()  # planted clusters: every replicate finds each one whole
     assert list(fit.labels_.columns) == ["layer", "head", "cluster"]
     assert fit.distance_.shape == (8, 8) and fit.embedding_.shape == (8, 2)
     table = fit.table_.set_index("cluster")

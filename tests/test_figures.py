@@ -19,7 +19,7 @@ def fitted():
 
 
 def written(paths):
-    assert [os.path.splitext(p)[1] for p in paths] == [".png", ".svg"]
+    assert [os.path.splitext(p)[1] for p in paths] == [".png", ".svg", ".pdf"]
     return all(os.path.getsize(p) > 1000 for p in paths)
 
 

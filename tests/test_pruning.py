@@ -49,6 +49,11 @@ def test_curve_layout(result, model):
         assert part["n_pruned"].tolist() == [0, 3, 6]
     assert curve[curve.n_pruned == 0]["metric"].nunique() == 1  # the same unpruned model everywhere
     assert curve.attrs["n_selection"] + curve.attrs["n_heldout"] == 24
+    assert (curve.ci_low <= curve.metric + 1e-12).all() and (curve.metric <= curve.ci_high + 1e-12).all()
+    assert curve[curve.method == "random"].p_vs_random.isna().all()
+    assert curve[(curve.method != "random") & (curve.n_pruned > 0)].p_vs_random.between(0, 1).all()
+    for method, r in result.stats["methods"].items():
+        assert r["n_low"] <= r["n_pruned"] <= r["n_high"], method
 
 
 def test_plans_and_scores_are_consistent(result, model, task):

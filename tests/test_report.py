@@ -214,7 +214,15 @@ def test_findings_follow_the_numbers(tmp_path):
     rep = fake_report(tmp_path / "r")
     text = " ".join(render.findings(rep))
     n_above = int((rep.heads.importance_ci_low > 0).sum())
-    assert f"{n_above} of 12 heads" in text
+    assert f"{n_above} of 12 heads" in text and "uncorrected" in text  # no q-values: the old rule, said
+    q = np.linspace(0.001, 0.5, 12)
+    rep.heads = rep.heads.assign(q_value=q, p_holm=np.minimum(1, q * 6), p_value=q / 2)
+    text = " ".join(render.findings(rep))
+    damage = rep.heads.importance  # lm_loss: lower is better, damage = importance
+    needed = int(((rep.heads.q_value < 0.05) & (damage > 0)).sum())
+    strict = int(((rep.heads.p_holm < 0.05) & (damage > 0)).sum())
+    assert f"{needed} of 12 heads ({needed / 12:.0%}) are needed" in text and "Benjamini-Hochberg" in text
+    assert f"{strict} of them also at a family-wise error rate of 5% (Holm)" in text
     assert "Role census: 6 previous-token, 3 first-token sink, 3 broad." in text
     rho = pd.concat([rep.heads.grad_importance_raw, rep.heads.importance.abs()], axis=1).corr(method="spearman")
     assert f"rho = {rho.iloc[0, 1]:.2f}" in text
@@ -267,8 +275,20 @@ def test_report_writes_every_output(tiny_report):
     assert (heads.importance_ci_low <= heads.importance).all() and (heads.importance <= heads.importance_ci_high).all()
     pruning = pd.read_csv(out / "pruning.csv")
     assert set(pruning.method) == {"michel", "ablation", "random"}
+    assert {"ci_low", "ci_high", "p_vs_random"} <= set(pruning.columns)
+    assert (pruning.ci_low <= pruning.metric + 1e-9).all() and (pruning.metric <= pruning.ci_high + 1e-9).all()
+    assert pruning.query("method == 'random'").p_vs_random.isna().all()
+    assert {"p_value", "q_value", "p_holm"} <= set(heads.columns) and (heads.q_value >= heads.p_value).all()
+    for name in ["heads_by_importance", "clusters", "pruning_curve"]:
+        tex = (out / "tables" / f"{name}.tex").read_text()
+        assert "\\toprule" in tex and "\\bottomrule" in tex, name
+    results = json.loads((out / "run.json").read_text())["results"]
+    assert {"controls", "power", "statistics", "reproducibility", "grad_vs_ablation"} <= set(results)
+    assert sorted(results["reproducibility"]["split"]["selection_ids"]
+                  + results["reproducibility"]["split"]["heldout_ids"]) == list(range(RUN["n_examples"]))
     for name, rel in rep.run["figures"].items():
         assert (out / rel).is_file() and (out / rel).with_suffix(".svg").is_file(), name
+        assert (out / rel).with_suffix(".pdf").read_bytes().startswith(b"%PDF"), name
     assert {"importance", "grad_vs_ablation", "clustermap", "embedding", "gallery", "pruning_curve"} <= set(rep.figures)
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "complete" and run["config"]["seed"] == 0 and run["config"]["task"] == "lm"
@@ -317,7 +337,7 @@ def test_killed_run_resumes_to_the_same_tables(tiny_report, tiny_folder, tmp_pat
     assert res.returncode == 0, res.stderr[-2000:]
     run = json.loads((out / "run.json").read_text())
     assert finished <= set(run["resumed_stages"]) and len(run["attempts"]) == 2
-    assert set(run["stage_seconds"]) == {"scores", "clusters", "ablation", "gradients", "pruning"}
+    assert set(run["stage_seconds"]) == {"scores", "clusters", "controls", "ablation", "gradients", "pruning"}
     for name in TABLES:
         assert (out / name).read_bytes() == (tiny_report.out / name).read_bytes(), name
 
@@ -344,7 +364,7 @@ def test_resumed_run_records_the_time_of_every_attempt(tiny_folder, tmp_path, mo
     report(str(tiny_folder), out=out, progress=False, **RUN)
     second = time.perf_counter() - t0
     run = json.loads((out / "run.json").read_text())
-    assert run["resumed_stages"] == ["scores", "clusters", "ablation"] and len(run["attempts"]) == 2
+    assert run["resumed_stages"] == ["scores", "clusters", "controls", "ablation"] and len(run["attempts"]) == 2
     total = run["timings_s"]["total"]
     assert second < total <= first + second
     assert total == pytest.approx(sum(a["wall_s"] for a in run["attempts"]), abs=0.01)

@@ -24,8 +24,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--target", type=float, default=0.5, help="largest fraction of heads to remove")
     parser.add_argument("--floor", type=float, default=None,
                         help="keep at least this fraction of the unpruned metric (e.g. 0.9); default: prune to --target")
-    parser.add_argument("--step", type=float, default=0.1, help="fraction of all heads removed per step")
-    parser.add_argument("--n-random", type=int, default=3, help="random orders (seeds)")
+    parser.add_argument("--step", type=float, default=None,
+                        help="fraction of all heads removed per step; default: one head at a time up to 32 heads, "
+                             "else 10%%, with every head count evaluated where an order crosses --floor")
+    parser.add_argument("--n-random", type=int, default=10,
+                        help="random orders (seeds): their median and 90%% band are the baseline")
     parser.add_argument("--split", type=float, default=0.5, help="fraction of examples used to choose the plan")
     add_shared(parser, "--ablation")
     parser.add_argument("--apply", default=None, metavar="PLAN",
@@ -78,6 +81,10 @@ def _analyse(args):
         task=task.name, metric=task.metric_name, floor=args.floor, target=args.target))
     n = sum(len(v) for v in result.plan.values())
     print(f"\nrecommended: {result.recommended}, removing {n} of {model.cfg.n_heads_total} heads: {result.plan}")
+    for method, r in result.stats.get("methods", {}).items():
+        print(f"  {method}: {r['n_pruned']} heads can go (interval {r['n_low']}-{r['n_high']})")
+    if (result.stats.get("comparison") or {}).get("sentence"):
+        print(result.stats["comparison"]["sentence"])
     print(f"wrote {args.out}/pruning.csv and {PLAN_FILE}")
     return model, task, result.plan
 
@@ -99,4 +106,5 @@ def _save_pruned(model, task, plan, args) -> None:
     s = measure_speedup(model, pruned, batch)
     print(f"saved the pruned model to {args.save_model}: {s['params_pruned']:,} parameters "
           f"({100 * s['param_fraction']:.1f}% of {s['params_full']:,}), forward {s['time_pruned_ms']:.1f} ms "
-          f"vs {s['time_full_ms']:.1f} ms (speed-up {s['speedup']:.2f}x)")
+          f"vs {s['time_full_ms']:.1f} ms (speed-up {s['speedup_median']:.2f}x, {s['speedup_low']:.2f}-"
+          f"{s['speedup_high']:.2f}x over {s['repeats']} repeats)")

@@ -3,6 +3,9 @@
 Owns: :mod:`~headlens.importance.tasks` (what "the model does well" means, one number per
 example), :mod:`~headlens.importance.ablation` (zero / mean / resample / uniform ablation),
 :mod:`~headlens.importance.sweep` (every head's importance with bootstrap CIs, fast and exact),
+:mod:`~headlens.importance.statistics` (the per-head table: bootstrap CIs, paired tests, Benjamini-Hochberg
+q-values and Holm-adjusted p-values), :mod:`~headlens.importance.controls` (task-sensitivity controls:
+all heads ablated, all attention uniform; the power estimate),
 :mod:`~headlens.importance.gradients` (Michel et al. importance, attribution patching) and
 :mod:`~headlens.importance.resume` (finished units of a long sweep, for resume).
 May import: :mod:`headlens.model`, :mod:`headlens.data`, :mod:`headlens.errors`, :mod:`headlens.files`.

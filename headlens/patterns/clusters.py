@@ -11,7 +11,9 @@ dataset (Clark et al. sum it; the mean does not grow with the data). Streamed in
 
 Stability: one pass also keeps ``n_bootstrap`` Poisson-bootstrap replicates (each example gets a
 Poisson(1) weight per replicate) of the distances and scores; each replicate is clustered with
-the same number of clusters, and ``stability_`` reports the adjusted Rand index against the fit.
+the same number of clusters, and ``stability_`` reports the adjusted Rand index against the fit;
+per cluster, ``table_["stability"]`` is the mean over replicates of its best Jaccard overlap with
+a replicate's cluster (Hennig 2007: >= 0.75 stable, < 0.5 dissolved).
 """
 from __future__ import annotations
 
@@ -99,6 +101,10 @@ def _clean_distance(d: torch.Tensor) -> np.ndarray:
     d = np.clip((d + d.T) / 2, 0, 1)
     np.fill_diagonal(d, 0)
     return d
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
@@ -271,6 +277,8 @@ class HeadClusterer:
         self.embedding_ = self._embed(self.distance_)
         self.table_ = self._table(labels)
         self.stability_ = self._stability(model, acc, probe, labels)
+        per = self.stability_.get("cluster_jaccard") or [float("nan")] * len(self.table_)
+        self.table_["stability"] = per  # mean best-match Jaccard over the bootstrap resamples (Hennig 2007)
         return self
 
     # --- results ---------------------------------------------------------------------------
@@ -324,7 +332,7 @@ class HeadClusterer:
         if self.method != "agglomerative":
             names = [n for n in acc.rep_totals if n != "js"]
             reps = {n: acc.replicate_means(n) for n in names}
-        aris, empty = [], 0
+        aris, empty, jaccard = [], 0, []
         for r in range(self.n_bootstrap):
             distance = _clean_distance(js[r])
             if np.isnan(distance).any():  # the resample drew no example (likely with very few texts)
@@ -336,10 +344,13 @@ class HeadClusterer:
                 features = self._features(rep_scores)
             rep_labels = self._cluster(self.n_clusters_, distance, features)
             aris.append(float(adjusted_rand_score(labels, rep_labels)))
+            jaccard.append([max(_jaccard(labels == c, rep_labels == r) for r in set(rep_labels))
+                            for c in sorted(set(labels))])
         nan = float("nan")
         return {"n_bootstrap": self.n_bootstrap, "ari_mean": float(np.mean(aris)) if aris else nan,
                 "ari_std": float(np.std(aris)) if aris else nan, "ari_min": float(np.min(aris)) if aris else nan,
                 "ari": aris, "n_empty": empty,
+                "cluster_jaccard": np.mean(jaccard, axis=0).tolist() if jaccard else [],
                 "resampling": "Poisson bootstrap over examples, same number of clusters; resamples that "
                               "drew no example (n_empty) are skipped"}
 

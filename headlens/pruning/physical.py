@@ -70,7 +70,8 @@ def _timed(model, batch) -> float:
 def measure_speedup(model, pruned, batch, repeats: int = 10, warmup: int = 2) -> dict:
     """Parameters and forward time of ``model`` and ``pruned`` on ``batch`` (a batch dict or
     ``[B, P]`` token ids): medians of ``repeats`` after ``warmup``, the two models alternating so
-    that both see the same machine load."""
+    that both see the same machine load; ``speedup`` is the ratio of the medians, ``speedup_median``
+    the median of the per-repeat ratios with their 10th-90th percentiles ``speedup_low, speedup_high``."""
     check(repeats >= 1 and warmup >= 0, "repeats must be >= 1 and warmup >= 0")
     times = {"full": [], "pruned": []}
     for i in range(warmup + repeats):
@@ -80,6 +81,10 @@ def measure_speedup(model, pruned, batch, repeats: int = 10, warmup: int = 2) ->
                 times[name].append(t)
     t_full, t_pruned = float(np.median(times["full"])), float(np.median(times["pruned"]))
     n_full, n_pruned = parameter_count(model), parameter_count(pruned)
+    ratios = np.array(times["full"]) / np.array(times["pruned"])  # per repeat: the same machine load
+    low, high = np.quantile(ratios, [0.1, 0.9])
     return {"heads_full": model.cfg.n_heads_total, "heads_pruned": pruned.cfg.n_heads_total,
             "params_full": n_full, "params_pruned": n_pruned, "param_fraction": n_pruned / n_full,
-            "time_full_ms": 1e3 * t_full, "time_pruned_ms": 1e3 * t_pruned, "speedup": t_full / t_pruned}
+            "time_full_ms": 1e3 * t_full, "time_pruned_ms": 1e3 * t_pruned, "speedup": t_full / t_pruned,
+            "speedup_median": float(np.median(ratios)), "speedup_low": float(low), "speedup_high": float(high),
+            "repeats": repeats, "spread": "10th-90th percentile of the per-repeat ratios"}

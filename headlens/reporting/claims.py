@@ -76,7 +76,7 @@ def control_claims(report) -> tuple[list[str], list[str]]:
         ref = f" (chance level {num(chance)})" if chance is not None else ""
         kept_u, kept_z = c.get("kept_uniform"), c.get("kept_ablated")
         def share(x):
-            return "" if x is None or not np.isfinite(x) else f", {x:.0%} of the full model's{ref}"
+            return "" if x is None or not np.isfinite(x) else f", keeping {x:.0%} of the full model's metric above chance{ref}"
         text = (f"Task-sensitivity controls: {metric} is {num(c['full'])} with the full model, {num(c['uniform'])} "
                 f"with every head's attention uniform over the visible keys (a bag-of-words floor{share(kept_u)}) "
                 f"and {num(c['ablated'])} with every head {c.get('ablation', 'zero')}-ablated{share(kept_z)}.")
@@ -130,12 +130,14 @@ def pruning_claims(report) -> list[str]:
     parts = []
     for m, r in sorted(pr["methods"].items()):
         lo, hi = r.get("n_low"), r.get("n_high")
-        ci = f", 90% interval {lo}-{hi}" if lo is not None else ""
+        if m == "random" and r.get("n_seeds"):
+            ci = f"; median of {r['n_seeds']} seeds, 90% band {lo}-{hi}"
+        else:
+            ci = f"; 95% interval {lo}-{hi}" if lo is not None else ""
         held = f"held-out {num(r['metric'])}"
         if r.get("ci_low") is not None:
             held += f" {interval(r['ci_low'], r['ci_high'])}"
-        what = "median of seeds" if m == "random" and r.get("n_seeds") else ""
-        parts.append(f"{m} {r['n_pruned']} ({r['n_pruned'] / total:.0%}{ci}{'; ' + what if what else ''}; {held})")
+        parts.append(f"{m} {r['n_pruned']} ({r['n_pruned'] / total:.0%}{ci}; {held})")
     out = [f"Pruning heads together, {rule}: " + ", ".join(parts) + f" of {total} heads can go "
            f"(full model: {num(pr.get('unpruned'))} on {pr.get('n_heldout', '?')} held-out examples; intervals: "
            f"bootstrap over the selection examples, held-out 95% CIs over the held-out examples)."]
@@ -150,7 +152,8 @@ def pruning_claims(report) -> list[str]:
                   if "speedup_low" in phys else "")
         out.append(f"The saved plan (prune_plan.json, {best} order) removes {removed} heads; applied "
                    f"physically (headlens.pruning.physical.prune_heads) it keeps "
-                   f"{phys['param_fraction']:.1%} of the parameters and runs {phys['speedup']:.2f}x as fast "
+                   f"{phys['param_fraction']:.1%} of the parameters and runs "
+                   f"{phys.get('speedup_median', phys['speedup']):.2f}x as fast "
                    f"(median{spread}; {num(phys['time_full_ms'], 3)} -> {num(phys['time_pruned_ms'], 3)} ms per batch "
                    f"here).")
     elif best:

@@ -28,6 +28,7 @@ from headlens.model.config import parse_dtype
 from headlens.pruning.plans import PLAN_FILE, plan_record, read_plan, write_plan
 from headlens.reporting import render
 from headlens.reporting.folder import ReportFolder, atomic_write, is_complete, write_json, write_table
+from headlens.reporting.latex import write_latex, write_report_tables
 from headlens.reporting.run_record import (
     StepTimer,
     add_timings,
@@ -42,7 +43,7 @@ from headlens.reporting.run_record import (
 DEFAULT_MODEL = "minilm"
 
 PRUNE_SPLIT = 0.5  # fraction of the task's examples the pruning plans are chosen on
-RESUME_FORMAT = 3  # in the resume fingerprint: bump when a stage's saved result changes form
+RESUME_FORMAT = 4  # in the resume fingerprint: bump when a stage's saved result changes form
 SCORE_FIGURES = ("score_previous_token", "score_first_token", "score_separator", "score_entropy_norm",
                  "score_induction")
 
@@ -106,11 +107,13 @@ class Report:
                        figures=[])
         for i, (name, df) in enumerate((tables or {}).items()):
             write_table(df, self.out / f"{sid}_{i}.csv")
+            (self.out / "tables").mkdir(exist_ok=True)
+            write_latex(df, self.out / "tables" / f"{sid}_{i}.tex", caption=name)
             text = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
             section["tables"].append(dict(title=name, file=f"{sid}_{i}.csv", text_columns=text))
         for i, (name, (png, caption)) in enumerate((figures or {}).items()):
             stem = f"{sid}_{i}"
-            for src in (Path(png), Path(png).with_suffix(".svg")):
+            for src in (Path(png), Path(png).with_suffix(".svg"), Path(png).with_suffix(".pdf")):
                 if src.is_file():
                     shutil.copyfile(src, self.out / "figures" / f"{stem}{src.suffix}")
             self.figures[stem] = self.out / "figures" / f"{stem}.png"
@@ -193,7 +196,7 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     timings = {}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=7 + circuits, desc="headlens report", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=8 + circuits, desc="headlens report", unit="step", disable=not progress, leave=False)
     step = StepTimer(bar, timings, folder)
     try:
         with step("load model and task"):
@@ -279,7 +282,7 @@ def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progr
     from headlens.patterns.clusters import HeadClusterer
     from headlens.patterns.roles import assign_roles
     from headlens.patterns.scores import pattern_scores
-    from headlens.reporting.evidence import sweep_statistics
+    from headlens.reporting.evidence import reproducibility, sweep_statistics, task_controls, task_power
 
     seed, batch_size = config["seed"], config["batch_size"]
     with step("pattern scores"):
@@ -290,6 +293,9 @@ def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progr
         clusterer = folder.stage("clusters", lambda: HeadClusterer(
             n_clusters=config["n_clusters"], seed=seed, batch_size=batch_size, progress=progress,
         ).fit(model, texts, scores=roles))
+    with step("controls"):  # before the sweep: does the task need attention, are there enough examples?
+        controls = folder.stage("controls", lambda: task_controls(model, task, config["ablation"], batch_size))
+        power = task_power(controls, config, len(model.head_labels()))
     with step("ablation sweep"):
         metrics = folder.stage("ablation", lambda: sweep_metrics(
             model, task, ablation=config["ablation"], seed=seed, batch_size=batch_size,
@@ -312,7 +318,9 @@ def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progr
     clusters = clusterer.table_.sort_values("cluster", ignore_index=True)
     names = [f"{layer}.{head}" for layer, head in model.head_labels()]
     distance = pd.DataFrame(clusterer.distance_, index=pd.Index(names, name="head"), columns=names)
-    results = dict(statistics=sweep_statistics(sweep, seed),
+    results = dict(statistics=sweep_statistics(sweep, seed), power=power,
+                   controls={k: v for k, v in controls.items() if k != "clean"},
+                   reproducibility=reproducibility(task, texts, config, pruning, PRUNE_SPLIT),
                    grad_vs_ablation=spearman_ci(heads.grad_importance_raw, heads.importance.abs(), seed=seed))
     return dict(heads=heads, clusters=clusters, distance=distance.reset_index(), pruning=pruning["curve"],
                 plan=pruning["plan"], plans=pruning["plans"],
@@ -349,10 +357,13 @@ def _prune(model, task, texts, config: dict, metrics: tuple, progress: bool) -> 
                    n_heads=len(model.head_labels()), unpruned=float(res.curve.attrs.get("unpruned", np.nan)),
                    n_selection=res.curve.attrs.get("n_selection"), n_heldout=res.curve.attrs.get("n_heldout"),
                    methods={m: dict(n_pruned=n, metric=_curve_metric(curve, m, n)) for m, n in at.items()})
+    for m, extra in res.stats.get("methods", {}).items():
+        summary["methods"].setdefault(m, {}).update(extra)
+    summary.update({k: v for k, v in res.stats.items() if k != "methods"})
     if plan:
         batch = model.to_tokens(texts[:8], truncate=True)
         with torch.no_grad():
-            summary["physical"] = measure_speedup(model, prune_heads(model, plan), batch, repeats=5, warmup=1)
+            summary["physical"] = measure_speedup(model, prune_heads(model, plan), batch, repeats=10, warmup=2)
     return dict(curve=curve, plan=plan, plans=res.plans, summary=summary)
 
 
@@ -397,6 +408,7 @@ def _write(rep: Report, folder: ReportFolder) -> None:
     staged = Report(stage, rep.heads, rep.clusters, rep.pruning, rep.plan,
                     {k: stage / Path(v).relative_to(rep.out) for k, v in rep.figures.items()}, rep.run,
                     plan_record=rep.plan_record)
+    write_report_tables(staged, stage)
     (stage / "report.md").write_text(render.render_markdown(staged))
     write_json(stage / "run.json", rep.run)
     (stage / "report.html").write_text(render.render_html(staged))

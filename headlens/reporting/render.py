@@ -56,7 +56,8 @@ FIGURES = {
                       "Held-out metric against the number of heads removed, for Michel et al.'s "
                       "iterative gradient order, the single-head ablation order (the importance "
                       "sweep read on the selection split's examples; a mean ablation's mean is "
-                      "over all examples) and random orders (mean and range over seeds)."),
+                      "over all examples) and random orders (median and 90% band over seeds); bands of "
+                      "the two orders: 95% bootstrap CIs over the held-out examples."),
 }
 
 HEAD_COLUMNS = ["layer", "head", "role", "pattern_class", "cluster", "damage", "importance",
@@ -232,7 +233,8 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join([head, rule, *body])
 
 
-def _tables(report) -> dict:
+def report_tables(report) -> dict:
+    """The report's own tables per section: ``{section: [dict(title, df, folded, note)]}``."""
     heads = report.heads
     if "importance" in heads:
         heads = ranked(report)
@@ -272,7 +274,7 @@ def facts(report) -> list[tuple[str, str]]:
 
 def _context(report, inline_figures: bool) -> dict:
     run = report.run
-    tables = _tables(report)
+    tables = report_tables(report)
     sections = []
     for sid, title, text in SECTIONS:
         figs = []

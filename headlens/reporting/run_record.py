@@ -17,7 +17,7 @@ from headlens.reporting.folder import ReportFolder
 
 PACKAGES = ["headlens", "torch", "transformers", "transformer-lens", "scikit-learn", "pandas", "numpy",
             "scipy", "matplotlib", "seaborn"]
-FILES = ["heads.csv", "clusters.csv", "pruning.csv", "prune_plan.json", "distance.csv", "figures/",
+FILES = ["heads.csv", "clusters.csv", "pruning.csv", "prune_plan.json", "distance.csv", "figures/", "tables/",
          "report.md", "run.json", "report.html"]
 
 

@@ -11,6 +11,12 @@
 - ``ioi.jsonl``: IOI-style prompts (Wang et al. 2022) for decoders: the right continuation is the
   indirect object, the wrong one the repeated subject; ``corrupted`` replaces the second subject
   mention by a third name (the "ABC" counterfactual) for attribution patching.
+- ``word_order.jsonl``: (anchor, positive, negative) triples whose negative has exactly the
+  anchor's words in another order, with the roles swapped (who did what to whom): the positive
+  is the anchor's passive (``passive``), its comparative turned round (``comparative``) or its
+  dative shift (``dative``). A bag-of-words model scores the negative as identical to the anchor,
+  so a positive margin needs word order, i.e. attention; the report's uniform-attention control
+  measures how much of it a model keeps without.
 - ``pydoc_text.txt``: real English prose paragraphs from the Python documentation shipped in the
   standard library (``pydoc_data.topics``), one per line, code examples dropped.
 """
@@ -102,6 +108,29 @@ def ioi_items(rng: random.Random, n: int = 320) -> list[dict]:
     return items
 
 
+COMPARATIVES = [("taller", "shorter"), ("older", "younger"), ("faster", "slower"), ("stronger", "weaker"),
+                ("richer", "poorer"), ("heavier", "lighter")]
+DATIVE = [("gave", "a {t} to"), ("sent", "a {t} to"), ("showed", "a {t} to"), ("handed", "a {t} to")]
+
+
+def word_order_items(rng: random.Random, n_per_type: int = 96) -> list[dict]:
+    items = []
+    pairs = list(itertools.permutations(AGENTS, 2))
+    for (active, passive), (a, b) in rng.sample(list(itertools.product(ACTIONS, pairs)), n_per_type):
+        items.append({"type": "passive", "anchor": f"The {a} {active} the {b}.",
+                      "positive": f"The {b} {passive} the {a}.", "negative": f"The {b} {active} the {a}."})
+    for (more, less), (a, b) in rng.sample(list(itertools.product(COMPARATIVES, pairs)), n_per_type):
+        items.append({"type": "comparative", "anchor": f"The {a} is {more} than the {b}.",
+                      "positive": f"The {b} is {less} than the {a}.", "negative": f"The {b} is {more} than the {a}."})
+    for (verb, obj), (a, b) in rng.sample(list(itertools.product(DATIVE, pairs)), n_per_type):
+        t = rng.choice(THINGS)
+        items.append({"type": "dative", "anchor": f"The {a} {verb} the {b} a {t}.",
+                      "positive": f"The {a} {verb} {obj.format(t=t)} the {b}.",
+                      "negative": f"The {b} {verb} the {a} a {t}."})
+    rng.shuffle(items)
+    return items
+
+
 def pydoc_lines(max_lines: int = 400, max_words: int = 48) -> list[str]:
     from pydoc_data.topics import topics
 
@@ -129,6 +158,9 @@ def main() -> None:
     for name, items in (("paraphrase.jsonl", paraphrase_items(rng)), ("ioi.jsonl", ioi_items(rng))):
         (HERE / name).write_text("".join(json.dumps(x) + "\n" for x in items))
     (HERE / "pydoc_text.txt").write_text("".join(x + "\n" for x in pydoc_lines()))
+    # its own generator, so that adding it left the files above byte for byte as they were
+    items = word_order_items(random.Random(1))
+    (HERE / "word_order.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
 
 
 if __name__ == "__main__":

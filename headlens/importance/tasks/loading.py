@@ -20,6 +20,8 @@ from headlens.importance.tasks.types import (
 
 BUNDLED_TASKS = {
     "paraphrase": ("paraphrase.jsonl", None, "sentence triples (paraphrase vs. distractor) for embedding models"),
+    "word-order": ("word_order.jsonl", None, "role-swap sentence triples whose distractor has the anchor's words "
+                                             "in another order, for embedding models (needs word order)"),
     "ioi": ("ioi.jsonl", None, "IOI-style indirect-object prompts with ABC counterfactuals, for decoders"),
     "text": ("pydoc_text.txt", None, "Python-docs prose: LM loss, MLM loss or embedding fidelity by model"),
     "lm": ("pydoc_text.txt", "lm", "Python-docs prose, next-token loss"),

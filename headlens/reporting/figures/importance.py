@@ -72,18 +72,26 @@ def importance_scatter(heads: pd.DataFrame, path: str = "grad_vs_ablation", y: s
 
 def pruning_plot(curve: pd.DataFrame, path: str = "pruning_curve", metric: str = "metric",
                  clean: Optional[float] = None, title: Optional[str] = None) -> list[str]:
-    """Metric vs heads removed, one line per method; methods with several seeds (random) show
-    their mean and min-max band. ``clean``: the full model's metric, drawn as a dashed line."""
+    """Metric vs heads removed, one line per method with its 95% bootstrap CI (``ci_low, ci_high``,
+    when present) as a band; methods with several seeds (random) show their median and the 5th-95th
+    percentile band over seeds. ``clean``: the full model's metric, drawn as a dashed line."""
     check({"method", "n_pruned", "metric"} <= set(curve.columns),
           "curve needs method, n_pruned, metric columns")
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
     for method, part in curve.groupby("method", sort=True):
-        stats = part.groupby("n_pruned")["metric"].agg(["mean", "min", "max", "count"]).reset_index()
         color = METHOD_COLORS.get(method)
-        ax.plot(stats.n_pruned, stats["mean"], marker="o", ms=3, label=method, color=color)
-        if (stats["count"] > 1).any():
-            ax.fill_between(stats.n_pruned, stats["min"], stats["max"], alpha=0.2, color=color, lw=0)
+        grouped = part.groupby("n_pruned")["metric"]
+        if grouped.size().max() > 1:
+            stats = grouped.agg(mid="median", low=lambda x: x.quantile(0.05), high=lambda x: x.quantile(0.95),
+                                count="count").reset_index()
+            label = f"{method} (median of {int(stats['count'].max())} seeds, 90% band)"
+        else:
+            stats = part.rename(columns={"metric": "mid", "ci_low": "low", "ci_high": "high"}).sort_values("n_pruned")
+            label = f"{method} (95% CI)" if "low" in stats else method
+        ax.plot(stats.n_pruned, stats["mid"], marker="o", ms=2.5, lw=1.2, label=label, color=color)
+        if "low" in stats and stats["low"].notna().any():
+            ax.fill_between(stats.n_pruned, stats["low"], stats["high"], alpha=0.2, color=color, lw=0)
     if clean is not None:
         ax.axhline(clean, color="#444", lw=0.8, ls="--", label="full model")
     ax.set_xlabel("heads removed")

@@ -25,17 +25,19 @@ UNIT_SCORES = {"score_previous_token", "score_next_token", "score_self", "score_
 
 
 def save_figure(fig, path: str, dpi: int = 150) -> list[str]:
-    """Save ``fig`` as ``path.png`` and ``path.svg``; returns both paths."""
+    """Save ``fig`` as ``path.png``, ``path.svg`` and ``path.pdf`` (for a paper); returns the three paths,
+    the PNG first."""
     stem = os.fspath(path)
-    for ext in (".png", ".svg"):
+    for ext in (".png", ".svg", ".pdf"):
         if stem.endswith(ext):
             stem = stem[: -len(ext)]
     folder = os.path.dirname(stem)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    paths = [stem + ".png", stem + ".svg"]
+    paths = [stem + ".png", stem + ".svg", stem + ".pdf"]
     fig.savefig(paths[0], dpi=dpi, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    for vector in paths[1:]:
+        fig.savefig(vector, bbox_inches="tight")
     return paths
 
 
