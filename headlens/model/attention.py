@@ -10,12 +10,24 @@ hook_q         ``[B, P, H, d]``  queries (after rotary)
 hook_k         ``[B, S, K, d]``  keys (after rotary); key/value head ``j`` serves the query
                                   heads ``query_heads_of_kv(j)``
 hook_v         ``[B, S, K, d]``  values
-hook_attn_scores ``[B, H, P, S]`` scaled, masked scores before the softmax
+hook_q_normed  ``[B, P, H, d]``  queries after the QK-norm, before rotary (only with ``qk_norm``)
+hook_k_normed  ``[B, S, K, d]``  keys after the QK-norm, before rotary (only with ``qk_norm``)
+hook_attn_scores ``[B, H, P, S]`` scaled, soft-capped (``attn_scores_soft_cap``), masked
+                                  scores before the softmax
 hook_pattern   ``[B, H, P, S]``  attention pattern (rows sum to 1)
 hook_z         ``[B, P, H, d]``  value-weighted output of each head, after the gate
 hook_result    ``[B, P, H, D]``  each head's contribution to the residual stream (only computed
                                   when something is hooked on it)
+hook_out       ``[B, P, D]``     the layer's output (the sum of the heads' results and ``b_O``),
+                                  before any post-attention norm (``blocks.{l}.hook_attn_out``
+                                  is after it, as in TransformerLens)
 ============== ================= ===========================================================
+
+QK-norm (``cfg.qk_norm``): ``"head"`` normalises each head's query and key (``q_norm`` /
+``k_norm`` weights ``[d]``, Qwen3, Gemma 3); ``"projection"`` normalises the whole query
+projection ``[H*d]`` and key projection ``[K*d]`` (OLMo 2), so every head's query depends on the
+other heads' projections: gating or ablating a head's output is still exact, removing its
+weights is not (physical pruning refuses such models).
 """
 from __future__ import annotations
 
@@ -27,7 +39,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from headlens.model.config import ModelConfig
-from headlens.model.layers import Rotary
+from headlens.model.layers import Rotary, make_norm
 
 
 class Attention(nn.Module):
@@ -56,8 +68,16 @@ class Attention(nn.Module):
         self.b_O = zeros(D) if cfg.out_bias else None
         self.make_buffers()
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(d)
-        self.rotary = Rotary(cfg) if cfg.positional == "rotary" else None
-        for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
+        self.rotary = Rotary(cfg, layer) if cfg.positional == "rotary" else None
+        self.sliding_window = cfg.sliding_window_of(layer)
+        self.soft_cap = cfg.attn_scores_soft_cap
+        names = ["q", "k", "v", "attn_scores", "pattern", "z", "result", "out"]
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = make_norm(cfg, d if per_head else cfg.n_heads * d)
+            self.k_norm = make_norm(cfg, d if per_head else cfg.n_kv_heads * d)
+            names += ["q_normed", "k_normed"]
+        for name in names:
             setattr(self, f"hook_{name}", HookPoint())
 
     def make_buffers(self, device=None) -> None:
@@ -103,6 +123,9 @@ class Attention(nn.Module):
         q = self._project(x, self.W_Q, self.b_Q)
         k = self._project(kv_x, self.W_K, self.b_K)
         v = self.hook_v(self._project(kv_x, self.W_V, self.b_V))
+        if self.cfg.qk_norm != "none":
+            q = self.hook_q_normed(self._qk_norm(self.q_norm, q))
+            k = self.hook_k_normed(self._qk_norm(self.k_norm, k))
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, n, P, d]
         if self.rotary is not None:
             cos, sin = rotary_cos_sin
@@ -115,6 +138,8 @@ class Attention(nn.Module):
         if not self._kv_identity:  # grouped-query attention: each query head reads its group
             k, v = k.index_select(1, self.kv_map), v.index_select(1, self.kv_map)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if self.soft_cap:
+            scores = torch.tanh(scores / self.soft_cap) * self.soft_cap
         if mask is not None:
             scores = scores + mask
         scores = self.hook_attn_scores(scores)
@@ -133,4 +158,10 @@ class Attention(nn.Module):
             out = z.reshape(*z.shape[:2], H * d) @ self.W_O.reshape(H * d, D)
         if self.b_O is not None:
             out = out + self.b_O
-        return out
+        return self.hook_out(out)
+
+    def _qk_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, P, n, d]`` through the QK-norm: per head, or over all ``n * d`` features."""
+        if self.cfg.qk_norm == "head":
+            return norm(x)
+        return norm(x.flatten(-2)).view_as(x)

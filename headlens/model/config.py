@@ -24,7 +24,13 @@ DTYPES = {
 }
 # the names the command line offers (every alias above is accepted too)
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-MLPS = ("gelu", "gelu_new", "relu", "silu", "swiglu", "geglu", "none")
+MLPS = ("gelu", "gelu_new", "relu", "silu", "swiglu", "geglu", "geglu_tanh", "none")
+# where the norms of a block sit, for a sublayer f (attention or MLP):
+# pre x + f(ln(x)) (GPT-2, LLaMA); post ln(x + f(x)) (BERT); sandwich x + ln_post(f(ln(x)))
+# (Gemma 2/3); output x + ln_post(f(x)) (OLMo 2)
+NORM_POSITIONS = ("pre", "post", "sandwich", "output")
+QK_NORMS = ("none", "head", "projection")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -48,7 +54,9 @@ class ModelConfig:
     # block layout
     norm: str = "layernorm"
     norm_eps: float = 1e-5
-    norm_position: str = "pre"  # "pre" (GPT-2, LLaMA) or "post" (BERT)
+    norm_position: str = "pre"  # one of NORM_POSITIONS
+    norm_offset: bool = False  # RMSNorm scales by (1 + weight) (Gemma)
+    norm_fp32_weight: bool = False  # RMSNorm multiplies by its weight before casting back (Gemma, OLMo 2)
     parallel_block: bool = False  # GPT-NeoX: x + attn(ln1 x) + mlp(ln2 x)
     final_norm: bool = True
     mlp: str = "gelu_new"
@@ -60,17 +68,30 @@ class ModelConfig:
     # "factor"} or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     # "original_max_position_embeddings"}
     rotary_scaling: Optional[dict] = None
+    # rotary of the sliding-window layers when it differs (Gemma 3's local layers); None: as above
+    rotary_base_sliding: Optional[float] = None
+    rotary_scaling_sliding: Optional[dict] = None
     attn_scale: Optional[float] = None  # None: 1/sqrt(d_head)
+    # RMSNorm on queries and keys before rotary: "head" over each head's d_head features
+    # (Qwen3, Gemma 3; weights [d]), "projection" over the whole projection (OLMo 2; weights
+    # [H*d] and [K*d]: it couples the heads)
+    qk_norm: str = "none"
+    attn_scores_soft_cap: Optional[float] = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     qkv_bias: bool = True
     out_bias: bool = True
     mlp_bias: bool = True
     sliding_window: Optional[int] = None
+    # per layer "full_attention" or "sliding_attention" (transformers' layer_types); None: every
+    # layer uses sliding_window (if any)
+    layer_types: Optional[list[str]] = None
     # embeddings and output
     n_token_types: int = 0  # BERT segment embeddings
+    embed_scale: Optional[float] = None  # token embeddings multiplied by this (Gemma: sqrt(d_model))
     embed_norm: bool = False  # BERT: LayerNorm after the embeddings
     tie_embeddings: bool = False
     unembed: str = "lm"  # "lm": logits, "mlm": BERT MLM transform + logits, "none": hidden states
     unembed_bias: bool = False
+    output_logits_soft_cap: Optional[float] = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     # tokens the analyses care about
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
@@ -94,8 +115,19 @@ class ModelConfig:
             (self.positional in POSITIONALS,
              f"positional must be one of {POSITIONALS}, got {self.positional!r}"),
             (self.mlp in MLPS, f"mlp must be one of {MLPS}, got {self.mlp!r}"),
-            (self.norm_position in ("pre", "post"),
-             f"norm_position must be 'pre' or 'post', got {self.norm_position!r}"),
+            (self.norm_position in NORM_POSITIONS,
+             f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}"),
+            (self.qk_norm in QK_NORMS, f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}"),
+            (self.layer_types is None or (len(self.layer_types) == self.n_layers
+                                          and set(self.layer_types) <= set(LAYER_TYPES)),
+             f"layer_types must give one of {LAYER_TYPES} for each of the {self.n_layers} layers, "
+             f"got {self.layer_types!r}"),
+            (self.layer_types is None or "sliding_attention" not in self.layer_types
+             or bool(self.sliding_window),
+             "layer_types has sliding_attention layers but sliding_window is not set"),
+            (not (self.qk_norm == "projection" and self.kept_heads is not None),
+             "qk_norm='projection' (OLMo 2) normalises the whole query/key projection, which couples "
+             "the heads: a model without some heads would not equal the gated one"),
             (self.unembed in ("lm", "mlm", "none"),
              f"unembed must be 'lm', 'mlm' or 'none', got {self.unembed!r}"),
         ]
@@ -122,6 +154,18 @@ class ModelConfig:
     def kv_heads_in_layer(self, layer: int) -> list[int]:
         """Original indices of the key/value heads that layer ``layer`` still needs."""
         return sorted({h // self.group_size for h in self.heads_in_layer(layer)})
+
+    def sliding_window_of(self, layer: int) -> Optional[int]:
+        """The sliding window of layer ``layer`` (None: full attention)."""
+        if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window or None
+
+    def rotary_of(self, layer: int) -> tuple:
+        """``(base, scaling)`` of layer ``layer``'s rotary embedding."""
+        if self.rotary_base_sliding is not None and self.sliding_window_of(layer) is not None:
+            return self.rotary_base_sliding, self.rotary_scaling_sliding
+        return self.rotary_base, self.rotary_scaling
 
     @property
     def n_heads_total(self) -> int:

@@ -5,6 +5,7 @@ Shapes: ``B`` batch, ``P`` positions, ``D`` d_model, ``F`` d_mlp.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,25 +17,36 @@ from headlens.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """LLaMA's RMSNorm, computed in float32 as ``transformers`` does. ``[B, P, D] -> [B, P, D]``."""
+    """RMSNorm over the last dimension, computed in float32 as ``transformers`` does.
+    ``[..., d] -> [..., d]``.
 
-    def __init__(self, d: int, eps: float):
+    LLaMA: ``weight * normalized.to(dtype)``; ``fp32_weight`` (Gemma, OLMo 2): the weight is
+    applied in float32 before casting back; ``offset`` (Gemma): the scale is ``1 + weight``."""
+
+    def __init__(self, d: int, eps: float, offset: bool = False, fp32_weight: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
         self.eps = eps
+        self.offset = offset
+        self.fp32_weight = fp32_weight or offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.fp32_weight:
+            w = self.weight.float()
+            return (x32 * (1.0 + w if self.offset else w)).to(dtype)
         return self.weight * x32.to(dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, d: Optional[int] = None) -> nn.Module:
+    """The family's norm over ``d`` features (default d_model)."""
+    d = d or cfg.d_model
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        return nn.LayerNorm(d, eps=cfg.norm_eps)
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
+        return RMSNorm(d, cfg.norm_eps, offset=cfg.norm_offset, fp32_weight=cfg.norm_fp32_weight)
     return nn.Identity()
 
 
@@ -45,13 +57,17 @@ class Rotary(nn.Module):
     As in ``transformers``, frequencies are ``base ** (-2i / rotary_dim)`` for ``2i < rotary_dim``
     and rotate ``2 * len(inv_freq)`` features (one more than an odd ``rotary_dim``)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.freq_dim = cfg.rotary_dim or cfg.d_head
         self.dim = 2 * ((self.freq_dim + 1) // 2)
-        self.base = cfg.rotary_base
-        self.scaling = cfg.rotary_scaling
+        self.base, self.scaling = cfg.rotary_of(layer)
         self.make_buffers()
+
+    @property
+    def key(self) -> tuple:
+        """Layers whose rotary has the same key share their cos / sin."""
+        return self.freq_dim, self.base, repr(self.scaling)
 
     def make_buffers(self, device=None) -> None:
         exponents = torch.arange(0, self.freq_dim, 2, dtype=torch.float32, device=device) / self.freq_dim
@@ -106,18 +122,19 @@ MLP_ACTIVATIONS = {
     "silu": F.silu,
     "swiglu": F.silu,
     "geglu": F.gelu,
+    "geglu_tanh": _gelu_new,
 }
 
 
 class MLP(nn.Module):
-    """Feed-forward block. Plain: ``W_out(act(W_in x))``; gated (swiglu / geglu):
+    """Feed-forward block. Plain: ``W_out(act(W_in x))``; gated (swiglu / geglu / geglu_tanh):
     ``W_out(act(W_gate x) * W_in x)``. ``[B, P, D] -> [B, P, D]``.
 
     Weights are stored as ``nn.Linear`` (``W_in.weight [F, D]``, ``W_out.weight [D, F]``)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gated = cfg.mlp in ("swiglu", "geglu")
+        self.gated = cfg.mlp in ("swiglu", "geglu", "geglu_tanh")
         self.act = MLP_ACTIVATIONS[cfg.mlp]
         self.W_in = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
         if self.gated:

@@ -40,27 +40,46 @@ def visible_positions(P: int, causal: bool, sliding_window: Optional[int], devic
 
 
 class Block(nn.Module):
-    """One transformer layer: pre-norm (GPT-2, LLaMA), post-norm (BERT) or parallel (GPT-NeoX)."""
+    """One transformer layer; ``cfg.norm_position`` places the norms around a sublayer ``f``:
+    ``pre`` ``x + f(ln(x))`` (GPT-2, LLaMA), ``post`` ``ln(x + f(x))`` (BERT), ``sandwich``
+    ``x + ln_post(f(ln(x)))`` (Gemma 2/3), ``output`` ``x + ln_post(f(x))`` (OLMo 2); or
+    parallel (GPT-NeoX) ``x + attn(ln1 x) + mlp(ln2 x)``.
+
+    Norm modules: ``ln1`` / ``ln2`` before (pre, sandwich) or after (post) the residual sum,
+    ``ln1_post`` / ``ln2_post`` on the sublayer outputs (sandwich, output), as TransformerLens
+    names them. ``hook_attn_out`` / ``hook_mlp_out`` are what is added to the residual stream
+    (after ``ln1_post`` / ``ln2_post``)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg = cfg
-        self.ln1 = make_norm(cfg)
+        has_mlp = cfg.mlp != "none"
+        pos = cfg.norm_position
+        if pos != "output":
+            self.ln1 = make_norm(cfg)
+        if pos in ("sandwich", "output"):
+            self.ln1_post = make_norm(cfg)
         self.attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg) if cfg.mlp != "none" else None
-        self.ln2 = make_norm(cfg) if self.mlp is not None else None
+        self.mlp = MLP(cfg) if has_mlp else None
+        self.ln2 = make_norm(cfg) if has_mlp and pos != "output" else None
+        if has_mlp and pos in ("sandwich", "output"):
+            self.ln2_post = make_norm(cfg)
         for name in ("resid_pre", "attn_in", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
     def forward(self, x, mask, gate=None, rotary_cos_sin=None, attn_out=None, past_kv=None):
         """``x [B, P, D]`` -> ``[B, P, D]``. ``attn_out [B, P, D]``: take this as the attention
-        sublayer's output instead of computing it (the rest of the layer runs as usual).
-        ``past_kv``: a KV cache of earlier positions (see :mod:`headlens.model.kv_cache`)."""
+        layer's output (``attn.hook_out``, before any ``ln1_post``) instead of computing it (the
+        rest of the layer runs as usual). ``past_kv``: a KV cache of earlier positions (see
+        :mod:`headlens.model.kv_cache`)."""
         x = self.hook_resid_pre(x)
-        post = self.cfg.norm_position == "post"
+        pos = self.cfg.norm_position
+        post = pos == "post"
         if attn_out is None:
-            attn_in = self.hook_attn_in(x if post else self.ln1(x))
+            attn_in = self.hook_attn_in(x if pos in ("post", "output") else self.ln1(x))
             attn_out = self.attn(attn_in, mask, gate, rotary_cos_sin, past_kv=past_kv)
+        if pos in ("sandwich", "output"):
+            attn_out = self.ln1_post(attn_out)
         attn_out = self.hook_attn_out(attn_out)
         if self.mlp is None:
             resid = x + attn_out
@@ -73,13 +92,17 @@ class Block(nn.Module):
             mlp_out = self.hook_mlp_out(self.mlp(mid))
             return self.hook_resid_post(self.ln2(mid + mlp_out))
         mid = self.hook_resid_mid(x + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mid)))
+        mlp_out = self.mlp(mid if pos == "output" else self.ln2(mid))
+        if pos in ("sandwich", "output"):
+            mlp_out = self.ln2_post(mlp_out)
+        mlp_out = self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(mid + mlp_out)
 
 
 class Unembed(nn.Module):
     """Final norm and output head. ``lm``: ``[B, P, D] -> [B, P, V]``; ``mlm``: BERT's
-    dense + activation + LayerNorm transform, then the vocabulary projection."""
+    dense + activation + LayerNorm transform, then the vocabulary projection. Logits are
+    soft-capped when ``cfg.output_logits_soft_cap`` is set (Gemma 2)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -96,7 +119,10 @@ class Unembed(nn.Module):
             x = self.transform_ln(MLP_ACTIVATIONS["gelu"](self.transform(x)))
         x = x.contiguous()  # a slice (e.g. hidden[:, :-1]) would send the matmul down a slower batched path
         logits = x @ (W_E.T if self.cfg.tie_embeddings else self.W_U)
-        return logits + self.b_U if self.b_U is not None else logits
+        if self.b_U is not None:
+            logits = logits + self.b_U
+        cap = self.cfg.output_logits_soft_cap
+        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 class HeadlensModel(HookedRootModule):
@@ -117,7 +143,7 @@ class HeadlensModel(HookedRootModule):
         self.hook_embed = HookPoint()  # [B, P, D]
         self.hook_pos_embed = HookPoint()  # [B, P, D]
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
-        self.ln_final = make_norm(cfg) if (cfg.final_norm and cfg.norm_position == "pre") else None
+        self.ln_final = make_norm(cfg) if (cfg.final_norm and cfg.norm_position != "post") else None
         self.hook_final = HookPoint()  # [B, P, D] final hidden state, after the final norm
         self.unembed = Unembed(cfg) if cfg.unembed != "none" else None
         self.setup()
@@ -179,11 +205,12 @@ class HeadlensModel(HookedRootModule):
 
     # --- forward --------------------------------------------------------------------------
     def attention_mask_bias(self, attention_mask: Optional[torch.Tensor], P: int, dtype,
-                            offset: int = 0) -> Optional[torch.Tensor]:
-        """Additive mask ``[B or 1, 1, P, offset + P]``: 0 where a query may look, dtype-min
-        elsewhere (``offset``: cached positions before the queries)."""
+                            offset: int = 0, layer: int = 0) -> Optional[torch.Tensor]:
+        """Additive mask ``[B or 1, 1, P, offset + P]`` of layer ``layer`` (its sliding window, if
+        any): 0 where a query may look, dtype-min elsewhere (``offset``: cached positions before
+        the queries)."""
         cfg, device = self.cfg, self.device
-        visible = visible_positions(P, cfg.causal, cfg.sliding_window, device, offset)
+        visible = visible_positions(P, cfg.causal, cfg.sliding_window_of(layer), device, offset)
         visible = visible[None, None] if visible is not None else None
         if attention_mask is not None:
             keys = attention_mask[:, None, None, :].bool()
@@ -265,7 +292,10 @@ class HeadlensModel(HookedRootModule):
 
     def embed(self, input_ids, token_type_ids=None, position_ids=None) -> torch.Tensor:
         """``input_ids [B, P]`` -> residual stream before layer 0, ``[B, P, D]``."""
-        x = self.hook_embed(self.W_E(input_ids))
+        x = self.W_E(input_ids)
+        if self.cfg.embed_scale is not None:  # as transformers: the scale rounded to the weights' dtype
+            x = x * torch.tensor(self.cfg.embed_scale, device=x.device).to(x.dtype)
+        x = self.hook_embed(x)
         if self.W_pos is not None:
             x = x + self.hook_pos_embed(self.W_pos(position_ids))
         if self.W_token_type is not None:
@@ -326,12 +356,17 @@ class HeadlensModel(HookedRootModule):
         if position_ids is None:
             position_ids = torch.arange(S0, S0 + P, device=self.device)[None].expand(B, P)
         x = residual if residual is not None else self.embed(input_ids, token_type_ids, position_ids)
-        mask = self.attention_mask_bias(attention_mask, P, x.dtype, S0)
-        rot = self.blocks[0].attn.rotary
-        cos_sin = rot.cos_sin(position_ids, x.dtype) if rot is not None else None
+        masks, cos_sin = {}, {}  # per sliding window / rotary: layers that share them share one copy
         stop = cfg.n_layers if stop_at_layer is None else stop_at_layer
         for layer in range(start_at_layer, stop):
-            x = self.blocks[layer](x, mask, self._gate_for(head_gate, layer), cos_sin, past_kv=past_kv)
+            attn = self.blocks[layer].attn
+            if attn.sliding_window not in masks:
+                masks[attn.sliding_window] = self.attention_mask_bias(attention_mask, P, x.dtype, S0, layer)
+            rot = attn.rotary
+            if rot is not None and rot.key not in cos_sin:
+                cos_sin[rot.key] = rot.cos_sin(position_ids, x.dtype)
+            x = self.blocks[layer](x, masks[attn.sliding_window], self._gate_for(head_gate, layer),
+                                   cos_sin[rot.key] if rot is not None else None, past_kv=past_kv)
         if stop_at_layer is not None:
             return x
         if self.ln_final is not None:
