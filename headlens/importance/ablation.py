@@ -62,17 +62,19 @@ def hook_name(ablation, layer: int) -> str:
     return f"blocks.{layer}.attn.hook_{point}"
 
 
-ACTIVATION_HOOKS = {"z": "attn.hook_z", "v": "attn.hook_v", "attn_out": "hook_attn_out",
+# attn_out: the attention layer's output before any post-attention norm (Gemma, OLMo 2), where
+# it is still linear in each head's z
+ACTIVATION_HOOKS = {"z": "attn.hook_z", "v": "attn.hook_v", "attn_out": "attn.hook_out",
                     "attn_scores": "attn.hook_attn_scores"}
 
 
 @torch.no_grad()
 def clean_activations(model, batches, layer: int, resid=None, names=("z",), past_kv=None) -> tuple[dict, list]:
     """Clean activations of ``layer`` per batch, ``{name: [per batch]}`` with ``z [R, P, H, d]``,
-    ``v [R, S, K, d]``, ``attn_out [R, P, D]``, ``attn_scores [R, H, P, S]``; and the residual
-    stream after the layer ``[R, P, D]`` per batch. ``resid``: per-batch residual entering
-    ``layer`` (else computed from the input); ``past_kv``: per-batch KV caches of the positions
-    before ``resid``'s (then only those later positions run)."""
+    ``v [R, S, K, d]``, ``attn_out [R, P, D]`` (``attn.hook_out``), ``attn_scores [R, H, P, S]``;
+    and the residual stream after the layer ``[R, P, D]`` per batch. ``resid``: per-batch residual
+    entering ``layer`` (else computed from the input); ``past_kv``: per-batch KV caches of the
+    positions before ``resid``'s (then only those later positions run)."""
     acts = {name: [] for name in names}
     hooks = [(f"blocks.{layer}.{ACTIVATION_HOOKS[name]}", lambda t, hook, keep=acts[name]: keep.append(t.clone()))
              for name in names]
@@ -89,12 +91,14 @@ def clean_activations(model, batches, layer: int, resid=None, names=("z",), past
 
 
 class Replacement:
-    """What an ablated head's ``z`` (or pattern) becomes, per batch, for one layer.
+    """What an ablated head's ``z`` (or pattern) becomes, per batch, for one layer (``layer``:
+    its sliding window decides the keys a uniform pattern spreads over).
 
     ``value(i)`` for batch ``i``: None (zero), ``[1, P or 1, H, d]`` (mean), ``[R, P, H, d]``
     (resample) or ``[R, 1, P, S]`` (uniform pattern)."""
 
-    def __init__(self, model, ablation: str, batches, zs=None, per_position: bool = True, seed: int = 0):
+    def __init__(self, model, ablation: str, batches, zs=None, per_position: bool = True, seed: int = 0,
+                 layer: int = 0):
         self.ablation = ablation
         if ablation == "mean":
             m = torch.cat([b.inputs["attention_mask"] for b in batches]).to(zs[0].dtype)[..., None, None]
@@ -109,7 +113,7 @@ class Replacement:
             self.patterns = []
             for b in batches:
                 mask = b.inputs["attention_mask"]
-                visible = (model.attention_mask_bias(mask, mask.shape[1], torch.float32) == 0).float()
+                visible = (model.attention_mask_bias(mask, mask.shape[1], torch.float32, layer) == 0).float()
                 self.patterns.append(visible / visible.sum(-1, keepdim=True).clamp(min=1))  # a padded query may see no key
 
     def head_z(self, i: int, j: int, v: Optional[torch.Tensor], attn) -> torch.Tensor | float:
@@ -131,12 +135,13 @@ class Replacement:
         return None
 
 
-def make_replacement(model, ablation, batches, zs=None, per_position: bool = True, seed: int = 0, **streaming):
-    """The :class:`Replacement` of ``ablation`` (a :class:`StreamingReplacement` for streaming,
-    given its ``acts``, ``starts`` and ``prefix_values`` in the fast sweep)."""
+def make_replacement(model, ablation, batches, zs=None, per_position: bool = True, seed: int = 0,
+                     layer: int = 0, **streaming):
+    """The :class:`Replacement` of ``ablation`` for ``layer`` (a :class:`StreamingReplacement` for
+    streaming, given its ``acts``, ``starts`` and ``prefix_values`` in the fast sweep)."""
     if isinstance(ablation, Streaming):
         return StreamingReplacement(ablation, batches, **streaming)
-    return Replacement(model, ablation, batches, zs, per_position, seed)
+    return Replacement(model, ablation, batches, zs, per_position, seed, layer)
 
 
 def ablation_hook(ablation, assignments: list, rows: int, value: Optional[torch.Tensor]):
@@ -175,7 +180,7 @@ def ablate(model, task, heads, ablation: str = "zero", per_position: bool = True
     repl = {}
     for layer in layers:
         zs = clean_activations(model, batches, layer)[0]["z"] if ablation in ("mean", "resample") else None
-        repl[layer] = make_replacement(model, ablation, batches, zs, per_position, seed)
+        repl[layer] = make_replacement(model, ablation, batches, zs, per_position, seed, layer=layer)
     out = []
     for i, b in enumerate(batches):
         ref = task.reference(model, b)

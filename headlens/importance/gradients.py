@@ -109,7 +109,7 @@ def attribution_patching(model, task, corruption: str = "corrupted", per_positio
     repl = None
     if corruption in ("mean", "resample"):
         per_batch = [_capture_z(model, b.inputs) for b in batches]
-        repl = [Replacement(model, corruption, batches, [z[layer] for z in per_batch], per_position, seed)
+        repl = [Replacement(model, corruption, batches, [z[layer] for z in per_batch], per_position, seed, layer)
                 for layer in range(L)]
     total = [torch.zeros(b.attn.n_heads, dtype=torch.float64) for b in model.blocks]
     for i, batch in enumerate(tqdm(batches, desc="attribution patching", disable=not progress, leave=False)):

@@ -1,8 +1,9 @@
 """Every head's importance alone: exact single-head sweeps with bootstrap confidence intervals.
 
 The fast sweep caches the clean residual stream entering each layer and that layer's clean
-attention output; ablating one head changes that output by an exact per-head term, so each
-ablation resumes at the layer's MLP, and several single-head ablations run in one forward pass by
+attention output (``attn.hook_out``, before any post-attention norm); ablating one head changes
+that output by an exact per-head term, so each ablation resumes there (the post-attention norm,
+if any, then the MLP), and several single-head ablations run in one forward pass by
 stacking copies of the batch, each copy ablating a different head. ``method="naive"`` (one full
 forward per head and batch, through :mod:`headlens.importance.ablation`'s hooks) is the reference
 it is tested against. Sign convention and shapes: :mod:`headlens.importance.ablation`.
@@ -91,9 +92,10 @@ def _sweep_fast(model, task, batches, pairs, members, ablation, repl_args, refs,
     """Per layer: one clean pass records the layer's ``z``, ``v`` and attention output and steps
     the cached residual stream. Ablating local head ``j`` changes the attention output by
     ``(z_new - z)[:, :, j] @ W_O[j]`` (exact: the output is linear in each head's ``z``; a unit's
-    heads add up), so each stacked copy starts at the layer's MLP and runs only what follows.
-    Where ``starts[i] > 0`` only positions from there on run, over the clean KV cache
-    ``prefixes[i]`` of the earlier ones, whose final hidden states ``heads_before[i]`` are clean."""
+    heads add up; a post-attention norm, Gemma's or OLMo 2's ``ln1_post``, comes after it and runs
+    in the block), so each stacked copy starts at the layer's post-attention norm and MLP and runs
+    only what follows. Where ``starts[i] > 0`` only positions from there on run, over the clean KV
+    cache ``prefixes[i]`` of the earlier ones, whose final hidden states ``heads_before[i]`` are clean."""
     results = {}
     by_layer = {}
     for layer, unit in pairs:
@@ -118,7 +120,7 @@ def _sweep_fast(model, task, batches, pairs, members, ablation, repl_args, refs,
         acts, nxt = clean_activations(model, batches, layer, resid, names if todo else (), past_kv=prefixes)
         repl = None
         if todo:
-            repl = make_replacement(model, ablation, batches, acts.get("z"), **repl_args, **(dict(
+            repl = make_replacement(model, ablation, batches, acts.get("z"), layer=layer, **repl_args, **(dict(
                 acts=acts, starts=starts, prefix_values=[c.values[layer] if c else None for c in prefixes])
                 if streaming else {}))
         attn = model.blocks[layer].attn
@@ -160,7 +162,7 @@ def _sweep_naive(model, task, batches, pairs, members, ablation, repl_args, refs
         if done is None:
             if repl_layer != layer:
                 zs = clean_activations(model, batches, layer)[0]["z"] if ablation in ("mean", "resample") else None
-                repl, repl_layer = make_replacement(model, ablation, batches, zs, **repl_args), layer
+                repl, repl_layer = make_replacement(model, ablation, batches, zs, layer=layer, **repl_args), layer
             vals = []
             local = [local_index(model, layer, h) for h in members[(layer, head)]]
             for i, b in enumerate(batches):

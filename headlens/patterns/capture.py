@@ -36,7 +36,8 @@ class PatternBatch:
 
     ``input_ids [B, P]``, ``attention_mask [B, P]`` (1 = real token), ``patterns [B, N, P, S]``
     (rows sum to 1 on real queries; padded keys get 0), ``heads``: ``(layer, head)`` of the N
-    heads, ``causal``: whether queries only see earlier keys.
+    heads, ``causal``: whether queries only see earlier keys, ``sliding_window``: each layer's
+    window (a list, None for full attention; or one value for every layer).
     """
 
     input_ids: torch.Tensor
@@ -45,7 +46,7 @@ class PatternBatch:
     heads: list
     causal: bool
     layer_sizes: list
-    sliding_window: Optional[int] = None
+    sliding_window: Optional[int] | list = None
 
     def layer(self, layer: int) -> torch.Tensor:
         """Patterns of one layer, ``[B, H_l, P, S]`` (a view)."""
@@ -63,13 +64,23 @@ class PatternBatch:
         """``[B]`` number of real tokens of each sequence."""
         return self.attention_mask.sum(-1)
 
-    def visible(self) -> torch.Tensor:
-        """``[B, P, S]`` bool: keys a real query may attend to (real keys; earlier ones, within the
-        sliding window if any, for causal models)."""
+    def visible(self, layer: int = 0) -> torch.Tensor:
+        """``[B, P, S]`` bool: keys a real query of layer ``layer`` may attend to (real keys;
+        earlier ones, within the layer's sliding window if any, for causal models)."""
         real = self.query_mask
         vis = real[:, :, None] & real[:, None, :]
-        allowed = visible_positions(real.shape[1], self.causal, self.sliding_window, real.device)
+        window = self.sliding_window[layer] if isinstance(self.sliding_window, list) else self.sliding_window
+        allowed = visible_positions(real.shape[1], self.causal, window, real.device)
         return vis & allowed if allowed is not None else vis
+
+    def head_visible(self) -> torch.Tensor:
+        """``[B, 1, P, S]`` (every layer alike) or ``[B, N, P, S]`` (layers with different
+        sliding windows): :meth:`visible` for each head."""
+        windows = self.sliding_window if isinstance(self.sliding_window, list) else [self.sliding_window]
+        if len(set(windows)) <= 1:
+            return self.visible()[:, None]
+        per_layer = [self.visible(layer)[:, None].expand(-1, n, -1, -1) for layer, n in enumerate(self.layer_sizes)]
+        return torch.cat(per_layer, dim=1)
 
 
 def _layer_sizes(model) -> list:
@@ -126,7 +137,7 @@ def iter_patterns(model, data, batch_size: int = 16, sort_by_length: bool = Fals
         if mask is None:
             mask = torch.ones_like(batch["input_ids"])
         yield PatternBatch(batch["input_ids"], mask, patterns, heads, model.cfg.causal, sizes,
-                           model.cfg.sliding_window)
+                           [model.cfg.sliding_window_of(layer) for layer in range(model.cfg.n_layers)])
 
 
 def capture_patterns(model, data, batch_size: int = 16, **kwargs) -> list[PatternBatch]:

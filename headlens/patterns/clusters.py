@@ -61,14 +61,14 @@ def js_statistics(eps: float = 1e-3, pair_budget: int = 2 ** 20):
     def statistics(pb: PatternBatch) -> dict:
         A, real = pb.patterns, pb.query_mask
         B, N, P, S = A.shape
-        visible = pb.visible()  # [B, P, S]
+        visible = pb.head_visible()  # [B, 1 or N, P, S]
         n_visible = visible.sum(-1, keepdim=True).clamp(min=1)
-        smooth = (1 - eps) * A + (eps / n_visible * visible)[:, None]  # [B, N, P, S]
+        smooth = (1 - eps) * A + eps / n_visible * visible  # [B, N, P, S]
         rows = smooth.permute(1, 0, 2, 3)[:, real]  # [N, R, S]
         example = torch.arange(B, device=A.device)[:, None].expand(B, P)[real]  # [R]
         entropy = torch.special.entr(rows).sum(-1)  # [N, R]
         # invisible keys get 1/2 in every head: there s = p + q = 1 and s log s = 0
-        rows = rows + 0.5 * (~visible[real])[None].to(rows.dtype)
+        rows = rows + 0.5 * (~visible.permute(1, 0, 2, 3)[:, real]).to(rows.dtype)
         half_entropy = 0.5 * entropy
         R, S = rows.shape[1:]
         size = max(1, min(N, math.isqrt(max(1, pair_budget // max(1, R * S)))))  # heads per block

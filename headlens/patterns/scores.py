@@ -161,8 +161,9 @@ def text_statistics(model, window: int = 3, max_offset: int = 8):
         out["score_local"] = _masked(torch.einsum("bnps,ps->bnp", A, (dist <= window).to(A.dtype)), real)
         entropy = torch.special.entr(A).sum(-1)  # [B, N, P]
         out["score_entropy"] = _masked(entropy, real)
-        n_visible = pb.visible().sum(-1)  # [B, P]
-        out["score_entropy_norm"] = _masked(entropy / n_visible.clamp(min=2).log()[:, None], real & (n_visible > 1))
+        n_visible = pb.head_visible().sum(-1)  # [B, 1 or N, P]
+        out["score_entropy_norm"] = _masked(entropy / n_visible.clamp(min=2).log(),
+                                            real & (n_visible.amax(1) > 1))
         out["score_confidence"] = _masked(A.amax(-1), real)
         out["offset_profile"] = (profile, profile_counts)
         return out
