@@ -113,7 +113,7 @@ class Replacement:
             self.patterns = []
             for b in batches:
                 mask = b.inputs["attention_mask"]
-                visible = (model.attention_mask_bias(mask, mask.shape[1], torch.float32, layer) == 0).float()
+                visible = (model.attention_mask_bias(mask, mask.shape[1], torch.float32, layer=layer) == 0).float()
                 self.patterns.append(visible / visible.sum(-1, keepdim=True).clamp(min=1))  # a padded query may see no key
 
     def head_z(self, i: int, j: int, v: Optional[torch.Tensor], attn) -> torch.Tensor | float:
