@@ -240,8 +240,6 @@ def test_loads_in_the_dtype_asked_for(case):
 
 
 @pytest.mark.parametrize("config, message", [
-    (transformers.Qwen2Config(num_hidden_layers=4, use_sliding_window=True, max_window_layers=2,
-                              sliding_window=8), "mixes sliding-window and full-attention"),
     (transformers.LlamaConfig(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
      "rope_type 'yarn'"),
     (transformers.LlamaConfig(hidden_act="relu"), "hidden_act 'relu'"),

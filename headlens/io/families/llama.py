@@ -1,16 +1,22 @@
-"""LLaMA-style decoders: LLaMA, Qwen2 and Mistral (and SmolLM2, a LLaMA).
+"""LLaMA-style decoders: LLaMA, Qwen2, Mistral and Qwen3 (and SmolLM2, a LLaMA).
 
 Pre-RMSNorm blocks, rotary positions, a SwiGLU MLP, grouped-query attention (``num_key_value_heads``
-key/value heads shared by groups of query heads). One weight map serves the three families; they
+key/value heads shared by groups of query heads). One weight map serves the four families; they
 differ only in configuration:
 
-======== ============================== ============================================
-family   attention biases               sliding window
-======== ============================== ============================================
-llama    q, k, v, o if attention_bias   none
-qwen2    q, k, v (never o)              only with use_sliding_window (all layers)
-mistral  none                           ``sliding_window`` on every layer
-======== ============================== ============================================
+======== ============================== ============================================ ==========
+family   attention biases               sliding window                               QK-norm
+======== ============================== ============================================ ==========
+llama    q, k, v, o if attention_bias   none                                         no
+qwen2    q, k, v (never o)              with use_sliding_window: the layers from     no
+                                        ``max_window_layers`` on (``layer_types``)
+mistral  none                           ``sliding_window`` on every layer            no
+qwen3    q, k, v, o if attention_bias   as Qwen2                                     per head
+======== ============================== ============================================ ==========
+
+Qwen3's ``q_norm`` / ``k_norm`` (RMSNorm over each head's ``head_dim`` features, weights shared by
+the heads) run before rotary; headlens hooks their outputs as ``attn.hook_q_normed`` /
+``attn.hook_k_normed``.
 """
 from __future__ import annotations
 
@@ -34,11 +40,12 @@ ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor
                      "original_max_position_embeddings")
 
 
-def rotary_fields(c, d_head: int, partial: bool = False) -> dict:
-    """ModelConfig fields for the rotary embedding of a ``transformers`` config ``c``.
+def rotary_fields(c, d_head: int, partial: bool = False, rope: dict | None = None) -> dict:
+    """ModelConfig fields for the rotary embedding of a ``transformers`` config ``c`` (or of its
+    ``rope`` parameters, when given: one layer type's entry of Gemma 3's per-type dict).
 
     ``partial``: honour ``partial_rotary_factor`` (GPT-NeoX's ``rotary_pct``; LLaMA ignores it)."""
-    rope = dict(getattr(c, "rope_parameters", None) or {})
+    rope = dict(rope or getattr(c, "rope_parameters", None) or {})
     if "rope_theta" not in rope and hasattr(c, "rope_theta"):
         rope["rope_theta"] = c.rope_theta
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -55,6 +62,12 @@ def rotary_fields(c, d_head: int, partial: bool = False) -> dict:
     )
 
 
+def rope_parameters(base: float, scaling: dict | None) -> dict:
+    """transformers' ``rope_parameters`` for a rotary ``base`` and ``scaling`` (inverse of
+    :func:`rotary_fields`)."""
+    return {"rope_theta": base, "rope_type": "default"} | (scaling or {})
+
+
 def special_tokens(c) -> dict:
     """bos / eos / pad ids of ``c`` that lie inside the vocabulary (lists: the first)."""
     out = {}
@@ -65,16 +78,27 @@ def special_tokens(c) -> dict:
     return out
 
 
-def sliding_window(c) -> int | None:
-    """The window every layer uses, or None; mixed full / sliding layers are not supported."""
-    window = getattr(c, "sliding_window", None)
-    kinds = set(getattr(c, "layer_types", None) or ())
-    if c.model_type == "qwen2":
-        if kinds == {"sliding_attention", "full_attention"}:
-            raise HeadlensError("this Qwen2 checkpoint mixes sliding-window and full-attention "
-                                "layers; headlens applies one window to every layer")
-        return window if kinds == {"sliding_attention"} else None
-    return window
+def attention_layers(c) -> dict:
+    """``sliding_window`` and ``layer_types`` of a ``transformers`` config: a window on every layer
+    (Mistral, Phi-3: no ``layer_types``), on none, or per layer (``layer_types``: Qwen2's
+    ``max_window_layers``, Gemma's alternating local / global layers)."""
+    window = getattr(c, "sliding_window", None) or None
+    types = list(getattr(c, "layer_types", None) or [])
+    unknown = set(types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise HeadlensError(f"layer_types {sorted(unknown)} of this checkpoint are not supported: headlens "
+                            "reads full_attention and sliding_attention layers")
+    if window is None or not types or set(types) == {"sliding_attention"}:
+        return dict(sliding_window=window, layer_types=None)
+    if set(types) == {"full_attention"}:
+        return dict(sliding_window=None, layer_types=None)
+    return dict(sliding_window=window, layer_types=types)
+
+
+def layer_types_to_hf(cfg: ModelConfig) -> list:
+    """transformers' ``layer_types`` for ``cfg`` (inverse of :func:`attention_layers`)."""
+    return ["full_attention" if cfg.sliding_window_of(layer) is None else "sliding_attention"
+            for layer in range(cfg.n_layers)]
 
 
 def config_from_hf(c) -> ModelConfig:
@@ -90,14 +114,15 @@ def config_from_hf(c) -> ModelConfig:
     else:
         qkv_bias = out_bias = bool(getattr(c, "attention_bias", False))
         mlp_bias = bool(getattr(c, "mlp_bias", False))
+    layers = attention_layers(c) if c.model_type != "llama" else {}
     return ModelConfig(
         family=c.model_type, n_layers=c.num_hidden_layers, d_model=c.hidden_size,
         n_heads=c.num_attention_heads, n_kv_heads=getattr(c, "num_key_value_heads", None)
         or c.num_attention_heads, d_head=d_head, d_mlp=c.intermediate_size,
         n_ctx=c.max_position_embeddings, vocab_size=c.vocab_size, causal=True,
         norm="rmsnorm", norm_eps=c.rms_norm_eps, mlp=GATED_MLPS[act],
-        qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=mlp_bias, sliding_window=sliding_window(c),
-        tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=mlp_bias, **layers,
+        qk_norm="head" if c.model_type == "qwen3" else "none", tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         **rotary_fields(c, d_head), **special_tokens(c),
     )
 
@@ -116,6 +141,8 @@ def weight_rules(cfg: ModelConfig) -> list:
     rules.append(("blocks.{l}.attn.W_O", a + "o_proj.weight", split_heads_out(H, d), merge_heads_out))
     if cfg.out_bias:
         rules.append(("blocks.{l}.attn.b_O", a + "o_proj.bias", None))
+    if cfg.qk_norm == "head":
+        rules += [(f"blocks.{{l}}.attn.{n}_norm.weight", a + f"{n}_norm.weight", None) for n in "qk"]
     rules += [("blocks.{l}.ln1.weight", "layers.{l}.input_layernorm.weight", None),
               ("blocks.{l}.ln2.weight", "layers.{l}.post_attention_layernorm.weight", None)]
     for ours, theirs in (("W_in", "up_proj"), ("W_gate", "gate_proj"), ("W_out", "down_proj")):
@@ -131,7 +158,7 @@ def config_to_hf(cfg: ModelConfig):
     """A ``transformers`` config for ``cfg`` (the unpruned shape; export slices pruned heads)."""
     import transformers
 
-    rope = {"rope_theta": cfg.rotary_base, "rope_type": "default"} | (cfg.rotary_scaling or {})
+    rope = rope_parameters(cfg.rotary_base, cfg.rotary_scaling)
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -140,16 +167,19 @@ def config_to_hf(cfg: ModelConfig):
         rms_norm_eps=cfg.norm_eps, rope_parameters=rope, tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
     )
-    if cfg.family == "qwen2":
-        return transformers.Qwen2Config(**common, use_sliding_window=cfg.sliding_window is not None,
-                                        sliding_window=cfg.sliding_window, max_window_layers=0)
+    if cfg.family in ("qwen2", "qwen3"):
+        config = transformers.Qwen3Config if cfg.family == "qwen3" else transformers.Qwen2Config
+        extra = dict(attention_bias=cfg.qkv_bias) if cfg.family == "qwen3" else {}
+        return config(**common, **extra, use_sliding_window=cfg.sliding_window is not None,
+                      sliding_window=cfg.sliding_window, max_window_layers=0,
+                      layer_types=layer_types_to_hf(cfg))
     if cfg.family == "mistral":
         return transformers.MistralConfig(**common, sliding_window=cfg.sliding_window)
     return transformers.LlamaConfig(**common, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
 
 
 def hf_layout(cfg: ModelConfig) -> tuple:
-    name = {"qwen2": "Qwen2", "mistral": "Mistral"}.get(cfg.family, "Llama")
+    name = {"qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3"}.get(cfg.family, "Llama")
     return f"{name}ForCausalLM", "model."
 
 
@@ -157,13 +187,14 @@ DESCRIPTIONS = {
     "llama": "LLaMA-style decoders (LLaMA 1-3, SmolLM2, TinyLlama): RMSNorm, rotary, SwiGLU, GQA",
     "qwen2": "Qwen2 / Qwen2.5 decoders: LLaMA layout with q/k/v biases",
     "mistral": "Mistral decoders: LLaMA layout with sliding-window attention",
+    "qwen3": "Qwen3 decoders: LLaMA layout with per-head QK-norm before rotary, explicit head_dim",
 }
 
-LLAMA, QWEN2, MISTRAL = (
+LLAMA, QWEN2, MISTRAL, QWEN3 = (
     register(Family(
         name=name, model_types=(name,), config_from_hf=config_from_hf, weight_rules=weight_rules,
         hf_prefixes=("model.", ""), description=DESCRIPTIONS[name], hf_class="AutoModelForCausalLM",
         config_to_hf=config_to_hf, hf_layout=hf_layout, head_names=("lm_head.",),
     ))
-    for name in ("llama", "qwen2", "mistral")
+    for name in ("llama", "qwen2", "mistral", "qwen3")
 )
