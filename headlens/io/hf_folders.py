@@ -9,6 +9,7 @@ from typing import Optional
 from headlens.errors import HeadlensError
 from headlens.io.from_hf import from_hf_model, from_hf_state
 from headlens.io.tokenizers import load_tokenizer
+from headlens.model.heads import keep_heads
 from headlens.model.transformer import HeadlensModel
 
 
@@ -18,25 +19,27 @@ def load_transformers_folder(folder, dtype=None, device=None, name: Optional[str
 
     Safetensors are read directly (no ``transformers`` model is built), which keeps loading fast and
     reads the physically pruned folders of :func:`headlens.io.to_hf.save_hf` (``config.json`` key
-    ``"headlens_kept_heads"``), which stock ``transformers`` cannot instantiate.
+    ``"headlens_kept_heads"``), which stock ``transformers`` cannot instantiate, and slices the
+    zero heads out of its padded ones (``"headlens_padded_kept_heads"``).
     """
     folder = Path(folder)
     raw = _read_config(folder)
     family = _family_of(raw, folder)
     config = _hf_config(folder, raw)
     tokenizer = load_tokenizer(folder)
-    kept = raw.get("headlens_kept_heads")
+    kept, padded = raw.get("headlens_kept_heads"), raw.get("headlens_padded_kept_heads")
     name = name or folder.name
     state = _read_safetensors(folder)
     if state is None:
-        if kept is not None:
+        if kept is not None or padded is not None:
             raise HeadlensError(f"pruned checkpoint {str(folder)!r} has no model.safetensors")
         return load_with_transformers(str(folder), config, family, tokenizer, dtype, device, name,
                                        local_files_only=True)
     try:
-        return from_hf_state(config, state, tokenizer, dtype, device, name, kept_heads=kept)
+        model = from_hf_state(config, state, tokenizer, dtype, device, name, kept_heads=kept)
+        return keep_heads(model, padded) if padded is not None else model
     except HeadlensError:
-        if kept is not None:
+        if kept is not None or padded is not None:
             raise
         # weight names this fast path does not know (e.g. legacy checkpoints): let transformers map them
         return load_with_transformers(str(folder), config, family, tokenizer, dtype, device, name,

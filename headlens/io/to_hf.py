@@ -8,6 +8,11 @@ Physically pruned models (``cfg.kept_heads`` set) are written with their attenti
 along the head dimension and ``"headlens_kept_heads"`` in ``config.json``. Stock ``transformers``
 5.x cannot instantiate per-layer head counts (``prune_heads`` is gone), so such a folder is read back
 with ``headlens.load(folder)``; unpruned folders load in plain ``transformers`` as well.
+
+``save_hf(pruned, folder, padded=True)`` writes a pruned model at the full shape instead, the
+removed heads' weights zero (:func:`headlens.model.heads.padded_state`): ``transformers`` loads it
+and computes the pruned model's outputs exactly; ``config.json`` records the kept heads as
+``"headlens_padded_kept_heads"``, and ``headlens.load(folder)`` slices them back out.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from headlens.files import atomic_write, writable_folder
 from headlens.io.families import FAMILIES
 from headlens.io.families.base import convert_state_dict, invert_state_dict
 from headlens.model.config import ModelConfig
+from headlens.model.heads import padded_state
 from headlens.model.transformer import HeadlensModel
 
 # ModelConfig fields that describe the model rather than its computation
@@ -40,9 +46,10 @@ def exportable_families() -> list[str]:
     return sorted(n for n, f in FAMILIES.items() if is_exportable(f))
 
 
-def to_hf_state(model: HeadlensModel) -> tuple:
-    """``(transformers config, state dict with transformers names)`` of ``model``; checks that the
-    state dict reads back into exactly the same tensors."""
+def to_hf_state(model: HeadlensModel, padded: bool = False) -> tuple:
+    """``(transformers config, state dict with transformers names)`` of ``model`` (``padded``: a
+    pruned model at the unpruned shape, removed heads zero); checks that the state dict reads back
+    into exactly the same tensors."""
     cfg = model.cfg
     family = FAMILIES.get(cfg.family)
     if family is None or not is_exportable(family):
@@ -52,7 +59,10 @@ def to_hf_state(model: HeadlensModel) -> tuple:
     architecture, prefix = family.hf_layout(cfg)
     hf_config.architectures = [architecture]
     _check_expressible(family, cfg, hf_config)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if padded and cfg.is_pruned:
+        state, cfg = padded_state(model), cfg.replace(kept_heads=None)
+    else:
+        state = {k: v.detach() for k, v in model.state_dict().items()}
     hf_state = {k: v.cpu().contiguous() for k, v in invert_state_dict(family, cfg, state, prefix).items()}
     back = convert_state_dict(family, cfg, hf_state)
     for k, v in state.items():
@@ -61,20 +71,22 @@ def to_hf_state(model: HeadlensModel) -> tuple:
     return hf_config, hf_state
 
 
-def save_hf(model: HeadlensModel, folder) -> Path:
+def save_hf(model: HeadlensModel, folder, padded: bool = False) -> Path:
     """Write ``model`` as a ``transformers`` checkpoint folder; returns the folder.
 
     Unpruned models load with ``transformers`` (``AutoModel*.from_pretrained(folder)``) and give
     the same outputs. Pruned models (``cfg.kept_heads``) get sliced attention weights and
     ``"headlens_kept_heads"`` in ``config.json``; only ``headlens.load(folder)`` reads those, since
-    stock ``transformers`` 5.x cannot build layers with different head counts.
+    stock ``transformers`` 5.x cannot build layers with different head counts. With ``padded``
+    they keep the full shape, removed heads zero: ``transformers`` reads that folder too and gives
+    the pruned model's outputs (the file is as large as the unpruned model's).
     """
-    hf_config, hf_state = to_hf_state(model)
+    hf_config, hf_state = to_hf_state(model, padded)
     folder = writable_folder(folder)
     hf_config.dtype = str(model.dtype).removeprefix("torch.")
     config = hf_config.to_dict()
     if model.cfg.kept_heads is not None:
-        config["headlens_kept_heads"] = model.cfg.kept_heads
+        config["headlens_padded_kept_heads" if padded else "headlens_kept_heads"] = model.cfg.kept_heads
     atomic_write(folder / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
     atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
     if model.tokenizer is not None:

@@ -87,3 +87,49 @@ def gate_without(model, heads, dtype=torch.float32) -> torch.Tensor:
     return gate
 
 
+
+
+# the attention weights that hold one slice per head: (name, "q" or "kv" heads, head dimension)
+HEAD_SLICES = (("W_Q", "q", 1), ("b_Q", "q", 0), ("W_K", "kv", 1), ("b_K", "kv", 0),
+               ("W_V", "kv", 1), ("b_V", "kv", 0), ("W_O", "q", 0))
+
+
+def keep_heads(model, kept: list):
+    """A new model with only the heads ``kept[l]`` (original ids, a subset of each layer's heads)
+    in each layer: query heads' slices of ``W_Q``, ``b_Q``, ``W_O`` are removed, and a key/value
+    head's (``W_K``, ``W_V``, biases) once none of its query heads remains. Shares no tensor with
+    ``model``; equals it with the other heads gated to 0."""
+    from headlens.model.transformer import HeadlensModel
+
+    cfg = model.cfg
+    new_cfg = cfg.replace(kept_heads=kept)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for layer in range(cfg.n_layers):
+        attn = model.blocks[layer].attn
+        index = {"q": [attn.head_ids.index(h) for h in new_cfg.heads_in_layer(layer)],
+                 "kv": [attn.kv_ids.index(j) for j in new_cfg.kv_heads_in_layer(layer)]}
+        for name, kind, dim in HEAD_SLICES:
+            key = f"blocks.{layer}.attn.{name}"
+            if key in state:
+                ids = torch.tensor(index[kind], dtype=torch.long, device=state[key].device)
+                state[key] = state[key].index_select(dim, ids).contiguous()
+    return HeadlensModel.from_state_dict(new_cfg, state, model.tokenizer).train(model.training)
+
+
+def padded_state(model) -> dict:
+    """``model``'s weights at the unpruned shape (``n_heads`` query and ``n_kv_heads`` key/value
+    heads per layer), zero for every head physically pruned away: an unpruned model on this state
+    computes what ``model`` computes (a zero ``W_O`` slice removes the head's output)."""
+    cfg = model.cfg
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    for layer in range(cfg.n_layers):
+        attn = model.blocks[layer].attn
+        index = {"q": (attn.head_ids, cfg.n_heads), "kv": (attn.kv_ids, cfg.n_kv_heads)}
+        for name, kind, dim in HEAD_SLICES:
+            key = f"blocks.{layer}.attn.{name}"
+            if key in state:
+                ids, n = index[kind]
+                t = state[key]
+                full = t.new_zeros(*t.shape[:dim], n, *t.shape[dim + 1:])
+                state[key] = full.index_copy(dim, torch.tensor(ids, dtype=torch.long, device=t.device), t)
+    return state

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from headlens.errors import check
-from headlens.model.heads import resolve_heads
+from headlens.model.heads import keep_heads, resolve_heads
 from headlens.model.transformer import HeadlensModel
 from headlens.pruning.plans import as_plan, plan_heads
 
@@ -33,22 +33,15 @@ def prune_heads(model: HeadlensModel, plan) -> HeadlensModel:
     model is not changed and shares no tensor with the result."""
     plan = normalize_plan(model, plan)
     cfg = model.cfg
+    check(not plan or cfg.qk_norm != "projection",
+          f"cannot physically prune this {cfg.family} model: its QK-norm normalises the whole query/key "
+          "projection, so removing a head changes every other head's queries and keys (gate or ablate "
+          "the heads instead)")
     kept = [[h for h in cfg.heads_in_layer(layer) if h not in plan.get(layer, [])]
             for layer in range(cfg.n_layers)]
-    new_cfg = cfg.replace(kept_heads=kept) if (plan or cfg.is_pruned) else cfg.replace()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for layer in range(cfg.n_layers):
-        attn = model.blocks[layer].attn
-        q = torch.tensor([i for i, h in enumerate(attn.head_ids) if h in kept[layer]], dtype=torch.long,
-                         device=model.device)
-        kv = torch.tensor([attn.kv_ids.index(j) for j in new_cfg.kv_heads_in_layer(layer)], dtype=torch.long,
-                          device=model.device)
-        p = f"blocks.{layer}.attn."
-        for name, index, dim in (("W_Q", q, 1), ("b_Q", q, 0), ("W_K", kv, 1), ("b_K", kv, 0),
-                                 ("W_V", kv, 1), ("b_V", kv, 0), ("W_O", q, 0)):
-            if p + name in state:
-                state[p + name] = state[p + name].index_select(dim, index).contiguous()
-    return HeadlensModel.from_state_dict(new_cfg, state, model.tokenizer).train(model.training)
+    if not (plan or cfg.is_pruned):
+        kept = None
+    return keep_heads(model, kept)
 
 
 def parameter_count(model) -> int:
