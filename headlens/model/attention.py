@@ -143,7 +143,9 @@ class Attention(nn.Module):
         if mask is not None:
             scores = scores + mask
         scores = self.hook_attn_scores(scores)
-        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        # in float32 as transformers does (float64 models stay in float64: a fully masked row, a padded
+        # query outside its sliding window, would overflow to -inf and give NaN)
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
         pattern = self.hook_pattern(pattern)
         z = torch.matmul(pattern, v).transpose(1, 2)  # [B, P, H, d]
         if gate is not None:  # [H], or [B, H] per example

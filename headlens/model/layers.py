@@ -32,10 +32,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x32 = x.float()
+        wide = torch.promote_types(dtype, torch.float32)  # float64 models stay in float64
+        x32 = x.to(wide)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.fp32_weight:
-            w = self.weight.float()
+            w = self.weight.to(wide)
             return (x32 * (1.0 + w if self.offset else w)).to(dtype)
         return self.weight * x32.to(dtype)
 
