@@ -36,8 +36,9 @@ def add_arguments(parser) -> None:
     add_shared(parser, "--n-examples", "--batch-size", "--seed", "--device", "--dtype")
     parser.add_argument("--out", default="headlens-prune", help="folder for pruning.csv and prune_plan.json")
     parser.add_argument("--save-model", default=None, help="folder for the physically pruned model (recommended plan)")
-    parser.add_argument("--format", default="hf", choices=["hf", "headlens"],
-                        help="transformers-layout folder (headlens.io.to_hf.save_hf) or headlens checkpoint")
+    parser.add_argument("--format", default="hf", choices=["hf", "hf-padded", "headlens"],
+                        help="transformers-layout folder (headlens.io.to_hf.save_hf; hf-padded: full shape with "
+                             "the removed heads zero, which transformers itself loads) or headlens checkpoint")
     add_shared(parser, "--no-progress")
 
 
@@ -94,10 +95,10 @@ def _save_pruned(model, task, plan, args) -> None:
     from headlens.pruning.physical import measure_speedup, prune_heads
 
     pruned = prune_heads(model, plan)
-    if args.format == "hf":
+    if args.format in ("hf", "hf-padded"):
         from headlens.io.to_hf import save_hf
 
-        save_hf(pruned, args.save_model)
+        save_hf(pruned, args.save_model, padded=args.format == "hf-padded")
     else:
         from headlens.io.native import save_model
 
