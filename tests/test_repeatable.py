@@ -115,7 +115,7 @@ def test_report_config_records_every_parameter_that_changes_results(monkeypatch,
     monkeypatch.setattr(report_module, "ReportFolder", capture)
     values = dict(model="some-folder", task="lm", ablation="mean", metric="lm", batch_size=3, device="cpu",
                   dtype="bfloat16", seed=7, n_examples=5, prune_target=0.3, prune_floor=0.8, n_bootstrap=11,
-                  n_clusters=4, data=["one text", "another text"], circuits=True)
+                  n_clusters=4, data=["one text", "another text"], circuits=True, long_context=512)
     params = set(inspect.signature(report_module.report).parameters) - NOT_RESULTS
     assert params <= set(values), f"a new report() parameter is not covered here: {params - set(values)}"
     with pytest.raises(Captured):
@@ -153,7 +153,7 @@ def test_recorded_command_reparses_to_the_same_call(monkeypatch):
     argv = ["report", "--model", "my model/folder", "--task", "ioi", "--ablation", "resample", "--metric",
             "accuracy", "--batch-size", "3", "--device", "cpu", "--dtype", "bfloat16", "--seed", "7",
             "--n-examples", "5", "--prune-target", "0.3", "--prune-floor", "0.8", "--n-bootstrap", "11",
-            "--n-clusters", "4", "--out", "out dir", "--no-progress", "--quiet"]
+            "--n-clusters", "4", "--long-context", "512", "--out", "out dir", "--no-progress", "--quiet"]
     args = build_parser().parse_args(argv)
     args._run(args)
     command = calls[0]["command"]

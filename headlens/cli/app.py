@@ -8,7 +8,7 @@ import sys
 
 from headlens.errors import HeadlensError
 
-SUBCOMMANDS = ["report", "models", "scores", "importance", "prune", "circuits", "train_toy"]
+SUBCOMMANDS = ["report", "models", "scores", "importance", "prune", "circuits", "kv_heads", "train_toy"]
 
 
 def build_parser() -> argparse.ArgumentParser:

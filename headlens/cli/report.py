@@ -59,6 +59,8 @@ def add_arguments(p) -> None:
     p.add_argument("--circuits", action="store_true",
                    help="add a Circuits section: patching, path patching, composition and an EAP-IG circuit "
                         "verified by exact patching (decoders; the task needs corrupted inputs, e.g. ioi)")
+    p.add_argument("--long-context", type=int, default=None, metavar="TOKENS",
+                   help="add a 'Long context' section: headlens kv-heads at this length (decoders)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only where the report is")
 
 
@@ -70,7 +72,8 @@ def run(args) -> int:
                ("--device", args.device), ("--dtype", args.dtype), ("--seed", args.seed),
                ("--n-examples", args.n_examples), ("--prune-target", args.prune_target),
                ("--prune-floor", args.prune_floor), ("--n-bootstrap", args.n_bootstrap),
-               ("--n-clusters", args.n_clusters)] + ([("--circuits", "")] if args.circuits else [])
+               ("--n-clusters", args.n_clusters), ("--long-context", args.long_context)] + \
+        ([("--circuits", "")] if args.circuits else [])
     command = "headlens report " + " ".join(f"{k} {shlex.quote(str(v))}" if v != "" else k
                                             for k, v in options if v is not None)
     rep = report(model=args.model, task=args.task, out=args.out, ablation=args.ablation, metric=args.metric,
@@ -78,6 +81,7 @@ def run(args) -> int:
                  n_examples=args.n_examples, prune_target=args.prune_target,
                  prune_floor=args.prune_floor if args.prune_floor < 1 else None, n_bootstrap=args.n_bootstrap,
                  n_clusters=args.n_clusters, progress=not args.no_progress, resume=args.resume,
-                 force=args.force, keep_resume=args.keep_resume, circuits=args.circuits, command=command)
+                 force=args.force, keep_resume=args.keep_resume, circuits=args.circuits, command=command,
+                 long_context=args.long_context)
     print(rep.html if args.quiet else rep.summary())
     return 0

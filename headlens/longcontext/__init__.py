@@ -7,7 +7,7 @@ LM loss over real prose, built to exact lengths from ``headlens/data/longcontext
 from it, with heads streaming or ablated), :mod:`~headlens.longcontext.plans` (the KV plan:
 streaming kv heads chosen on one split, scored on another against random and pattern-score
 plans; ``kv_plan.json``; memory saved), :mod:`~headlens.longcontext.analysis` (the whole
-``headlens kv-heads`` analysis) and :mod:`~headlens.longcontext.kvpress` (the hand-off to kvpress,
+``headlens kv-heads`` analysis) and :mod:`~headlens.longcontext.handoff` (the hand-off to kvpress,
 run in its own virtualenv by ``kvpress_worker.py``, which imports no headlens).
 May import: :mod:`headlens.importance` (the streaming ablation and its sweep), :mod:`headlens.io`
 (exporting the model), :mod:`headlens.model`, :mod:`headlens.data`, :mod:`headlens.errors`,

@@ -54,6 +54,7 @@ class KVHeadsResult:
     plan: dict
     config: dict = field(default_factory=dict)
     selection_curve: pd.DataFrame = None
+    orders: dict = field(default_factory=dict)  # method (or ("random", seed)) -> kv heads in streaming order
 
 
 def kv_heads(model, lengths=(1024,), kinds=KINDS, n_per_group: int = 4, sink: int = 4, window: int = 64,
@@ -94,16 +95,16 @@ def kv_heads(model, lengths=(1024,), kinds=KINDS, n_per_group: int = 4, sink: in
     pre_held = decode.prefill(model, held, batch_size)
     length = int(np.mean([len(t) for t in held.tokens]))
     full = decode.evaluate(model, held, pre_held)
-    rows = [_summary("full", None, 1.0, 0.0, 0, held, full, kv_memory(model.cfg, length, {}, sink, window))]
-    points = sorted({round(full_fraction_for_compression(c, length, sink, window), 4) for c in compressions}
-                    | {round(1 - n / n_kv, 4)})
-    for ff in points:
+    rows = [_summary("full", None, 1.0, None, 0, held, full, kv_memory(model.cfg, length, {}, sink, window))]
+    targets = {round(full_fraction_for_compression(c, length, sink, window), 4): c for c in compressions}
+    targets.setdefault(round(1 - n / n_kv, 4), None)
+    for ff, target in sorted(targets.items()):
         k = n_streaming(n_kv, ff)
         for key, order in orders.items():
             method, s = key if isinstance(key, tuple) else (key, None)
             plan = as_layers(order[:k])
             metrics = decode.evaluate(model, held, pre_held, plan, spec)
-            rows.append(_summary(method, s, ff, None, k, held, metrics, kv_memory(model.cfg, length, plan, sink, window)))
+            rows.append(_summary(method, s, ff, target, k, held, metrics, kv_memory(model.cfg, length, plan, sink, window)))
     plans = pd.DataFrame(rows)
     bar.update(1)
 
@@ -124,7 +125,7 @@ def kv_heads(model, lengths=(1024,), kinds=KINDS, n_per_group: int = 4, sink: in
                   window=window, full_fraction=full_fraction, damage_budget=damage_budget,
                   compressions=list(compressions), n_random=n_random, n_bootstrap=n_bootstrap, seed=seed,
                   batch_size=batch_size, n_select=len(select), n_heldout=len(held))
-    return KVHeadsResult(kv, heads, plans, ablation, record, config, curve)
+    return KVHeadsResult(kv, heads, plans, ablation, record, config, curve, orders)
 
 
 def _clean(x):
@@ -144,7 +145,7 @@ def _summary(method, seed, full_fraction, compression, k, task, metrics: dict, m
     kinds = np.array(task.kinds)
     retrieval, lm = np.isin(kinds, RETRIEVAL_KINDS), kinds == "lm"
     acc, acc_lo, acc_hi = _mean_ci(metrics["accuracy"][retrieval]) if retrieval.any() else (np.nan,) * 3
-    return dict(method=method, seed=seed, full_fraction=full_fraction, n_streaming=k,
+    return dict(method=method, seed=seed, target_compression=compression, full_fraction=full_fraction, n_streaming=k,
                 saved_fraction=memory["saved_fraction"], saved_bytes=memory["saved_bytes"],
                 needle_accuracy=acc, needle_accuracy_ci_low=acc_lo, needle_accuracy_ci_high=acc_hi,
                 answer_loss=float(metrics["loss"][retrieval].mean()) if retrieval.any() else np.nan,

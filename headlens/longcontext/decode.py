@@ -92,6 +92,7 @@ def continue_from(model, pre: Prefilled, streaming: Optional[dict] = None, spec:
     return torch.cat([pre.hidden_before, tail], dim=1)
 
 
+@torch.no_grad()
 def evaluate(model, task, prefilled: list[Prefilled], streaming: Optional[dict] = None,
              spec: Streaming = Streaming(), removed=None, metrics=("loss", "accuracy")) -> dict:
     """``{metric: [N]}`` per example of ``task`` (in its order) under a plan (see :func:`continue_from`)."""

@@ -84,6 +84,7 @@ class PatternStats:
             del self.points[(bid, layer, offset)]
 
 
+@torch.no_grad()
 def collect(model, task, batch_size: int = 4, eps: float = SINK_EPS):
     """Prefill ``task`` (a :class:`headlens.longcontext.tasks.LongContextTask`), run its clean
     continuation and collect the pattern statistics; returns ``(PatternStats, prefilled)``."""

@@ -159,7 +159,8 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
            dtype: str = "float32", seed: int = 0, n_examples: int = 48, prune_target: float = 0.5,
            prune_floor: Optional[float] = 0.9, n_bootstrap: int = 1000, n_clusters: Optional[int] = None,
            progress: bool = True, resume: bool = True, force: bool = False, keep_resume: bool = False,
-           data=None, circuits: bool = False, command: Optional[str] = None) -> Report:
+           data=None, circuits: bool = False, command: Optional[str] = None,
+           long_context: Optional[int] = None) -> Report:
     """Run the whole analysis of ``model`` on ``task`` and write the report folder ``out``.
 
     model: bundled name (``headlens models``), checkpoint or transformers folder, or a loaded
@@ -175,7 +176,9 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     pruning orders, task splits. resume: reuse the stages a killed run of the same configuration
     finished in ``out``; force: discard them. keep_resume: leave ``out/.resume``. circuits: add the
     "Circuits" section (:mod:`headlens.reporting.circuits`; decoders and tasks with corrupted inputs).
-    command: how the run was started, for ``run.json``.
+    command: how the run was started, for ``run.json``. long_context: the length in tokens of a
+    "Long context" section (``headlens kv-heads`` at that length, :mod:`headlens.reporting.longcontext`;
+    decoders only; None: no section).
     """
     check(ablation in ABLATIONS, f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     parse_dtype(dtype)
@@ -190,13 +193,15 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
                   ablation=ablation, metric=metric, batch_size=batch_size, device=device, dtype=dtype,
                   seed=seed, n_examples=n_examples, prune_target=prune_target, prune_floor=prune_floor,
                   n_bootstrap=n_bootstrap, n_clusters=n_clusters,
-                  data=None if data is None else texts_key(data), circuits=circuits)
+                  data=None if data is None else texts_key(data), circuits=circuits,
+                  long_context=long_context)
     folder = ReportFolder(out, dict(config, headlens=package_version("headlens"), resume_format=RESUME_FORMAT),
                           resume=resume, force=force)
     timings = {}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=8 + circuits, desc="headlens report", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=8 + circuits + (long_context is not None), desc="headlens report", unit="step",
+               disable=not progress, leave=False)
     step = StepTimer(bar, timings, folder)
     try:
         with step("load model and task"):
@@ -219,6 +224,12 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
             add_view(run, net, _gallery_text(texts), result["heads"], folder.staging)
             if circuits:
                 report_circuits.add_section(found, run, folder.staging)
+        if long_context is not None:
+            with step("long context"):
+                from headlens.reporting.longcontext import long_context_section, run_long_context
+
+                run.setdefault("sections", []).append(long_context_section(folder.stage(
+                    "long_context", lambda: run_long_context(net, long_context, seed, progress)), folder.staging))
         bar.close()
         add_timings(run, timings, folder)
         rep = Report(folder.out, result["heads"], result["clusters"], result["pruning"], result["plan"],
