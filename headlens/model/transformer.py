@@ -151,13 +151,14 @@ class HeadlensModel(HookedRootModule):
     # --- construction ---------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "HeadlensModel":
-        """Random initialisation (normal(0, std) matrices, zero biases, unit norms)."""
+        """Random initialisation (normal(0, std) matrices, zero biases, unit norms: weight 1, or 0
+        where the norm scales by ``1 + weight``)."""
         gen = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
             if p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
+            elif name.endswith("weight"):  # the 1-d weights are the norms'
+                p.fill_(0.0 if self.cfg.norm_offset else 1.0)
             else:
                 p.zero_()
         return self

@@ -9,6 +9,7 @@ gated to 0 (``b_O`` stays). A layer may lose every head: its attention then outp
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,16 +28,25 @@ def normalize_plan(model, plan) -> dict:
     return as_plan(resolve_heads(model, heads)) if any(heads.values()) else {}
 
 
+def pruning_refusal(model) -> Optional[str]:
+    """Why ``model``'s heads cannot be removed physically, in one line (None: they can). A QK-norm
+    over the whole query/key projection (OLMo 2) couples the heads: without one head's weights
+    every other head's queries and keys change, so the smaller model would not equal the gated one."""
+    if model.cfg.qk_norm == "projection":
+        return (f"cannot physically prune this {model.cfg.family} model: its QK-norm normalises the whole "
+                "query/key projection, so removing a head changes every other head's queries and keys "
+                "(gate or ablate the heads instead)")
+    return None
+
+
 def prune_heads(model: HeadlensModel, plan) -> HeadlensModel:
     """A new model without the heads in ``plan`` (``{layer: [original head ids]}``, a
     ``prune_plan.json`` record or its path; see :func:`normalize_plan`); the input
     model is not changed and shares no tensor with the result."""
     plan = normalize_plan(model, plan)
     cfg = model.cfg
-    check(not plan or cfg.qk_norm != "projection",
-          f"cannot physically prune this {cfg.family} model: its QK-norm normalises the whole query/key "
-          "projection, so removing a head changes every other head's queries and keys (gate or ablate "
-          "the heads instead)")
+    refusal = pruning_refusal(model)
+    check(not plan or refusal is None, refusal or "")
     kept = [[h for h in cfg.heads_in_layer(layer) if h not in plan.get(layer, [])]
             for layer in range(cfg.n_layers)]
     if not (plan or cfg.is_pruned):

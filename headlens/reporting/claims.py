@@ -156,6 +156,9 @@ def pruning_claims(report) -> list[str]:
                    f"{phys.get('speedup_median', phys['speedup']):.2f}x as fast "
                    f"(median{spread}; {num(phys['time_full_ms'], 3)} -> {num(phys['time_pruned_ms'], 3)} ms per batch "
                    f"here).")
+    elif best and pr.get("physical_refused"):
+        out.append(f"The saved plan (prune_plan.json, {best} order) is not applied physically: "
+                   f"{pr['physical_refused']}.")
     elif best:
         out.append(f"The saved plan (prune_plan.json, {best} order) removes no head.")
     return out

@@ -355,7 +355,7 @@ def _prune(model, task, texts, config: dict, metrics: tuple, progress: bool) -> 
     """Pruning curves of the three methods (the ablation order from the sweep's ``metrics``), the
     recommended plan, and what removing its heads physically saves (parameters, forward time)."""
     from headlens.pruning.curve import pruning_curve
-    from headlens.pruning.physical import measure_speedup, prune_heads
+    from headlens.pruning.physical import measure_speedup, prune_heads, pruning_refusal
 
     res = pruning_curve(model, task, target=config["prune_target"], floor=config["prune_floor"],
                         split=PRUNE_SPLIT, seed=config["seed"], ablation=config["ablation"],
@@ -371,7 +371,9 @@ def _prune(model, task, texts, config: dict, metrics: tuple, progress: bool) -> 
     for m, extra in res.stats.get("methods", {}).items():
         summary["methods"].setdefault(m, {}).update(extra)
     summary.update({k: v for k, v in res.stats.items() if k != "methods"})
-    if plan:
+    if plan and pruning_refusal(model):
+        summary["physical_refused"] = pruning_refusal(model)
+    elif plan:
         batch = model.to_tokens(texts[:8], truncate=True)
         with torch.no_grad():
             summary["physical"] = measure_speedup(model, prune_heads(model, plan), batch, repeats=10, warmup=2)
