@@ -134,11 +134,11 @@ def test_edge_patching_is_the_model_the_corrupted_run_and_activation_patching(na
         assert not graph.allowed[graph.senders.index(("head", 0, 0)), graph.receivers.index(("mlp", 0, -1))]
     batch = task.batches(model)[0]
     with torch.no_grad():
-        hidden, outputs, _ = graph_forward(model, graph, batch.inputs)
+        hidden, _ = graph_forward(model, graph, batch.inputs)
         assert torch.equal(hidden, model(batch.inputs, return_type="hidden"))
-        corrupted, corr_outputs, _ = graph_forward(model, graph, batch.corrupted)
-        everything, _, _ = graph_forward(model, graph, batch.inputs, patched=graph.allowed, replacement=corr_outputs)
-        assert (everything - corrupted).abs().max() < 1e-4
+        corrupted, trace = graph_forward(model, graph, batch.corrupted)
+        everything, _ = graph_forward(model, graph, batch.inputs, patched=graph.allowed, replacement=trace)
+        assert (everything - corrupted).abs().max() < 1e-4  # no edge kept: the sum over kept edges is empty
     head = ("head", 1, 1)
     kept = graph.allowed.clone()
     kept[graph.senders.index(head)] = False  # every edge out of head 1.1 takes its corrupted output

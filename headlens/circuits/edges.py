@@ -53,9 +53,11 @@ class EdgeAttribution:
             base, source = split_inputs(batch, self.direction)
             ref = task.reference(model, batch)
             with torch.no_grad():
-                hidden, a_base, _ = graph_forward(model, graph, base)
+                hidden, trace = graph_forward(model, graph, base)
+                a_base = trace.outputs
                 base_metric.append(task.compute(model, hidden, batch, ref).double().cpu())
-                hidden, a_source, _ = graph_forward(model, graph, source)
+                hidden, trace = graph_forward(model, graph, source)
+                a_source = trace.outputs
                 source_metric.append(task.compute(model, hidden, batch, ref).double().cpu())
             grads = torch.zeros(*a_base.shape[:2], n_receivers, a_base.shape[-1], dtype=a_base.dtype,
                                 device=a_base.device)
@@ -63,9 +65,9 @@ class EdgeAttribution:
             for alpha in alphas:
                 x0 = x_source + alpha * (x_base - x_source)
                 with torch.enable_grad():
-                    hidden, _, taps = graph_forward(model, graph, residual=x0,
-                                                    attention_mask=base.get("attention_mask"), taps=True)
-                    metric = task.compute(model, hidden, batch, ref).sum()
+                    hidden, trace = graph_forward(model, graph, residual=x0,
+                                                  attention_mask=base.get("attention_mask"), taps=True)
+                    metric, taps = task.compute(model, hidden, batch, ref).sum(), trace.taps
                     g = torch.autograd.grad(metric, [taps[j] for j in range(n_receivers)], allow_unused=True)
                 for j, gj in enumerate(g):
                     if gj is not None:

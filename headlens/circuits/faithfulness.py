@@ -43,11 +43,11 @@ def circuit_metrics(model, task, kept: list, batch_size: int = 8, graph: Optiona
     out, clean, corrupted = [[] for _ in kept], [], []
     for batch in tqdm(batches, desc="exact circuit runs", disable=not progress, leave=False):
         ref = task.reference(model, batch)
-        hidden, a_corr, _ = graph_forward(model, graph, batch.corrupted)
+        hidden, corr_trace = graph_forward(model, graph, batch.corrupted)
         corrupted.append(task.compute(model, hidden, batch, ref).double().cpu())
         clean.append(task.compute(model, model(batch.inputs, return_type="hidden"), batch, ref).double().cpu())
         for c, keep in enumerate(kept):
-            hidden, _, _ = graph_forward(model, graph, batch.inputs, patched=~keep, replacement=a_corr)
+            hidden, _ = graph_forward(model, graph, batch.inputs, patched=~keep, replacement=corr_trace)
             out[c].append(task.compute(model, hidden, batch, ref).double().cpu())
     return (np.stack([torch.cat(o).numpy() for o in out]) if kept else np.zeros((0, len(task))),
             torch.cat(clean).numpy(), torch.cat(corrupted).numpy())

@@ -13,7 +13,9 @@ heads feed its own MLP unless the block is parallel, as in GPT-NeoX), as in Tran
 stream, ``x_v = x - sum_u patched[u, v] (a_u - a_u,replacement) + tap_v``: with no patch and no tap
 it is the ordinary forward; a patched edge makes ``v`` see ``u``'s replacement (e.g. corrupted)
 output instead of its current one (Hanna et al. 2024's edge patching); ``tap_v`` (zeros) lets one
-backward pass give ``dM / d x_v`` for every receiver. Each receiver's q, k or v is computed from its
+backward pass give ``dM / d x_v`` for every receiver. Since the residual stream is the sum of its
+senders' outputs, ``x_v`` is also the replacement run's residual plus the kept edges' differences:
+a circuit of few edges costs about one forward pass however large the graph. Each receiver's q, k or v is computed from its
 own input with the layer's norm, weights and rotary embedding; an MLP receiver's output is the
 layer's MLP on its own input.
 
@@ -27,6 +29,7 @@ from typing import Optional
 import torch
 
 from headlens.circuits.runs import check_additive
+from headlens.errors import check
 
 
 @dataclass
@@ -84,11 +87,11 @@ class EdgeGraph:
 
     def layer_receivers(self, layer: int) -> dict:
         """``{via: [receiver index]}`` of ``layer`` (``logits``: layer ``L``)."""
-        out = {}
-        for j, (via, ll, _) in enumerate(self.receivers):
-            if ll == layer:
-                out.setdefault(via, []).append(j)
-        return out
+        if not hasattr(self, "_by_layer"):
+            self._by_layer = {}
+            for j, (via, ll, _) in enumerate(self.receivers):
+                self._by_layer.setdefault(ll, {}).setdefault(via, []).append(j)
+        return self._by_layer.get(layer, {})
 
 
 def _project(attn, Y: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
@@ -104,14 +107,26 @@ def _rotate(attn, t: torch.Tensor, cos_sin) -> torch.Tensor:
     return attn.rotary.apply(t.transpose(1, 2), cos, sin).transpose(1, 2)
 
 
+@dataclass
+class Trace:
+    """What one :func:`graph_forward` leaves: every sender's output ``outputs [R, P, n_s, D]``, the
+    residual stream at each read point (``reads``: ``("pre", l)`` entering layer ``l``, ``("mid", l)``
+    entering its MLP, ``"final"``; each ``[R, P, D]``) and the zero taps ``{receiver: [R, P, D]}``."""
+
+    outputs: torch.Tensor
+    reads: dict
+    taps: dict
+
+
 class _GraphRun:
     """The hooks of one :func:`graph_forward` and the state they share."""
 
-    def __init__(self, model, graph: EdgeGraph, R: int, P: int, patched, replacement, taps: bool, dtype):
+    def __init__(self, model, graph: EdgeGraph, R: int, P: int, patched, replacement: Optional[Trace], taps: bool,
+                 dtype):
         self.model, self.graph, self.patched, self.replacement = model, graph, patched, replacement
         self.outputs = torch.zeros(R, P, len(graph.senders), model.cfg.d_model, dtype=dtype, device=model.device)
         self.index = {s: i for i, s in enumerate(graph.senders)}
-        self.taps = {}
+        self.reads, self.taps = {}, {}
         if taps:
             self.taps = {j: torch.zeros(R, P, model.cfg.d_model, dtype=dtype, device=model.device, requires_grad=True)
                          for j in range(len(graph.receivers))}
@@ -120,18 +135,25 @@ class _GraphRun:
         pos = torch.arange(P, device=model.device)[None].expand(R, P)
         self.cos_sin = rot.cos_sin(pos, dtype) if rot is not None else None
 
-    def inputs(self, x: torch.Tensor, receivers: list) -> Optional[torch.Tensor]:
-        """``[R, P, len(receivers), D]``: each receiver's own residual input, or None if all are ``x``."""
+    def inputs(self, x: torch.Tensor, receivers: list, point) -> Optional[torch.Tensor]:
+        """``[R, P, len(receivers), D]``: each receiver's own residual input, or None if all are ``x``.
+
+        ``x`` is the sum of the outputs of every sender upstream of the read point (plus biases, the
+        same in every run), and so is the replacement run's residual there; so ``x - sum_patched
+        (a_u - c_u)`` equals ``x_repl + sum_kept (a_u - c_u)``, and the shorter sum is used."""
+        self.reads[point] = x.detach()
         patched = self.patched is not None and bool(self.patched[:, receivers].any())
-        tapped = bool(self.taps)
-        if not patched and not tapped:
+        if not patched and not self.taps:
             return None
         X = x[:, :, None].expand(-1, -1, len(receivers), -1)
         if patched:
-            mask = self.patched[:, receivers].to(x.dtype)  # [n_s, n]
-            diff = self.outputs - self.replacement
-            X = X - torch.einsum("rpsD,sn->rpnD", diff, mask)
-        if tapped:
+            mask = self.patched[:, receivers]
+            kept = self.graph.allowed[:, receivers].to(mask.device) & ~mask
+            base, use, sign = (self.replacement.reads[point], kept, 1.0) if kept.sum() < mask.sum() else (x, mask, -1.0)
+            senders = use.any(1).nonzero()[:, 0]
+            diff = self.outputs[:, :, senders] - self.replacement.outputs[:, :, senders]
+            X = base[:, :, None] + sign * torch.einsum("rpsD,sn->rpnD", diff, use[senders].to(x.dtype))
+        if self.taps:
             X = X + torch.stack([self.taps[j] for j in receivers], 2)
         return X
 
@@ -155,12 +177,12 @@ class _GraphRun:
         def hook(x, hook):
             if layer == 0:
                 self.outputs[:, :, 0] = x.detach()
-            self.mid = x  # a parallel block's MLP reads the layer input
+            self.mid = (("pre", layer), x)  # a parallel block's MLP reads the layer input
             block, mine = self.model.blocks[layer], self.graph.layer_receivers(layer)
             attn = block.attn
             weights = {"q": (attn.W_Q, attn.b_Q), "k": (attn.W_K, attn.b_K), "v": (attn.W_V, attn.b_V)}
             for via in ("q", "k", "v"):
-                X = self.inputs(x, mine[via])
+                X = self.inputs(x, mine[via], ("pre", layer))
                 if X is None:
                     self.qkv[(layer, via)] = None
                     continue
@@ -184,14 +206,14 @@ class _GraphRun:
         return hook
 
     def _mid(self, x, hook):
-        self.mid = x
+        self.mid = (("mid", int(hook.name.split(".")[1])), x)
         return x
 
     def _mlp(self, layer: int):
         def hook(out, hook):
             block = self.model.blocks[layer]
-            j = self.graph.layer_receivers(layer)["mlp"]
-            X = self.inputs(self.mid, j)
+            point, x = self.mid
+            X = self.inputs(x, self.graph.layer_receivers(layer)["mlp"], point)
             if X is not None:
                 out = block.mlp(block.ln2(X[:, :, 0]))
             self.outputs[:, :, self.index[("mlp", layer, -1)]] = out.detach()
@@ -199,18 +221,18 @@ class _GraphRun:
         return hook
 
     def _final(self, x, hook):
-        X = self.inputs(x, [len(self.graph.receivers) - 1])
+        X = self.inputs(x, [len(self.graph.receivers) - 1], "final")
         return x if X is None else X[:, :, 0]
 
 
 def graph_forward(model, graph: EdgeGraph, inputs: Optional[dict] = None, residual: Optional[torch.Tensor] = None,
                   attention_mask: Optional[torch.Tensor] = None, patched: Optional[torch.Tensor] = None,
-                  replacement: Optional[torch.Tensor] = None, taps: bool = False) -> tuple:
+                  replacement: Optional[Trace] = None, taps: bool = False) -> tuple[torch.Tensor, Trace]:
     """One forward with per-receiver inputs (see the module doc). ``inputs`` (a batch) or ``residual``
-    (the embeddings ``[R, P, D]``, with ``attention_mask``); ``patched [n_s, n_r]`` (1: the edge takes
-    its sender's ``replacement [R, P, n_s, D]`` output). Returns ``(hidden [R, P, D], outputs
-    [R, P, n_s, D], taps {receiver: [R, P, D]})``: final hidden states, each sender's output in this
-    run, and the zero taps added to each receiver's input (with ``taps``, for gradients)."""
+    (the embeddings ``[R, P, D]``, with ``attention_mask``); ``patched [n_s, n_r]`` (True: the edge takes
+    its sender's output in ``replacement``, the :class:`Trace` of another run of the same shape).
+    Returns the final hidden states ``[R, P, D]`` and this run's :class:`Trace` (with ``taps``: zeros
+    added to every receiver's input, for gradients)."""
     if inputs is not None:
         ids = inputs["input_ids"]
         R, P, dtype = ids.shape[0], ids.shape[1], model.dtype
@@ -218,6 +240,7 @@ def graph_forward(model, graph: EdgeGraph, inputs: Optional[dict] = None, residu
     else:
         R, P, dtype = residual.shape[0], residual.shape[1], residual.dtype
     if patched is not None:
+        check(replacement is not None, "patched edges need the replacement run's trace")
         patched = patched.bool().to(model.device) & graph.allowed.to(model.device)
     run = _GraphRun(model, graph, R, P, patched, replacement, taps, dtype)
     with model.hooks(fwd_hooks=run.hooks()):
@@ -225,4 +248,4 @@ def graph_forward(model, graph: EdgeGraph, inputs: Optional[dict] = None, residu
             hidden = model(inputs, return_type="hidden")
         else:
             hidden = model(residual=residual, attention_mask=attention_mask, return_type="hidden")
-    return hidden, run.outputs, run.taps
+    return hidden, Trace(run.outputs, run.reads, run.taps)

@@ -3,10 +3,12 @@ a folder atomically and resumably, and the same results as the "Circuits" sectio
 ``headlens report --circuits``.
 
 The analyses, in order: the metric on clean and corrupted inputs; direct logit attribution (contrast
-tasks); activation patching of every head's z, q, k, v and pattern (all positions) and of the key
-heads' z per position; composition and copying scores; path patching between heads (every head of
-a model with at most ``path_heads`` heads, else the ``top_heads`` key heads) and into the logits;
-EAP-IG edge scores and a circuit chosen on half of the examples and verified on the other half.
+tasks); activation patching of every head's z (all positions), which names the *key heads* (the
+``top_heads`` whose patch moves the metric most, 95% CI excluding 0); patching of q, k, v and the
+pattern (of every head on a model with at most ``path_heads`` heads, else of the key heads) and of
+the first ``position_heads`` key heads' z per position; composition and copying scores; path
+patching between heads (all of them, or the key heads) and into the logits; EAP-IG edge scores
+and a circuit chosen on half of the examples and verified on the other half.
 
 Folder: ``dla.csv`` (``layer, head, attribution, ci_low, ci_high, from_right, from_wrong``),
 ``dla_positions.csv``, ``dla_components.csv``, ``patching.csv``, ``patching_positions.csv``,
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -44,7 +47,7 @@ from headlens.reporting.run_record import PACKAGES, package_version
 
 CIRCUIT_FILE = "circuit.json"
 DEFAULTS = dict(batch_size=8, n_bootstrap=1000, seed=0, activations=("z", "q", "k", "v", "pattern"),
-                top_heads=12, path_heads=64, method="eap-ig", steps=5, target=0.8, n_edges=None, split=0.5,
+                top_heads=12, position_heads=6, path_heads=64, method="eap-ig", steps=5, target=0.8, n_edges=None, split=0.5,
                 n_baseline=500)
 TABLES = {"dla": "dla.csv", "dla_positions": "dla_positions.csv", "dla_components": "dla_components.csv",
           "patching": "patching.csv", "patching_positions": "patching_positions.csv", "paths": "path_patching.csv",
@@ -68,19 +71,30 @@ def analyse(model, task, config: Optional[dict] = None, stage: Optional[Callable
     check_applicable(model, task)
     bs, nb, seed = c["batch_size"], c["n_bootstrap"], c["seed"]
     res = dict(config=c, model=dict(name=model.cfg.name, family=model.cfg.family, n_layers=model.cfg.n_layers,
-                                    n_heads=model.cfg.n_heads, n_heads_total=model.cfg.n_heads_total))
+                                    n_heads=model.cfg.n_heads, n_kv_heads=model.cfg.n_kv_heads,
+                                    n_heads_total=model.cfg.n_heads_total))
     res["task"] = stage("gap", lambda: metric_gap(model, task, bs, nb, seed))
     if isinstance(task, ContrastTask):
         dla = stage("dla", lambda: LogitAttribution(bs, nb, seed).fit(model, task))
         res.update(dla=dla.heads_, dla_positions=dla.positions_, dla_components=dla.components_,
                    dla_error=dla.reconstruction_error_)
-    res["patching"] = stage("patching", lambda: activation_patching(
-        model, task, c["activations"], batch_size=bs, n_bootstrap=nb, seed=seed, progress=progress))
-    key = key_heads(res["patching"], c["top_heads"])
-    if key:
-        res["patching_positions"] = stage("patching_positions", lambda: activation_patching(
-            model, task, ("z",), by_position=True, heads=key, batch_size=bs, n_bootstrap=nb, seed=seed,
+    small = model.cfg.n_heads_total <= c["path_heads"]
+    first = ("z",) if "z" in c["activations"] or not small else tuple(c["activations"])
+    patching = stage("patching", lambda: activation_patching(
+        model, task, first, batch_size=bs, n_bootstrap=nb, seed=seed, progress=progress))
+    key = key_heads(patching, c["top_heads"])
+    rest = tuple(a for a in c["activations"] if a not in first)
+    if rest and (small or key):
+        more = stage("patching_inputs", lambda: activation_patching(
+            model, task, rest, heads=None if small else key, batch_size=bs, n_bootstrap=nb, seed=seed,
             progress=progress))
+        patching = pd.concat([patching, more], ignore_index=True).sort_values(
+            ["activation", "layer", "head", "position"], ignore_index=True)
+    res["patching"] = patching
+    if key and c["position_heads"] > 0:
+        res["patching_positions"] = stage("patching_positions", lambda: activation_patching(
+            model, task, ("z",), by_position=True, heads=key[:c["position_heads"]], batch_size=bs,
+            n_bootstrap=nb, seed=seed, progress=progress))
     res["composition"] = stage("composition", lambda: composition_scores(model, c["n_baseline"], seed))
     res["copying"] = stage("copying", lambda: copying_scores(model))
     heads = None if model.cfg.n_heads_total <= c["path_heads"] else sorted(key)
@@ -112,7 +126,8 @@ def write_results(res: dict, folder: Path, prefix: str = "") -> dict:
     circuit = res["circuit"]
     edges = pd.DataFrame(circuit["edges"], columns=["sender", "receiver", "via", "score", "rank"])
     ends = edges.assign(receiver_layer=[_layer(r, res["model"]["n_layers"]) for r in edges.receiver])
-    paths = fc.circuit_graph(ends, str(fig_dir / "circuit_graph"), res["model"]["n_layers"],
+    group = res["model"]["n_heads"] // res["model"].get("n_kv_heads", res["model"]["n_heads"])
+    paths = fc.circuit_graph(ends, str(fig_dir / "circuit_graph"), res["model"]["n_layers"], group=group,
                              title=f"{circuit['method'].upper()} circuit: {circuit['n_edges']} edges, verified "
                                    f"faithfulness {circuit['verified']['faithfulness']:.2f}")
     figures["circuit_graph"] = (paths[0], "Circuit graph",
@@ -155,8 +170,8 @@ def verification_table(circuit: dict) -> pd.DataFrame:
     chosen on (stated), exact on held-out examples (verified)."""
     s, v = circuit["stated"], circuit["verified"]
     return pd.DataFrame([
-        dict(measure="estimate (edge scores, linear)", faithfulness=circuit["estimated"], ci_low=None, ci_high=None,
-             n_examples=s["n_examples"]),
+        dict(measure="estimate (edge scores, linear)", faithfulness=circuit["estimated"], ci_low=np.nan,
+             ci_high=np.nan, n_examples=s["n_examples"]),
         dict(measure="stated (exact, selection examples)", **{k: s[k] for k in ("faithfulness", "ci_low", "ci_high",
                                                                                  "n_examples")}),
         dict(measure="verified (exact, held-out examples)", **{k: v[k] for k in ("faithfulness", "ci_low", "ci_high",

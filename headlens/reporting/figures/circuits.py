@@ -18,8 +18,9 @@ from headlens.reporting.figures.patterns import save_figure
 VIA_COLORS = {"q": "#1f77b4", "k": "#d62728", "v": "#2ca02c", "mlp": "#9467bd", "logits": "#ff7f0e"}
 
 
-def _node(name: str) -> tuple[str, float, float]:
-    """A graph node's label and position (x: layer, y: head) from an edge end's name."""
+def _node(name: str, group: int = 1) -> tuple[str, float, float]:
+    """A graph node's label and position (x: layer, y: head) from an edge end's name; ``group``: query
+    heads per key/value head (1: a key/value head is drawn as its query head)."""
     base = name.split("<")[0]
     if base == "input":
         return base, -1.0, 0.0
@@ -29,36 +30,41 @@ def _node(name: str) -> tuple[str, float, float]:
         return base, int(base[3:]) + 0.5, -1.5
     layer, head = base.split(".")
     if head.startswith("kv"):
-        return base, int(layer), -0.5 - int(head[2:])  # a key/value head (grouped-query attention)
+        j = int(head[2:])
+        if group == 1:
+            return f"{layer}.{j}", int(layer), float(j)
+        return base, int(layer) - 0.3, j * group + (group - 1) / 2  # beside the query heads it serves
     return base, int(layer), float(head)
 
 
 def circuit_graph(edges: pd.DataFrame, path: str = "circuit_graph", n_layers: Optional[int] = None,
-                  title: str = "Circuit") -> list[str]:
+                  title: str = "Circuit", group: int = 1) -> list[str]:
     """The circuit's components as nodes (x: layer, y: head; MLPs below, the input left, the logits
-    right) and its edges as arrows coloured by the receiver's input (q, k, v, MLP, logits), width
-    proportional to ``|score|``."""
+    right; under grouped-query attention the key/value heads beside their query heads) and its
+    edges as arrows coloured by the receiver's input (q, k, v, MLP, logits), width proportional to
+    ``|score|``; of several edges between the same two components the strongest is drawn."""
     g = nx.DiGraph()
     last = n_layers if n_layers is not None else int(max([0] + [int(e) for e in edges.receiver_layer]))
     pos = {}
     for name in list(edges.sender) + list(edges.receiver):
-        label, x, y = _node(name)
+        label, x, y = _node(name, group)
         pos[label] = (last + 0.5 if x is None else x, y)
         g.add_node(label)
-    widths = []
     scale = float(edges.score.abs().max()) if len(edges) else 1.0
+    strongest = {}
     for r in edges.itertuples():
-        a, b = _node(r.sender)[0], _node(r.receiver)[0]
-        g.add_edge(a, b, via=r.via)
-        widths.append(0.6 + 3.4 * abs(r.score) / (scale or 1.0))
-    layers = sorted({x for x, _ in pos.values()}) or [0]
+        a, b = _node(r.sender, group)[0], _node(r.receiver, group)[0]
+        if abs(r.score) >= strongest.get((a, b), (None, -1.0))[1]:
+            strongest[(a, b)] = (r.via, abs(r.score))
+    for (a, b), (via, _) in strongest.items():
+        g.add_edge(a, b, via=via)
+    widths = [0.6 + 3.4 * strongest[e][1] / (scale or 1.0) for e in g.edges]
     heads = sorted({y for _, y in pos.values()}) or [0]
-    fig = Figure(figsize=(max(5.0, 1.3 * len(layers) + 2), max(3.2, 0.42 * len(heads) + 1.6)))
+    fig = Figure(figsize=(max(5.0, 1.3 * (last + 2) + 2), max(3.2, 0.42 * len(heads) + 1.6)))
     ax = fig.add_subplot()
     colors = [VIA_COLORS.get(g.edges[e]["via"], "#777777") for e in g.edges]
-    nx.draw_networkx_edges(g, pos, ax=ax, edge_color=colors, width=widths[:len(g.edges)] if widths else 1.0,
-                           arrows=True, arrowsize=9, alpha=0.75, connectionstyle="arc3,rad=0.08",
-                           node_size=520)
+    nx.draw_networkx_edges(g, pos, ax=ax, edge_color=colors, width=widths or 1.0, arrows=True, arrowsize=9,
+                           alpha=0.75, connectionstyle="arc3,rad=0.08", node_size=520)
     nx.draw_networkx_nodes(g, pos, ax=ax, node_color="#f2f2f2", edgecolors="#444444", node_size=520)
     nx.draw_networkx_labels(g, pos, ax=ax, font_size=7)
     for via, color in VIA_COLORS.items():
@@ -66,8 +72,8 @@ def circuit_graph(edges: pd.DataFrame, path: str = "circuit_graph", n_layers: Op
     ax.legend(title="into", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("layer")
-    ax.tick_params(left=False, labelleft=False)
-    ax.set_axis_on()
+    ax.set_xticks(range(0, last))
+    ax.tick_params(left=False, labelleft=False, bottom=True, labelbottom=True)
     ax.set_frame_on(False)
     return save_figure(fig, path)
 
