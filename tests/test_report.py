@@ -223,6 +223,21 @@ def test_findings_follow_the_numbers(tmp_path):
     strict = int(((rep.heads.p_holm < 0.05) & (damage > 0)).sum())
     assert f"{needed} of 12 heads ({needed / 12:.0%}) are needed" in text and "Benjamini-Hochberg" in text
     assert f"{strict} of them also at a family-wise error rate of 5% (Holm)" in text
+    # controls and power: said first when they undercut the rest, else after the head findings
+    power = dict(sd=0.2, effect=0.01, effect_label="10%", alpha=0.05, power=0.8, n_tests=12, n_examples=10,
+                 n_needed=3000, n_needed_familywise=5000, detectable=0.2, sweep_sd=0.001, sweep_detectable=0.002)
+    controls = dict(full=1.0, uniform=0.9, ablated=0.8, chance=0.0, kept_uniform=0.9, kept_ablated=0.8,
+                    needs_attention=False, ablation="zero")
+    rep.run["results"].update(power=power, controls=controls)
+    found = render.findings(rep)
+    assert found[0].startswith("Caution: this task keeps most of its metric without attention (kept 90%)")
+    assert not any(f.startswith("Warning") for f in found)  # the sweep's own paired SD detects 0.002 <= 0.01
+    rep.run["results"]["power"] = dict(power, sweep_detectable=0.05)
+    rep.run["results"]["controls"] = dict(controls, uniform=0.1, ablated=0.0, kept_uniform=0.1, kept_ablated=0.0,
+                                          needs_attention=True)
+    found = render.findings(rep)
+    assert found[0].startswith("Warning: too few examples") and "needs 3000 examples" in found[0]
+    assert any(f.startswith("Task-sensitivity controls") and f.endswith("The task needs attention.") for f in found)
     assert "Role census: 6 previous-token, 3 first-token sink, 3 broad." in text
     rho = pd.concat([rep.heads.grad_importance_raw, rep.heads.importance.abs()], axis=1).corr(method="spearman")
     assert f"rho = {rho.iloc[0, 1]:.2f}" in text

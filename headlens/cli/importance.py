@@ -91,7 +91,10 @@ def run(args) -> int:
         shown = [c for c in table.columns if c not in ("metric_clean", "n_examples", "grad_importance_raw")]
         print(table[shown].round(4).to_string(index=False))
     print(f"\nclean {task.metric_name}: {sweep['metric_clean'].iloc[0]:.4f}; importance = metric(ablated) - "
-          "metric(clean), 95% bootstrap CI; damage > 0 means ablating the head hurts")
+          "metric(clean), 95% bootstrap CI; damage > 0 means ablating the head hurts; p_value: paired t-test, "
+          "q_value: Benjamini-Hochberg over the heads, p_holm: Holm")
+    needed = int(((sweep.q_value < 0.05) & (sweep.damage > 0)).sum())
+    print(f"needed at a 5% false-discovery rate (q_value < 0.05, damage > 0): {needed} of {len(sweep)} heads")
     top = sweep.sort_values("damage", ascending=False).head(5)
     print("most important: " + ", ".join(f"{r.layer}.{r.head} ({r.importance:+.3f} "
                                          f"[{r.importance_ci_low:+.3f}, {r.importance_ci_high:+.3f}])"

@@ -93,7 +93,14 @@ def control_claims(report) -> tuple[list[str], list[str]]:
                 f"{p['alpha']:g} needs {p['n_needed']} examples ({p['n_needed_familywise']} at the Bonferroni level "
                 f"{p['alpha']:g}/{p['n_tests']}); this run has {p['n_examples']}, which detects "
                 f"{num(p['detectable'])} at {p['alpha']:g}.")
-        if p["n_examples"] < p["n_needed"]:
+        if p.get("sweep_sd") is not None:
+            text += (f" In the sweep itself a single head's per-example change has a median SD of {num(p['sweep_sd'])}, "
+                     f"so its paired tests detect changes of {num(p['sweep_detectable'])} "
+                     + ("or more: enough for the effect above." if p["sweep_detectable"] <= p["effect"] else
+                        "or more: smaller single-head effects may be missed."))
+        short = p["sweep_detectable"] > p["effect"] if p.get("sweep_detectable") is not None \
+            else p["n_examples"] < p["n_needed"]
+        if short:
             first.append("Warning: too few examples for the claims below. " + text)
         else:
             later.append(text)

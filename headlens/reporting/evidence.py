@@ -67,3 +67,17 @@ def reproducibility(task, texts, config: dict, pruning: dict, split: float) -> d
                            spearman_bootstrap=seed),
                 n_bootstrap=dict(importance=config["n_bootstrap"], pruning=stats.get("n_bootstrap"),
                                  spearman=1000))
+
+
+def sweep_power(power: dict, metrics: tuple) -> dict:
+    """``power`` with what the sweep's paired tests could detect: the median over heads of the SD
+    of the per-example differences, and the change that SD and the task's examples detect."""
+    import numpy as np
+
+    from headlens.importance.controls import detectable_effect
+
+    heads, clean, ablated = metrics
+    if not power or len(clean) < 2:
+        return power
+    sd = float(np.median([np.std(ablated[h] - clean, ddof=1) for h in heads]))
+    return dict(power, sweep_sd=sd, sweep_detectable=detectable_effect(sd, len(clean), power["alpha"], power["power"]))

@@ -293,7 +293,13 @@ def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progr
     from headlens.patterns.clusters import HeadClusterer
     from headlens.patterns.roles import assign_roles
     from headlens.patterns.scores import pattern_scores
-    from headlens.reporting.evidence import reproducibility, sweep_statistics, task_controls, task_power
+    from headlens.reporting.evidence import (
+        reproducibility,
+        sweep_power,
+        sweep_statistics,
+        task_controls,
+        task_power,
+    )
 
     seed, batch_size = config["seed"], config["batch_size"]
     with step("pattern scores"):
@@ -312,6 +318,7 @@ def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progr
             model, task, ablation=config["ablation"], seed=seed, batch_size=batch_size,
             resume_dir=folder.sweep_resume_dir(), progress=progress))
         sweep = importance_table(*metrics, task, n_bootstrap=config["n_bootstrap"], seed=seed)
+        power = sweep_power(power, metrics)
     with step("gradient importance"):
         grads = folder.stage("gradients", lambda: gradient_importance(model, task, batch_size=batch_size,
                                                                        progress=progress))
