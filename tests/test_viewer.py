@@ -58,6 +58,26 @@ def bert(bert_hf, bert_tokenizer):
     return headlens.from_hf_model(bert_hf, bert_tokenizer)
 
 
+@pytest.fixture(scope="module")
+def mistral_hf(bert_tokenizer):
+    """A random Mistral decoder: grouped-query attention (6 heads over 2 kv heads) and a sliding
+    window of 4 positions, shorter than the text."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(2)
+    tok = bert_tokenizer
+    cfg = MistralConfig(vocab_size=tok.vocab_size, hidden_size=36, intermediate_size=44, num_hidden_layers=2,
+                        num_attention_heads=6, num_key_value_heads=2, head_dim=12, sliding_window=4,
+                        max_position_embeddings=64, initializer_range=0.3, bos_token_id=tok.cls_token_id,
+                        eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, attn_implementation="eager")
+    return MistralForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def mistral(mistral_hf, bert_tokenizer):
+    return headlens.from_hf_model(mistral_hf, bert_tokenizer)
+
+
 def hf_patterns(hf, ids) -> np.ndarray:
     """transformers' attention weights ``[L * H, P, P]`` for one sequence of ids."""
     with torch.no_grad():
@@ -70,16 +90,19 @@ def ids_of(model, text) -> list:
 
 
 # --- the payload ---------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["decoder", "encoder"])
-def test_view_numbers_equal_transformers_attention(kind, tiny_gpt2, tiny_gpt2_hf, bert, bert_hf, bert_tokenizer):
-    model, hf = (tiny_gpt2, tiny_gpt2_hf) if kind == "decoder" else (bert, bert_hf)
+@pytest.mark.parametrize("kind", ["decoder", "encoder", "sliding window"])
+def test_view_numbers_equal_transformers_attention(kind, tiny_gpt2, tiny_gpt2_hf, bert, bert_hf, mistral, mistral_hf,
+                                                   bert_tokenizer):
+    model, hf = dict(decoder=(tiny_gpt2, tiny_gpt2_hf), encoder=(bert, bert_hf),
+                     **{"sliding window": (mistral, mistral_hf)})[kind]
     view = attention(model, TEXT)
     ids = ids_of(model, TEXT)
     ref = hf_patterns(hf, ids)
     assert view.heads == model.head_labels() and view.patterns.shape == ref.shape
     assert np.abs(view.patterns - ref).max() <= ROUNDING
     assert view.tokens == [bert_tokenizer.decode([i]) for i in ids]
-    assert view.data["causal"] is (kind == "decoder") and view.data["note"] == ""
+    assert view.data["causal"] is (kind != "encoder") and view.data["note"] == ""
+    assert view.data["sliding_window"] == (4 if kind == "sliding window" else None)
 
 
 def test_a_cut_text_is_what_the_model_ran_on(bert, bert_hf):
@@ -227,11 +250,12 @@ def assert_shows(snap, pattern, q, k):
 
 
 @needs_chromium
-def test_notebook_views_respond_to_clicks_and_hovers(planted, bert, bert_hf, tmp_path):
+def test_notebook_views_respond_to_clicks_and_hovers(planted, bert, bert_hf, mistral, mistral_hf, tmp_path):
     model, ids = planted
     dec, enc = attention(model, ids, head_notes={k: v for k, v in ROLES.items()}), attention(bert, TEXT)
     broken = AttentionView(dict(enc.data, values=enc.data["values"][:-8]))
-    page = dec._repr_html_() + enc._repr_html_() + broken._repr_html_()  # three outputs of one notebook
+    window = attention(mistral, TEXT)
+    page = "".join(v._repr_html_() for v in (dec, enc, broken, window))  # four outputs of one notebook
     steps = [["snap", 0], ["hover", 0, "from", 5], ["snap", 0],                         # 0, 1
              ["select", 0, "layer", 1], ["select", 0, "headsel", 2], ["hover", 0, "to", 12], ["snap", 0],  # 2
              ["thumb", 0, 1], ["snap", 0],                                              # 3: head 0.1
@@ -243,10 +267,11 @@ def test_notebook_views_respond_to_clicks_and_hovers(planted, bert, bert_hf, tmp
              ["cell", 0, 10, 9], ["snap", 0],                                           # 9: query 10, key 9
              ["hover", 1, "from", 4], ["snap", 1],                                      # 10
              ["select", 1, "layer", 1], ["select", 1, "headsel", 3], ["snap", 1],       # 11
-             ["cell", 1, 2, 7], ["snap", 1]]                                            # 12
+             ["cell", 1, 2, 7], ["snap", 1],                                            # 12
+             ["thumb", 3, 4], ["hover", 3, "from", 8], ["snap", 3]]                     # 13: head 0.4
     seen = replay(page, steps, tmp_path)
     s = seen["snaps"]
-    assert seen["views"] == seen["built"] == 3 and seen["resources"] == [] and seen["external"] == 0
+    assert seen["views"] == seen["built"] == 4 and seen["resources"] == [] and seen["external"] == 0
     assert len(seen["errors"]) == 1 and "attention payload has" in seen["errors"][0]  # the broken one, alone
     assert len(seen["messages"]) == 1 and "attention payload has" in seen["messages"][0]
     p = dec.patterns  # heads 0.0 .. 1.3
@@ -273,6 +298,11 @@ def test_notebook_views_respond_to_clicks_and_hovers(planted, bert, bert_hf, tmp
     assert s[11]["head"] == "1.3"
     assert_shows(s[11], ref[7], 4, 4)
     assert_shows(s[12], ref[7], 2, 7)
+    ref = hf_patterns(mistral_hf, ids_of(mistral, TEXT))
+    assert s[13]["head"] == "0.4" and s[13]["note"] == " head 0.4 \u00b7 kv head 1"  # 6 heads over 2 kv heads
+    row, col = assert_shows(s[13], ref[4], 8, 8)
+    assert np.flatnonzero(~np.isnan(row)).tolist() == [5, 6, 7, 8]    # the window: 4 keys up to the query
+    assert np.flatnonzero(~np.isnan(col)).tolist() == [8, 9, 10, 11]  # ... and 4 queries from the key
 
 
 @needs_chromium

@@ -43,15 +43,16 @@
 
   var WHITE = [255, 255, 255], BLUE = [8, 69, 148], MASKED = [241, 241, 243];
 
-  function mix(v) {
-    v = Math.max(0, Math.min(1, v));
-    return [0, 1, 2].map(function (c) { return Math.round(WHITE[c] + (BLUE[c] - WHITE[c]) * v); });
+  var LUT = new Uint8ClampedArray(3 * 256);  /* white -> blue in 256 steps */
+  for (var step = 0; step < 256; step++) {
+    for (var c = 0; c < 3; c++) LUT[3 * step + c] = Math.round(WHITE[c] + (BLUE[c] - WHITE[c]) * step / 255);
   }
 
   function build(root) {
     var d = JSON.parse(root.querySelector("script.hl-attn-data").textContent);
     var T = d.tokens.length, heads = decode(d), fmt = function (v) { return v.toFixed(d.digits); };
     var state = { index: 0, q: null, k: null, pinned: false, scale: "raw" };
+    var painted = null;  /* the head and scale the matrix shows */
 
     function visible(q, k) {
       if (!d.causal) return true;
@@ -130,12 +131,18 @@
        "to pin it, click again or press Esc to let go. \u2190 \u2192 change head, \u2191 \u2193 change layer.", root);
 
     function paint(c, h, scale) {
-      var ctx = c.getContext("2d"), img = ctx.createImageData(T, T);
+      var ctx = c.getContext("2d"), img = ctx.createImageData(T, T), px = img.data;
       for (var q = 0; q < T; q++) {
         var m = rowMax(h, q, scale);
         for (var k = 0; k < T; k++) {
-          var px = 4 * (q * T + k), col = visible(q, k) ? mix(h.w[q * T + k] / m) : MASKED;
-          img.data[px] = col[0]; img.data[px + 1] = col[1]; img.data[px + 2] = col[2]; img.data[px + 3] = 255;
+          var at = 4 * (q * T + k);
+          if (visible(q, k)) {
+            var s = 3 * Math.round(255 * Math.min(1, h.w[q * T + k] / m));
+            px[at] = LUT[s]; px[at + 1] = LUT[s + 1]; px[at + 2] = LUT[s + 2];
+          } else {
+            px[at] = MASKED[0]; px[at + 1] = MASKED[1]; px[at + 2] = MASKED[2];
+          }
+          px[at + 3] = 255;
         }
       }
       ctx.putImageData(img, 0, 0);
@@ -193,7 +200,10 @@
       headNote.textContent = " head " + key + group + (d.head_notes[key] ? " \u00B7 " + d.head_notes[key] : "");
       root.setAttribute("data-head", key);
       thumbs.forEach(function (c, i) { c.classList.toggle("hl-sel", i === state.index); });
-      paint(canvas, h, state.scale);
+      if (painted !== state.index + " " + state.scale) {
+        paint(canvas, h, state.scale);
+        painted = state.index + " " + state.scale;
+      }
 
       var q = state.q, k = state.k, none = [];
       for (var j = 0; j < T; j++) none.push(false);
