@@ -165,10 +165,10 @@ def test_loaded_model_does_not_share_memory_with_transformers(tiny_gpt2_hf, bert
     ours = headlens.load(tiny_gpt2_hf, tokenizer=bert_tokenizer)
     with torch.no_grad():
         ours.blocks[0].attn.b_Q.add_(1.0)
-        ours.W_E.weight[0, 0] += 1.0
+        ours.W_E[0, 0] += 1.0
     assert not torch.equal(ours.blocks[0].attn.b_Q.reshape(-1),
                            tiny_gpt2_hf.transformer.h[0].attn.c_attn.bias[: ours.cfg.d_model])
-    assert ours.W_E.weight[0, 0] != tiny_gpt2_hf.transformer.wte.weight[0, 0]
+    assert ours.W_E[0, 0] != tiny_gpt2_hf.transformer.wte.weight[0, 0]
 
 
 def test_export_refuses_what_transformers_cannot_express(tiny_gpt2, tmp_path):

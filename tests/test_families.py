@@ -16,6 +16,7 @@ import transformers
 
 import headlens
 from headlens.io.families.llama import config_from_hf as llama_config
+from headlens.model.tokens import encode
 
 TOL = 1e-4
 TEXTS = [topics["assert"][:70], topics["pass"][:40]]  # two lengths: right padding in the batch
@@ -73,7 +74,7 @@ def case(request, bert_tokenizer, tmp_path_factory):
 
 
 def _batch(model):
-    batch = model.to_tokens(TEXTS)
+    batch = encode(model, TEXTS)
     assert batch["attention_mask"].sum(1).tolist()[0] > 5 + batch["attention_mask"].sum(1).tolist()[1]
     return batch
 
@@ -113,14 +114,14 @@ def test_parity_with_transformer_bridge(case, bert_tokenizer):
         pytest.skip(f"{type(hf).__name__} is not among TransformerLens' supported bridge architectures")
     bridge = TransformerBridge.boot_transformers(type(hf).__name__, hf_model=hf,
                                                 tokenizer=copy.deepcopy(bert_tokenizer))
-    ids = model.to_tokens(TEXTS[:1])["input_ids"]
+    ids = model.to_tokens(TEXTS[:1])
     with torch.no_grad():
         ref_logits, ref = bridge.run_with_cache(ids)
         logits, cache = model.run_with_cache(ids)
     assert (logits - ref_logits).abs().max() < TOL
-    # the bridge's post-rotary queries / keys are hook_rot_q / hook_rot_k (LLaMA-style families)
-    pairs = [("hook_pattern", "hook_pattern"), ("hook_v", "hook_v"), ("hook_z", "hook_z"),
-             ("hook_q", "hook_rot_q"), ("hook_k", "hook_rot_k")]
+    # TransformerLens' hook_q / hook_k are before rotary, hook_rot_q / hook_rot_k after it
+    pairs = [(name, name) for name in ("hook_pattern", "hook_v", "hook_z", "hook_q", "hook_k", "hook_rot_q",
+                                       "hook_rot_k")]
     compared = 0
     for layer in range(model.cfg.n_layers):
         for ours, theirs in pairs:
@@ -160,7 +161,7 @@ def test_config_reads_the_architecture(case):
 def test_gating_a_query_head_equals_zeroing_its_z(case):
     """Under GQA a query head's gate removes that head only, not the others of its group."""
     _, _, _, model = case
-    ids = model.to_tokens(TEXTS[:1])["input_ids"]
+    ids = model.to_tokens(TEXTS[:1])
     layer, head = 1, model.cfg.n_heads - 1
     gate = torch.ones(model.cfg.n_layers, model.cfg.n_heads)
     gate[layer, head] = 0.0
@@ -195,7 +196,7 @@ def test_physically_pruned_config_equals_gating(case, tmp_path):
     gate = torch.zeros(cfg.n_layers, H)
     for layer, heads in enumerate(kept):
         gate[layer, heads] = 1.0
-    ids = model.to_tokens(TEXTS[:1])["input_ids"]
+    ids = model.to_tokens(TEXTS[:1])
     with torch.no_grad():
         expected = model(ids, head_gate=gate)
         assert (pruned(ids) - expected).abs().max() < TOL
@@ -222,7 +223,7 @@ def test_export_round_trip(case, tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
                                                              attn_implementation="eager").eval()
     assert type(back) is type(hf)
-    ids = model.to_tokens(TEXTS[:1])["input_ids"]
+    ids = model.to_tokens(TEXTS[:1])
     with torch.no_grad():
         assert (back(ids).logits - hf(ids).logits).abs().max() < TOL
 

@@ -127,7 +127,7 @@ def test_headlens_model_passes_through(tiny_gpt2):
 
 def test_truncate_ctx(tiny_gpt2_hf, bert_tokenizer):
     model = headlens.load(tiny_gpt2_hf, tokenizer=bert_tokenizer, truncate_ctx=8)
-    assert model.cfg.n_ctx == 8 and model.W_pos.weight.shape[0] == 8
+    assert model.cfg.n_ctx == 8 and model.W_pos.shape[0] == 8
     with torch.no_grad():
         assert (model(IDS) - tiny_gpt2_hf(IDS).logits).abs().max() < 1e-4
     with pytest.raises(HeadlensError, match="exceeds the model's context of 8"):

@@ -161,7 +161,7 @@ def test_detector_parity_with_transformer_lens(name, sharp_pair):
 
     bridge, model = sharp_pair
     ids = [bridge.to_tokens(s)[0].tolist() for s in SEQS]
-    assert ids == [model.to_tokens(s)["input_ids"][0].tolist() for s in SEQS]
+    assert ids == [model.to_tokens(s)[0].tolist() for s in SEQS]
     for exclude_bos in (False, True):
         for exclude_current in (False, True):
             theirs = detect_head(bridge, SEQS, name, exclude_bos=exclude_bos,
@@ -175,7 +175,7 @@ def test_detector_parity_with_transformer_lens(name, sharp_pair):
 
 
 def test_detector_previous_token_is_rescaled_clark_score(tiny_gpt2):
-    ids = tiny_gpt2.to_tokens(SEQS[0])["input_ids"]
+    ids = tiny_gpt2.to_tokens(SEQS[0])
     T = ids.shape[1]
     clark = pattern_scores(tiny_gpt2, ids, induction=False)["score_previous_token"]
     detector = detector_scores(tiny_gpt2, ids, "previous_token_head")["detector_previous_token_head"]

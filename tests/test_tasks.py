@@ -22,6 +22,7 @@ from headlens.importance.tasks import (
     load_task,
     mean_pool,
 )
+from headlens.model.tokens import encode
 
 TEXTS = ["the cat sat on the mat", "a dog ran far away from home today", "birds sing", "it rains"]
 
@@ -56,7 +57,7 @@ def test_lm_loss_matches_transformers(tiny_gpt2, tiny_gpt2_hf):
     task = LMLossTask(TEXTS)
     ours = task.evaluate(tiny_gpt2, batch_size=3)
     for i, text in enumerate(TEXTS):  # one text at a time, no padding: transformers' own loss
-        enc = tiny_gpt2.to_tokens([text], add_special_tokens=False)  # decoders: BOS + text
+        enc = encode(tiny_gpt2, [text], add_special_tokens=False)  # decoders: BOS + text
         with torch.no_grad():
             loss = tiny_gpt2_hf(enc["input_ids"], labels=enc["input_ids"]).loss
         assert abs(ours[i] - float(loss)) < 1e-4
@@ -74,7 +75,7 @@ def test_lm_loss_equals_the_transposed_cross_entropy_formula(tiny_gpt2):
     assert (mask == 0).any()  # padding in the batch
     with torch.no_grad():
         hidden = model(batch.inputs, return_type="hidden")
-        logits = model.unembed(hidden[:, :-1], model.W_E.weight)
+        logits = model.unembed(hidden[:, :-1], model.W_E)
     assert logits.dtype == torch.float64
     loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     m = mask[:, 1:].to(loss.dtype)
@@ -130,7 +131,7 @@ def test_contrast_logit_difference(tiny_gpt2, tiny_gpt2_hf):
     tok = tiny_gpt2.tokenizer
     values = task.evaluate(tiny_gpt2)
     for i, p in enumerate(prompts):
-        ids = tiny_gpt2.to_tokens([p], add_special_tokens=False)["input_ids"]
+        ids = encode(tiny_gpt2, [p], add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             last = tiny_gpt2_hf(ids).logits[0, -1]
         right = last[tok.convert_tokens_to_ids(task.right[i].strip())]
@@ -143,7 +144,7 @@ def test_contrast_logit_difference(tiny_gpt2, tiny_gpt2_hf):
 def test_contrast_at_mask_position_for_mlm_encoders(tiny_bert):
     model, hf = tiny_bert
     task = ContrastTask(["the [MASK] sat on the mat ."], [" cat"], [" dog"])
-    enc = model.to_tokens(task.prompts)
+    enc = encode(model, task.prompts)
     with torch.no_grad():
         logits = hf(**enc).logits[0]
     pos = int((enc["input_ids"][0] == model.tokenizer.mask_token_id).nonzero()[0, 0])
@@ -159,7 +160,7 @@ def test_embedding_contrast_uses_sentence_transformers_pooling(minilm, minilm_pa
     hf = AutoModel.from_pretrained(minilm_path, attn_implementation="eager").eval()
     ours = task.evaluate(minilm, batch_size=3)
     for i in range(4):
-        enc = minilm.to_tokens(task.rows(i))
+        enc = encode(minilm, task.rows(i))
         with torch.no_grad():
             emb = mean_pool(hf(**enc).last_hidden_state, enc["attention_mask"])
         expect = F.cosine_similarity(emb[0], emb[1], dim=0) - F.cosine_similarity(emb[0], emb[2], dim=0)

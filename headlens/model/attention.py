@@ -5,23 +5,30 @@ in this layer, ``K`` key/value heads in this layer, ``d`` d_head.
 
 Hook points (TransformerLens names, under ``blocks.{l}.attn``):
 
-============== ================= ===========================================================
-hook_q         ``[B, P, H, d]``  queries (after rotary)
-hook_k         ``[B, S, K, d]``  keys (after rotary); key/value head ``j`` serves the query
-                                  heads ``query_heads_of_kv(j)``
-hook_v         ``[B, S, K, d]``  values
-hook_q_normed  ``[B, P, H, d]``  queries after the QK-norm, before rotary (only with ``qk_norm``)
-hook_k_normed  ``[B, S, K, d]``  keys after the QK-norm, before rotary (only with ``qk_norm``)
-hook_attn_scores ``[B, H, P, S]`` scaled, soft-capped (``attn_scores_soft_cap``), masked
-                                  scores before the softmax
-hook_pattern   ``[B, H, P, S]``  attention pattern (rows sum to 1)
-hook_z         ``[B, P, H, d]``  value-weighted output of each head, after the gate
-hook_result    ``[B, P, H, D]``  each head's contribution to the residual stream (only computed
-                                  when something is hooked on it)
-hook_out       ``[B, P, D]``     the layer's output (the sum of the heads' results and ``b_O``),
-                                  before any post-attention norm (``blocks.{l}.hook_attn_out``
-                                  is after it, as in TransformerLens)
-============== ================= ===========================================================
+================ ================= ===========================================================
+hook_in          ``[B, P, D]``     the attention's input (after ``ln1`` in pre-norm blocks; not
+                                   fired for per-head inputs)
+hook_q           ``[B, P, H, d]``  queries (before any QK-norm and rotary)
+hook_k           ``[B, S, K, d]``  keys (before any QK-norm and rotary); key/value head ``j``
+                                   serves the query heads ``query_heads_of_kv(j)``
+hook_v           ``[B, S, K, d]``  values
+hook_q_normed    ``[B, P, H, d]``  queries after the QK-norm, before rotary (only with ``qk_norm``)
+hook_k_normed    ``[B, S, K, d]``  keys after the QK-norm, before rotary (only with ``qk_norm``)
+hook_rot_q       ``[B, P, H, d]``  queries after rotary (rotary models only)
+hook_rot_k       ``[B, S, K, d]``  keys after rotary (rotary models only)
+hook_attn_scores ``[B, H, P, S]``  scaled, soft-capped (``attn_scores_soft_cap``), masked
+                                   scores before the softmax
+hook_pattern     ``[B, H, P, S]``  attention pattern (rows sum to 1)
+hook_z           ``[B, P, H, d]``  value-weighted output of each head, after the gate
+hook_result      ``[B, P, H, D]``  each head's contribution to the residual stream (computed when
+                                   something is hooked on it or ``cfg.use_attn_result`` is set)
+hook_out         ``[B, P, D]``     the layer's output (the sum of the heads' results and ``b_O``),
+                                   before any post-attention norm (``blocks.{l}.hook_attn_out``
+                                   is after it, as in TransformerLens)
+================ ================= ===========================================================
+
+With a key/value cache (``past_kv``), ``hook_k`` / ``hook_v`` / ``hook_rot_k`` see the new
+positions only, and ``S`` counts the cached ones too.
 
 QK-norm (``cfg.qk_norm``): ``"head"`` normalises each head's query and key (``q_norm`` /
 ``k_norm`` weights ``[d]``, Qwen3, Gemma 3); ``"projection"`` normalises the whole query
@@ -71,7 +78,8 @@ class Attention(nn.Module):
         self.rotary = Rotary(cfg, layer) if cfg.positional == "rotary" else None
         self.sliding_window = cfg.sliding_window_of(layer)
         self.soft_cap = cfg.attn_scores_soft_cap
-        names = ["q", "k", "v", "attn_scores", "pattern", "z", "result", "out"]
+        names = ["in", "q", "k", "v"] + (["rot_q", "rot_k"] if self.rotary is not None else [])
+        names += ["attn_scores", "pattern", "z", "result", "out"]
         if cfg.qk_norm != "none":
             per_head = cfg.qk_norm == "head"
             self.q_norm = make_norm(cfg, d if per_head else cfg.n_heads * d)
@@ -94,8 +102,12 @@ class Attention(nn.Module):
 
     @staticmethod
     def _project(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-        """``x [B, P, D]`` @ ``W [D, n, d]`` (+ ``b [n, d]``) -> ``[B, P, n, d]``."""
+        """``x [B, P, D]`` @ ``W [D, n, d]`` (+ ``b [n, d]``) -> ``[B, P, n, d]``. Per-head inputs
+        ``x [B, P, n, D]``: head ``i`` projects its own copy ``x[:, :, i]``."""
         D, n, d = W.shape
+        if x.ndim == 4:
+            out = torch.einsum("bpnm,mnd->bpnd", x, W)
+            return out + b if b is not None else out
         out = x @ W.reshape(D, n * d)
         if b is not None:
             out = out + b.reshape(n * d)
@@ -103,7 +115,7 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x,
         mask: Optional[torch.Tensor],
         gate: Optional[torch.Tensor] = None,
         rotary_cos_sin: Optional[tuple] = None,
@@ -112,6 +124,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``x [B, P, D]`` -> ``[B, P, D]``.
 
+        x: ``[B, P, D]``, or per-head inputs ``(q_input [B, P, H, D], k_input [B, S, K, D],
+        v_input [B, S, K, D])`` (TransformerLens' ``use_split_qkv_input`` / ``use_attn_in``).
         mask: additive ``[B or 1, 1, P, S]`` (0 visible, very negative hidden) or None.
         gate: ``[H]`` (or ``[B, H]``, one per example) multiplier on each head's output (1 keeps,
         0 removes); may need grad.
@@ -119,22 +133,25 @@ class Attention(nn.Module):
         past_kv: a :class:`headlens.model.kv_cache.KVCache` whose positions come before ``x``'s
         (then ``S = S0 + P`` and ``mask`` covers all of them).
         """
-        kv_x = x if kv_input is None else kv_input
-        q = self._project(x, self.W_Q, self.b_Q)
-        k = self._project(kv_x, self.W_K, self.b_K)
-        v = self.hook_v(self._project(kv_x, self.W_V, self.b_V))
+        if isinstance(x, tuple):
+            q_in, k_in, v_in = x
+        else:
+            x = self.hook_in(x)
+            q_in = x
+            k_in = v_in = x if kv_input is None else kv_input
+        q = self.hook_q(self._project(q_in, self.W_Q, self.b_Q))  # [B, P, H, d]
+        k = self.hook_k(self._project(k_in, self.W_K, self.b_K))  # [B, S, K, d]
+        v = self.hook_v(self._project(v_in, self.W_V, self.b_V))
         if self.cfg.qk_norm != "none":
             q = self.hook_q_normed(self._qk_norm(self.q_norm, q))
             k = self.hook_k_normed(self._qk_norm(self.k_norm, k))
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, n, P, d]
         if self.rotary is not None:
-            cos, sin = rotary_cos_sin
-            q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
-        q = self.hook_q(q.transpose(1, 2)).transpose(1, 2)
-        k = self.hook_k(k.transpose(1, 2))
+            cos, sin = (t.transpose(1, 2) for t in rotary_cos_sin)  # [B, P, 1, rotary_dim]
+            q = self.hook_rot_q(self.rotary.apply(q, cos, sin))
+            k = self.hook_rot_k(self.rotary.apply(k, cos, sin))
         if past_kv is not None:  # earlier positions first: [B, S0 + P, K, d]
             k, v = past_kv.extend(self.layer, k, v)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, n, P, d]
         if not self._kv_identity:  # grouped-query attention: each query head reads its group
             k, v = k.index_select(1, self.kv_map), v.index_select(1, self.kv_map)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
@@ -153,7 +170,7 @@ class Attention(nn.Module):
             z = z * (g[:, None] if g.ndim == 1 else g[:, None, :, None])
         z = self.hook_z(z)
         H, d, D = self.W_O.shape
-        if self.hook_result.has_hooks():
+        if self.cfg.use_attn_result or self.hook_result.has_hooks():
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
             out = result.sum(dim=2)
         else:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from headlens.errors import HeadlensError
+from headlens.model.tl_config import TLConfigNames
 
 NORMS = ("layernorm", "rmsnorm", "none")
 POSITIONALS = ("learned", "rotary", "none")
@@ -34,11 +35,13 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(TLConfigNames):
     """Architecture of a headlens model.
 
     Shapes used throughout the docs: ``L = n_layers``, ``H = n_heads`` (query heads),
     ``K = n_kv_heads`` (key/value heads, ``H % K == 0``), ``D = d_model``, ``d = d_head``.
+    TransformerLens' names for these fields (``d_vocab``, ``n_key_value_heads``, ``act_fn`` ...)
+    are read-only aliases (:mod:`headlens.model.tl_config`).
     """
 
     n_layers: int

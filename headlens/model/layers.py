@@ -16,12 +16,45 @@ from headlens.errors import HeadlensError
 from headlens.model.config import ModelConfig
 
 
+def _norm_hooked(norm) -> bool:
+    return norm.hook_scale.has_hooks() or norm.hook_normalized.has_hooks()
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with TransformerLens' hook points. ``[..., D] -> [..., D]``; parameters ``weight``,
+    ``bias`` as in ``nn.LayerNorm``.
+
+    ``hook_scale [..., 1]`` is ``sqrt(var + eps)``, ``hook_normalized [..., D]`` the centred input
+    divided by it (before weight and bias), both in float32 as TransformerLens computes them. With
+    nothing hooked on them torch's fused kernel runs; with a hook, the output is computed from the
+    hooked values (so an edit, even in place, takes effect)."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.eps = eps
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _norm_hooked(self):
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        x32 = x32 - x32.mean(-1, keepdim=True)
+        scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        normalized = self.hook_normalized(x32 / scale)
+        return (normalized * self.weight.to(x32.dtype) + self.bias.to(x32.dtype)).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dimension, computed in float32 as ``transformers`` does.
     ``[..., d] -> [..., d]``.
 
     LLaMA: ``weight * normalized.to(dtype)``; ``fp32_weight`` (Gemma, OLMo 2): the weight is
-    applied in float32 before casting back; ``offset`` (Gemma): the scale is ``1 + weight``."""
+    applied in float32 before casting back; ``offset`` (Gemma): the scale is ``1 + weight``.
+    Hook points as :class:`LayerNorm`'s: ``hook_scale [..., 1]`` = ``sqrt(mean(x^2) + eps)``,
+    ``hook_normalized [..., d]`` = ``x / scale`` (float32, before the weight)."""
 
     def __init__(self, d: int, eps: float, offset: bool = False, fp32_weight: bool = False):
         super().__init__()
@@ -29,12 +62,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.offset = offset
         self.fp32_weight = fp32_weight or offset
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         wide = torch.promote_types(dtype, torch.float32)  # float64 models stay in float64
         x32 = x.to(wide)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        mean_square = x32.pow(2).mean(-1, keepdim=True) + self.eps
+        if _norm_hooked(self):
+            x32 = self.hook_normalized(x32 / self.hook_scale(mean_square.sqrt()))
+        else:
+            x32 = x32 * torch.rsqrt(mean_square)
         if self.fp32_weight:
             w = self.weight.to(wide)
             return (x32 * (1.0 + w if self.offset else w)).to(dtype)
@@ -45,7 +84,7 @@ def make_norm(cfg: ModelConfig, d: Optional[int] = None) -> nn.Module:
     """The family's norm over ``d`` features (default d_model)."""
     d = d or cfg.d_model
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(d, eps=cfg.norm_eps)
+        return LayerNorm(d, eps=cfg.norm_eps)
     if cfg.norm == "rmsnorm":
         return RMSNorm(d, cfg.norm_eps, offset=cfg.norm_offset, fp32_weight=cfg.norm_fp32_weight)
     return nn.Identity()
@@ -82,7 +121,9 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [B, heads, P, d]`` (only its first ``rotary_dim`` features)."""
+        """Rotate ``x [..., d]`` (only its first ``rotary_dim`` features) by ``cos``, ``sin``
+        broadcast against it (``[B, 1, P, rotary_dim]`` for ``[B, heads, P, d]``, or
+        ``[B, P, 1, rotary_dim]`` for ``[B, P, heads, d]``)."""
         rot, rest = x[..., : self.dim], x[..., self.dim:]
         half = self.dim // 2
         rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
@@ -131,7 +172,9 @@ class MLP(nn.Module):
     """Feed-forward block. Plain: ``W_out(act(W_in x))``; gated (swiglu / geglu / geglu_tanh):
     ``W_out(act(W_gate x) * W_in x)``. ``[B, P, D] -> [B, P, D]``.
 
-    Weights are stored as ``nn.Linear`` (``W_in.weight [F, D]``, ``W_out.weight [D, F]``)."""
+    Weights are stored as ``nn.Linear`` (``W_in.weight [F, D]``, ``W_out.weight [D, F]``).
+    Hook points ``[B, P, F]`` as TransformerLens': ``hook_pre`` before the activation (gated:
+    ``W_gate x``), ``hook_pre_linear`` (gated only: ``W_in x``), ``hook_post`` after it."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -142,9 +185,13 @@ class MLP(nn.Module):
             self.W_gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
         self.W_out = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         self.hook_pre = HookPoint()  # [B, P, F]
+        if self.gated:
+            self.hook_pre_linear = HookPoint()  # [B, P, F]
         self.hook_post = HookPoint()  # [B, P, F]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.hook_pre(self.W_in(x))
-        post = self.act(self.W_gate(x)) * pre if self.gated else self.act(pre)
+        if self.gated:
+            post = self.act(self.hook_pre(self.W_gate(x))) * self.hook_pre_linear(self.W_in(x))
+        else:
+            post = self.act(self.hook_pre(self.W_in(x)))
         return self.W_out(self.hook_post(post))

@@ -23,13 +23,15 @@ def _is_token_input(data) -> bool:
 
 
 def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int] = None,
-           add_special_tokens: bool = True, prepend_bos: Optional[bool] = None) -> dict:
+           add_special_tokens: bool = True, prepend_bos: Optional[bool] = None,
+           padding_side: str = "right") -> dict:
     """Tokenize ``texts`` for ``model``; returns a batch dict on the model's device.
 
     Token ids (a ``[B, P]`` tensor or lists of ints) pass through with a full attention mask
-    (lists of unequal length are right-padded). Text longer than the model's context raises
-    :class:`HeadlensError` unless ``truncate=True``. ``prepend_bos`` (decoders): put the BOS token
-    first when the tokenizer does not (default: when the model has a BOS token).
+    (lists of unequal length are padded on ``padding_side``). Text longer than the model's
+    context raises :class:`HeadlensError` unless ``truncate=True``. ``prepend_bos`` (text only):
+    True puts the BOS token first when the tokenizer does not, False removes one the tokenizer
+    put there (TransformerLens' meaning); default: True for decoders that have a BOS token.
     """
     cfg = model.cfg
     limit = min(max_length or cfg.n_ctx, cfg.n_ctx)
@@ -40,7 +42,7 @@ def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int
           f"texts must be a string, a list of strings or token ids, got {type(texts).__name__}")
     check(texts is not None and len(texts) > 0, "texts is empty: give at least one text or token sequence")
     if _is_token_input(texts):
-        batch = _pad_ids(texts, cfg.pad_token_id or 0)
+        batch = _pad_ids(texts, cfg.pad_token_id or 0, padding_side)
     else:
         tok = model.tokenizer
         if tok is None:
@@ -50,10 +52,12 @@ def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int
             check(t.strip() != "", f"texts[{i}] is empty")
         enc = tok(list(texts), add_special_tokens=add_special_tokens)
         ids = [list(x) for x in enc["input_ids"]]
-        if prepend_bos is None:
-            prepend_bos = cfg.causal and cfg.bos_token_id is not None
-        if prepend_bos:
-            ids = [x if (x and x[0] == cfg.bos_token_id) else [cfg.bos_token_id] + x for x in ids]
+        bos = cfg.bos_token_id
+        check(not prepend_bos or bos is not None, "prepend_bos=True: this model has no BOS token")
+        if prepend_bos is False and bos is not None:
+            ids = [x[1:] if (len(x) > 1 and x[0] == bos) else x for x in ids]
+        elif prepend_bos or (prepend_bos is None and cfg.causal and bos is not None):
+            ids = [x if (x and x[0] == bos) else [bos] + x for x in ids]
         too_long = [i for i, x in enumerate(ids) if len(x) > limit]
         if too_long and not truncate:
             i = too_long[0]
@@ -62,7 +66,7 @@ def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int
                 f"({len(too_long)} text(s) too long); pass truncate=True to cut them")
         ids = [x[:limit] for x in ids]
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else (tok.pad_token_id or 0)
-        batch = _pad_ids(ids, pad)
+        batch = _pad_ids(ids, pad, padding_side)
         if cfg.n_token_types:
             batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
     P = batch["input_ids"].shape[1]
@@ -80,7 +84,8 @@ def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int
     return {k: v.to(model.device) for k, v in batch.items()}
 
 
-def _pad_ids(seqs, pad_id: int) -> dict:
+def _pad_ids(seqs, pad_id: int, padding_side: str = "right") -> dict:
+    check(padding_side in ("right", "left"), f"padding_side must be 'right' or 'left', got {padding_side!r}")
     if isinstance(seqs, torch.Tensor):
         check(seqs.ndim in (1, 2), f"token ids must be [pos] or [batch, pos], got shape {tuple(seqs.shape)}")
         ids = seqs[None] if seqs.ndim == 1 else seqs
@@ -97,8 +102,9 @@ def _pad_ids(seqs, pad_id: int) -> dict:
     ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), P), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
+        at = slice(0, len(s)) if padding_side == "right" else slice(P - len(s), P)
+        ids[i, at] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, at] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -150,3 +156,18 @@ def repeated_random_tokens(n_seqs: int, half_len: int, vocab_size: int, seed: in
     if bos_token_id is not None:
         seq = torch.cat([torch.full((n_seqs, 1), bos_token_id, dtype=torch.long), seq], dim=1)
     return seq
+
+
+def induction_tokens(model, n_seqs: int, seed: int = 0, max_half_len: int = 32) -> tuple[torch.Tensor, int]:
+    """:func:`repeated_random_tokens` sized for ``model``: ``[BOS?, x, x]`` (BOS for decoders that
+    have one), ``x`` as long as the context allows up to ``max_half_len``, drawn from the whole
+    vocabulary without the special tokens. Returns ``(tokens [N, P], half_len)``; the default
+    data and task of models without a tokenizer."""
+    cfg = model.cfg
+    bos = cfg.bos_token_id if cfg.causal else None
+    half_len = min(max_half_len, (cfg.n_ctx - (bos is not None)) // 2)
+    check(half_len >= 2, f"the context of {cfg.n_ctx} tokens is too short for repeated tokens")
+    special = {t for t in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, *cfg.sep_token_ids) if t is not None}
+    tokens = repeated_random_tokens(n_seqs, half_len, cfg.vocab_size, seed=seed, bos_token_id=bos,
+                                    exclude=sorted(special))
+    return tokens, half_len

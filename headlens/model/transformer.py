@@ -1,9 +1,13 @@
 """headlens' own transformer: one class for every family, configured by :class:`ModelConfig`.
 
-Shapes: ``B`` batch, ``P`` positions, ``D`` d_model, ``V`` vocabulary, ``L`` layers, ``H`` heads.
+Shapes: ``B`` batch, ``P`` positions, ``S`` key positions, ``D`` d_model, ``V`` vocabulary,
+``L`` layers, ``H`` heads.
 Hook names follow TransformerLens (``hook_embed``, ``blocks.{l}.hook_resid_pre``,
-``blocks.{l}.attn.hook_pattern``, ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_post``,
-``ln_final.hook_normalized`` ...), so ``run_with_hooks`` / ``run_with_cache`` work as there.
+``blocks.{l}.ln1.hook_scale``, ``blocks.{l}.attn.hook_pattern``, ``blocks.{l}.hook_attn_out``,
+``blocks.{l}.hook_resid_post``, ``ln_final.hook_normalized`` ...), so ``run_with_hooks`` /
+``run_with_cache`` work as there. The rest of TransformerLens' surface (token helpers, the
+``ActivationCache``, weight stacks, weight processing, ``generate``) comes from the mixins in
+``tl_tokens``, ``tl_run``, ``tl_weights``, ``processing`` and ``generate``.
 """
 from __future__ import annotations
 
@@ -19,7 +23,12 @@ from transformer_lens.hook_points import HookPoint
 from headlens.errors import HeadlensError, check
 from headlens.model.attention import Attention
 from headlens.model.config import ModelConfig
-from headlens.model.layers import MLP, MLP_ACTIVATIONS, make_norm
+from headlens.model.generate import Generation
+from headlens.model.layers import MLP, MLP_ACTIVATIONS, LayerNorm, make_norm
+from headlens.model.processing import WeightProcessing
+from headlens.model.tl_run import RETURN_TYPES, RunSurface
+from headlens.model.tl_tokens import TokenHelpers
+from headlens.model.tl_weights import WeightStacks
 
 Gate = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -48,7 +57,14 @@ class Block(nn.Module):
     Norm modules: ``ln1`` / ``ln2`` before (pre, sandwich) or after (post) the residual sum,
     ``ln1_post`` / ``ln2_post`` on the sublayer outputs (sandwich, output), as TransformerLens
     names them. ``hook_attn_out`` / ``hook_mlp_out`` are what is added to the residual stream
-    (after ``ln1_post`` / ``ln2_post``)."""
+    (after ``ln1_post`` / ``ln2_post``).
+
+    Hook points: ``hook_resid_pre``, ``hook_attn_out``, ``hook_resid_mid``, ``hook_mlp_out``,
+    ``hook_resid_post`` ``[B, P, D]``; with TransformerLens' opt-in switches on ``cfg``:
+    ``hook_attn_in [B, P, H, D]`` (``use_attn_in``), ``hook_q_input [B, P, H, D]`` /
+    ``hook_k_input`` / ``hook_v_input [B, P, K, D]`` (``use_split_qkv_input``): one copy of the
+    residual stream per head, normed per head, so a patch reaches one head's queries, keys or
+    values only; ``hook_mlp_in [B, P, D]`` (``use_hook_mlp_in``: the MLP's input before ``ln2``)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -64,8 +80,32 @@ class Block(nn.Module):
         self.ln2 = make_norm(cfg) if has_mlp and pos != "output" else None
         if has_mlp and pos in ("sandwich", "output"):
             self.ln2_post = make_norm(cfg)
-        for name in ("resid_pre", "attn_in", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+        for name in ("resid_pre", "attn_in", "q_input", "k_input", "v_input", "attn_out", "resid_mid",
+                     "mlp_in", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
+
+    def attention_input(self, x: torch.Tensor):
+        """What the attention reads from the residual stream ``x [B, P, D]``: ``[B, P, D]``
+        (normed by ``ln1`` in pre-norm blocks), or per-head copies ``(q, k, v)`` inputs when
+        ``cfg.use_attn_in`` / ``cfg.use_split_qkv_input`` is set."""
+        cfg = self.cfg
+        norm = self.ln1 if cfg.norm_position in ("pre", "sandwich") else (lambda t: t)
+        if not (cfg.use_attn_in or cfg.use_split_qkv_input):
+            return norm(x)
+        attn = self.attn
+        H, K = attn.n_heads, attn.n_kv_heads
+        if cfg.use_attn_in:
+            q_in = self.hook_attn_in(x[:, :, None].repeat(1, 1, H, 1))  # [B, P, H, D]
+            first = [attn.query_heads_of_kv(j)[0] for j in range(K)]  # a key/value head reads its first query head's copy
+            k_in = v_in = q_in if first == list(range(H)) else q_in[:, :, first]
+        else:
+            q_in = self.hook_q_input(x[:, :, None].repeat(1, 1, H, 1))
+            k_in = self.hook_k_input(x[:, :, None].repeat(1, 1, K, 1))  # [B, P, K, D]
+            v_in = self.hook_v_input(x[:, :, None].repeat(1, 1, K, 1))
+        return norm(q_in), norm(k_in), norm(v_in)
+
+    def mlp_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_mlp_in(x.clone()) if self.cfg.use_hook_mlp_in else x
 
     def forward(self, x, mask, gate=None, rotary_cos_sin=None, attn_out=None, past_kv=None):
         """``x [B, P, D]`` -> ``[B, P, D]``. ``attn_out [B, P, D]``: take this as the attention
@@ -76,8 +116,7 @@ class Block(nn.Module):
         pos = self.cfg.norm_position
         post = pos == "post"
         if attn_out is None:
-            attn_in = self.hook_attn_in(x if pos in ("post", "output") else self.ln1(x))
-            attn_out = self.attn(attn_in, mask, gate, rotary_cos_sin, past_kv=past_kv)
+            attn_out = self.attn(self.attention_input(x), mask, gate, rotary_cos_sin, past_kv=past_kv)
         if pos in ("sandwich", "output"):
             attn_out = self.ln1_post(attn_out)
         attn_out = self.hook_attn_out(attn_out)
@@ -85,14 +124,15 @@ class Block(nn.Module):
             resid = x + attn_out
             return self.hook_resid_post(self.ln1(resid) if post else resid)
         if self.cfg.parallel_block:
-            mlp_out = self.hook_mlp_out(self.mlp(self.ln2(x)))
+            mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.mlp_input(x))))
             return self.hook_resid_post(x + attn_out + mlp_out)
         if post:
             mid = self.hook_resid_mid(self.ln1(x + attn_out))
-            mlp_out = self.hook_mlp_out(self.mlp(mid))
+            mlp_out = self.hook_mlp_out(self.mlp(self.mlp_input(mid)))
             return self.hook_resid_post(self.ln2(mid + mlp_out))
         mid = self.hook_resid_mid(x + attn_out)
-        mlp_out = self.mlp(mid if pos == "output" else self.ln2(mid))
+        mlp_in = self.mlp_input(mid)
+        mlp_out = self.mlp(mlp_in if pos == "output" else self.ln2(mlp_in))
         if pos in ("sandwich", "output"):
             mlp_out = self.ln2_post(mlp_out)
         mlp_out = self.hook_mlp_out(mlp_out)
@@ -109,7 +149,7 @@ class Unembed(nn.Module):
         self.cfg = cfg
         if cfg.unembed == "mlm":
             self.transform = nn.Linear(cfg.d_model, cfg.d_model)
-            self.transform_ln = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+            self.transform_ln = LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size))
         self.b_U = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.unembed_bias else None
@@ -125,21 +165,25 @@ class Unembed(nn.Module):
         return torch.tanh(logits / cap) * cap if cap else logits
 
 
-class HeadlensModel(HookedRootModule):
+class HeadlensModel(TokenHelpers, WeightStacks, WeightProcessing, RunSurface, Generation, HookedRootModule):
     """A transformer whose every head can be read, gated, masked or replaced.
 
     ``model(input_ids)`` returns logits ``[B, P, V]`` (or final hidden states ``[B, P, D]`` for
     encoders without an output head). ``head_gate`` ``[L, H]`` (or ``[B, L, H]``, one per example) multiplies each head's output.
+    ``model.W_E`` / ``model.W_pos`` are the embedding tables as tensors (TransformerLens' names);
+    the ``nn.Embedding`` modules holding them keep the state-dict names ``W_E.weight`` /
+    ``W_pos.weight`` (``model.get_submodule("W_E")``).
     """
 
     def __init__(self, cfg: ModelConfig, tokenizer=None):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.W_E = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.W_pos = nn.Embedding(cfg.n_ctx, cfg.d_model) if cfg.positional == "learned" else None
+        self.add_module("W_E", nn.Embedding(cfg.vocab_size, cfg.d_model))
+        if cfg.positional == "learned":
+            self.add_module("W_pos", nn.Embedding(cfg.n_ctx, cfg.d_model))
         self.W_token_type = nn.Embedding(cfg.n_token_types, cfg.d_model) if cfg.n_token_types else None
-        self.embed_ln = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.embed_norm else None
+        self.embed_ln = LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.embed_norm else None
         self.hook_embed = HookPoint()  # [B, P, D]
         self.hook_pos_embed = HookPoint()  # [B, P, D]
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
@@ -147,6 +191,7 @@ class HeadlensModel(HookedRootModule):
         self.hook_final = HookPoint()  # [B, P, D] final hidden state, after the final norm
         self.unembed = Unembed(cfg) if cfg.unembed != "none" else None
         self.setup()
+        self._sync_cfg()
 
     # --- construction ---------------------------------------------------------------------
     @torch.no_grad()
@@ -184,25 +229,29 @@ class HeadlensModel(HookedRootModule):
         for module in model.modules():
             if hasattr(module, "make_buffers"):
                 module.make_buffers(device)
+        model._sync_cfg()
         return model.eval()
 
     @property
     def device(self) -> torch.device:
-        return self.W_E.weight.device
+        return self.W_E.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.W_E.weight.dtype
+        return self.W_E.dtype
+
+    def _sync_cfg(self) -> None:
+        """Keep TransformerLens' ``cfg.device`` / ``cfg.dtype`` those of the weights."""
+        self.cfg.device, self.cfg.dtype = self.device, self.dtype
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._sync_cfg()
+        return out
 
     def head_labels(self) -> list[tuple[int, int]]:
         """``(layer, head)`` of every head, in original head indices, layer-major."""
         return [(layer, h) for layer in range(self.cfg.n_layers) for h in self.cfg.heads_in_layer(layer)]
-
-    def to_tokens(self, texts, **kwargs) -> dict:
-        """Tokenize ``texts`` (see :func:`headlens.model.tokens.encode`)."""
-        from headlens.model.tokens import encode
-
-        return encode(self, texts, **kwargs)
 
     # --- forward --------------------------------------------------------------------------
     def attention_mask_bias(self, attention_mask: Optional[torch.Tensor], P: int, dtype,
@@ -293,12 +342,12 @@ class HeadlensModel(HookedRootModule):
 
     def embed(self, input_ids, token_type_ids=None, position_ids=None) -> torch.Tensor:
         """``input_ids [B, P]`` -> residual stream before layer 0, ``[B, P, D]``."""
-        x = self.W_E(input_ids)
+        x = nn.functional.embedding(input_ids, self.W_E)
         if self.cfg.embed_scale is not None:  # as transformers: the scale rounded to the weights' dtype
             x = x * torch.tensor(self.cfg.embed_scale, device=x.device).to(x.dtype)
         x = self.hook_embed(x)
-        if self.W_pos is not None:
-            x = x + self.hook_pos_embed(self.W_pos(position_ids))
+        if self.cfg.positional == "learned":
+            x = x + self.hook_pos_embed(nn.functional.embedding(position_ids, self.W_pos))
         if self.W_token_type is not None:
             tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
             x = x + self.W_token_type(tt)
@@ -311,30 +360,41 @@ class HeadlensModel(HookedRootModule):
         token_type_ids: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         head_gate: Optional[Gate] = None,
-        return_type: str = "logits",
+        return_type: Optional[str] = "logits",
         start_at_layer: int = 0,
         stop_at_layer: Optional[int] = None,
         residual: Optional[torch.Tensor] = None,
+        loss_per_token: bool = False,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
         past_kv=None,
-    ) -> Optional[torch.Tensor]:
+    ):
         """Run the model.
 
-        input_ids ``[B, P]`` (or a dict from :meth:`to_tokens`); attention_mask ``[B, P]`` (1 =
-        real token). ``return_type``: ``"logits"`` (``[B, P, V]``; hidden states for models
-        without an output head), ``"hidden"`` (final hidden states ``[B, P, D]``) or ``None``.
-        ``start_at_layer`` with ``residual [B, P, D]`` resumes from that layer's residual stream;
-        ``stop_at_layer`` returns the residual stream entering that layer. ``past_kv``: a
-        :class:`headlens.model.kv_cache.KVCache` of the positions before these (then the inputs
-        are positions ``S0 ..`` and ``attention_mask`` is ``[B, S0 + P]``); an open cache is extended.
+        input_ids ``[B, P]``, a batch dict (:func:`headlens.model.tokens.encode`), or text (a
+        string or a list of strings, tokenized as :meth:`to_tokens` with ``prepend_bos`` /
+        ``padding_side``); attention_mask ``[B, P]`` (1 = real token). ``return_type``:
+        ``"logits"`` (``[B, P, V]``; hidden states for models without an output head),
+        ``"hidden"`` (final hidden states ``[B, P, D]``), ``"loss"`` (mean next-token
+        cross-entropy; ``[B, P - 1]`` with ``loss_per_token``), ``"both"`` (``(logits, loss)``)
+        or ``None``. ``start_at_layer`` with ``residual [B, P, D]`` resumes from that layer's
+        residual stream; ``stop_at_layer`` returns the residual stream entering that layer.
+        ``past_kv``: a :class:`headlens.model.kv_cache.KVCache` of the positions before these
+        (then the inputs are positions ``S0 ..`` and ``attention_mask`` is ``[B, S0 + P]``); an
+        open cache is extended.
         """
+        if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
+                                          and isinstance(input_ids[0], str)):
+            from headlens.model.tokens import encode
+
+            input_ids = encode(self, input_ids, prepend_bos=prepend_bos, padding_side=padding_side or "right")
         if isinstance(input_ids, Mapping):  # a batch dict or a transformers BatchEncoding
             batch = input_ids
             input_ids = batch["input_ids"]
             attention_mask = batch.get("attention_mask", attention_mask)
             token_type_ids = batch.get("token_type_ids", token_type_ids)
         cfg = self.cfg
-        check(return_type in ("logits", "hidden", None),
-              f"return_type must be 'logits', 'hidden' or None, got {return_type!r}")
+        check(return_type in RETURN_TYPES, f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         if residual is None:
             check(input_ids is not None, "forward needs input_ids (or residual with start_at_layer)")
             check(isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2,
@@ -375,6 +435,8 @@ class HeadlensModel(HookedRootModule):
         x = self.hook_final(x)
         if return_type is None:
             return None
-        if return_type == "hidden" or self.unembed is None:
+        if return_type == "hidden" or (self.unembed is None and return_type == "logits"):
             return x
-        return self.unembed(x, self.W_E.weight)
+        logits = self.unembed(x, self.W_E) if self.unembed is not None else None
+        loss_mask = attention_mask[:, -P:] if attention_mask is not None else None  # the mask covers past_kv too
+        return self._output(return_type, logits, input_ids, loss_mask, loss_per_token)

@@ -107,8 +107,8 @@ def planted_model(roles: dict, n_layers: int = 2, n_heads: int = 4, d_model=None
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-        model.W_E.weight[tok, tok] = 1.0
-        model.W_pos.weight[pos, V + pos] = 1.0
+        model.W_E[tok, tok] = 1.0
+        model.W_pos[pos, V + pos] = 1.0
         model.unembed.W_U[tok, tok] = 1.0
         for (layer, head), (kind, k) in parsed.items():
             attn = model.blocks[layer].attn

@@ -51,7 +51,7 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
     if model.unembed is None:
         raise HeadlensError(f"this task needs a model with an output head (logits); "
                             f"{model.cfg.name!r} has none: use an embedding or fidelity task")
-    logits = model.unembed(hidden, model.W_E.weight)
+    logits = model.unembed(hidden, model.W_E)
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
