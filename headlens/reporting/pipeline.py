@@ -25,6 +25,7 @@ import torch
 from headlens.errors import HeadlensError, check
 from headlens.importance.ablation import ABLATIONS
 from headlens.model.config import parse_dtype
+from headlens.model.tokens import encode
 from headlens.pruning.plans import PLAN_FILE, plan_record, read_plan, write_plan
 from headlens.reporting import render
 from headlens.reporting.folder import ReportFolder, atomic_write, is_complete, write_json, write_table
@@ -207,7 +208,7 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
         with step("load model and task"):
             net = _load_model(model, dtype, device)
             the_task = _load_task(net, task, metric, n_examples)
-            texts = _pattern_texts(n_examples) if data is None else as_list(data)
+            texts = _pattern_texts(net, n_examples) if data is None else as_list(data)
             check(len(texts) >= 2, "data must hold at least 2 texts or token sequences")
             if circuits:
                 from headlens.reporting import circuits as report_circuits
@@ -277,9 +278,14 @@ def _load_task(model, task, metric: Optional[str], n_examples: int):
         raise HeadlensError(f"metric {metric!r} does not apply to task {source!r}: {e}") from None
 
 
-def _pattern_texts(n: int) -> list[str]:
+def _pattern_texts(model, n: int) -> list:
+    """The bundled sentences; repeated random tokens (as lists of ids) for a model without a
+    tokenizer."""
     from headlens.data.corpora import bundled_sentences
+    from headlens.model.tokens import induction_tokens
 
+    if model.tokenizer is None:
+        return induction_tokens(model, n, seed=1)[0].tolist()
     return bundled_sentences(n)
 
 
@@ -381,7 +387,7 @@ def _prune(model, task, texts, config: dict, metrics: tuple, progress: bool) -> 
     if plan and pruning_refusal(model):
         summary["physical_refused"] = pruning_refusal(model)
     elif plan:
-        batch = model.to_tokens(texts[:8], truncate=True)
+        batch = encode(model, texts[:8], truncate=True)
         with torch.no_grad():
             summary["physical"] = measure_speedup(model, prune_heads(model, plan), batch, repeats=10, warmup=2)
     return dict(curve=curve, plan=plan, plans=res.plans, summary=summary)

@@ -16,7 +16,9 @@ from headlens.importance.tasks.types import (
     FidelityTask,
     LMLossTask,
     MLMLossTask,
+    RepeatedHalfTask,
 )
+from headlens.model.tokens import induction_tokens
 
 BUNDLED_TASKS = {
     "paraphrase": ("paraphrase.jsonl", None, "sentence triples (paraphrase vs. distractor) for embedding models"),
@@ -29,15 +31,23 @@ BUNDLED_TASKS = {
     "fidelity": ("pydoc_text.txt", "fidelity", "Python-docs prose, faithfulness to the unablated model"),
 }
 TEXT_TASKS = {"lm": LMLossTask, "mlm": MLMLossTask, "fidelity": FidelityTask}
+# tasks generated for the model rather than read from a file
+GENERATED_TASKS = {"repeated": "repeated random tokens [BOS, x, x]: next-token loss on the second copy (decoders; "
+                               "encoders: faithfulness); the default for models without a tokenizer"}
+N_GENERATED = 48  # examples of a generated task unless n_examples says otherwise
 
 
 def list_tasks() -> pd.DataFrame:
     """The bundled tasks: name, file, description."""
-    return pd.DataFrame([(n, f, d) for n, (f, _, d) in BUNDLED_TASKS.items()], columns=["name", "file", "description"])
+    rows = [(n, f, d) for n, (f, _, d) in BUNDLED_TASKS.items()] + [(n, "", d) for n, d in GENERATED_TASKS.items()]
+    return pd.DataFrame(rows, columns=["name", "file", "description"])
 
 
 def default_task_name(model) -> str:
-    """``ioi`` for decoders, ``text`` (MLM loss) for MLM encoders, ``paraphrase`` otherwise."""
+    """``repeated`` for models without a tokenizer; else ``ioi`` for decoders, ``text`` (MLM
+    loss) for MLM encoders, ``paraphrase`` otherwise."""
+    if model.tokenizer is None:
+        return "repeated"
     if model.cfg.causal:
         return "ioi"
     return "text" if model.unembed is not None else "paraphrase"
@@ -59,6 +69,8 @@ def load_task(name_or_path: Union[str, Path, Task], model=None, task_type: Optio
         task = name_or_path
     else:
         name = str(name_or_path)
+        if name in GENERATED_TASKS:
+            return _repeated_task(model, n_examples or N_GENERATED, options)
         if name in BUNDLED_TASKS:
             path, task_type = TASKS_DIR / BUNDLED_TASKS[name][0], task_type or BUNDLED_TASKS[name][1]
         else:
@@ -71,6 +83,16 @@ def load_task(name_or_path: Union[str, Path, Task], model=None, task_type: Optio
         check(n_examples >= 1, f"n_examples must be >= 1, got {n_examples}")
         task = task.subset(range(min(n_examples, len(task))))
     return task
+
+
+def _repeated_task(model, n: int, options) -> Task:
+    check(model is not None, "task 'repeated' is generated for a model: pass model=")
+    check(n >= 1, f"n_examples must be >= 1, got {n}")
+    tokens, half_len = induction_tokens(model, n, seed=options.pop("seed", 0))
+    if model.cfg.causal and model.unembed is not None:
+        return RepeatedHalfTask(tokens, half_len, name="repeated", **options)
+    options.setdefault("measure", "kl" if model.unembed is not None else "cosine")
+    return FidelityTask(tokens.tolist(), name="repeated", **options)
 
 
 def _read_task(path: Path, model, task_type, options) -> Task:
