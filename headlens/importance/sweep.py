@@ -73,8 +73,9 @@ def _clean_pass(model, task, batches, starts):
         cache = KVCache(L, frozen=True)
         hooks = []
         if s:
+            keys = "rot_k" if model.cfg.positional == "rotary" else "k"  # the cache keeps keys after rotary
             for layer in range(L):
-                for kind, store in (("k", cache.keys), ("v", cache.values)):
+                for kind, store in ((keys, cache.keys), ("v", cache.values)):
                     hooks.append((f"blocks.{layer}.attn.hook_{kind}",
                                   lambda t, hook, store=store, layer=layer: store.__setitem__(layer, t[:, :s].clone())))
         with model.hooks(fwd_hooks=hooks):

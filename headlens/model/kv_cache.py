@@ -8,7 +8,7 @@ so that many continuations (ablations, KV plans) can run from one prefilled cont
 
 Shapes: ``B`` batch, ``S0`` cached positions, ``P`` new positions, ``K`` key/value heads of the
 layer, ``d`` d_head. Entries are kept in the hook layout ``[B, S0, K, d]`` (keys after rotary),
-as ``blocks.{l}.attn.hook_k`` / ``hook_v`` show them.
+as ``blocks.{l}.attn.hook_rot_k`` (``hook_k`` without rotary) / ``hook_v`` show them.
 """
 from __future__ import annotations
 
