@@ -24,6 +24,7 @@ from headlens.importance.gradients import gradient_importance
 from headlens.importance.sweep import ablation_sweep
 from headlens.importance.tasks import LMLossTask
 from headlens.io.to_hf import save_hf
+from headlens.model.tokens import encode
 from headlens.pruning.physical import prune_heads, pruning_refusal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,7 +94,7 @@ def _max_error_on_real_tokens(a, b, mask, dim_query):
 
 def test_parity_with_transformers(case):
     name, _, hf, model = case
-    batch = model.to_tokens(TEXTS)
+    batch = encode(model, TEXTS)
     lengths = batch["attention_mask"].sum(1).tolist()
     assert lengths[0] > lengths[1] > 2 * WINDOW  # padding, and windows shorter than the texts
     with torch.no_grad():
@@ -137,7 +138,7 @@ def test_parity_with_transformer_bridge(case, bert_tokenizer):
     ``[B, P, H*d]`` (OLMo 2) where headlens' is ``[B, P, H, d]``."""
     name, folder, _, model = case
     bridge = _bridge(folder, bert_tokenizer)
-    ids = model.to_tokens(TEXTS[:1])["input_ids"]
+    ids = model.to_tokens(TEXTS[:1])
     with torch.no_grad():
         ref_logits, ref = bridge.run_with_cache(ids)
         logits, cache = model.run_with_cache(ids)
@@ -231,7 +232,7 @@ def test_pruned_model_equals_gating_and_exports(case, tmp_path):
     gate = torch.ones(model.cfg.n_layers, model.cfg.n_heads)
     for layer, heads in PLAN.items():
         gate[layer, heads] = 0
-    batch = model.to_tokens(TEXTS)
+    batch = encode(model, TEXTS)
     mask = batch["attention_mask"]
     with torch.no_grad():
         expected = model(batch, head_gate=gate)
@@ -256,7 +257,7 @@ def test_export_round_trip(case, tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     assert type(back) is type(hf)
     assert back.config.to_dict().get("layer_types") == hf.config.to_dict().get("layer_types")
-    batch = model.to_tokens(TEXTS)
+    batch = encode(model, TEXTS)
     with torch.no_grad():
         assert _max_error_on_real_tokens(back(**batch).logits, hf(**batch).logits, batch["attention_mask"], 1) < TOL
 

@@ -28,7 +28,7 @@ from headlens.importance.tasks.base import logits_from_hidden
 
 
 def _unembedding(model) -> torch.Tensor:
-    return model.W_E.weight.T if model.cfg.tie_embeddings else model.unembed.W_U
+    return model.W_E.T if model.cfg.tie_embeddings else model.unembed.W_U
 
 
 def logit_direction(model, x: torch.Tensor, right: torch.Tensor, wrong: torch.Tensor) -> tuple:
@@ -78,7 +78,7 @@ class LogitAttribution:
             raise HeadlensError(f"direct logit attribution needs a contrast task (right and wrong answer tokens) "
                                 f"on a model with an output head; got {type(task).__name__} on {model.cfg.name!r}")
         L = model.cfg.n_layers
-        names = ["hook_embed", f"blocks.{L - 1}.hook_resid_post"] + (["hook_pos_embed"] if model.W_pos is not None else [])
+        names = ["hook_embed", f"blocks.{L - 1}.hook_resid_post"] + (["hook_pos_embed"] if model.cfg.positional == "learned" else [])
         names += [f"blocks.{layer}.{n}" for layer in range(L) for n in ("attn.hook_z", "attn.hook_v", "attn.hook_pattern")]
         names += [f"blocks.{layer}.hook_mlp_out" for layer in range(L) if model.blocks[layer].mlp is not None]
         labels = model.head_labels()
@@ -94,7 +94,7 @@ class LogitAttribution:
             metric.append((logits.gather(1, t["right"][:, None])[:, 0] - wrong_logits.max(1).values).double())
             e, rest = logit_direction(model, x, t["right"], wrong)
             parts = {("embed", -1): cache["hook_embed"][rows, pos]}
-            if model.W_pos is not None:
+            if model.cfg.positional == "learned":
                 parts[("pos_embed", -1)] = cache["hook_pos_embed"][rows, pos]
             ids = batch.inputs["input_ids"]
             b_heads, b_right, b_wrong = [], [], []

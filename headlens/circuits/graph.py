@@ -16,7 +16,7 @@ output instead of its current one (Hanna et al. 2024's edge patching); ``tap_v``
 backward pass give ``dM / d x_v`` for every receiver. Since the residual stream is the sum of its
 senders' outputs, ``x_v`` is also the replacement run's residual plus the kept edges' differences:
 a circuit of few edges costs about one forward pass however large the graph. Each receiver's q, k or v is computed from its
-own input with the layer's norm, weights and rotary embedding; an MLP receiver's output is the
+own input with the layer's norm and weights (the model then applies rotary); an MLP receiver's output is the
 layer's MLP on its own input.
 
 Shapes: ``R`` rows, ``P`` positions, ``D`` d_model, ``n_s`` senders, ``n_r`` receivers.
@@ -100,13 +100,6 @@ def _project(attn, Y: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) 
     return out + b if b is not None else out
 
 
-def _rotate(attn, t: torch.Tensor, cos_sin) -> torch.Tensor:
-    if attn.rotary is None:
-        return t
-    cos, sin = cos_sin
-    return attn.rotary.apply(t.transpose(1, 2), cos, sin).transpose(1, 2)
-
-
 @dataclass
 class Trace:
     """What one :func:`graph_forward` leaves: every sender's output ``outputs [R, P, n_s, D]``, the
@@ -131,9 +124,6 @@ class _GraphRun:
             self.taps = {j: torch.zeros(R, P, model.cfg.d_model, dtype=dtype, device=model.device, requires_grad=True)
                          for j in range(len(graph.receivers))}
         self.qkv, self.mid = {}, None
-        rot = model.blocks[0].attn.rotary
-        pos = torch.arange(P, device=model.device)[None].expand(R, P)
-        self.cos_sin = rot.cos_sin(pos, dtype) if rot is not None else None
 
     def inputs(self, x: torch.Tensor, receivers: list, point) -> Optional[torch.Tensor]:
         """``[R, P, len(receivers), D]``: each receiver's own residual input, or None if all are ``x``.
@@ -186,8 +176,8 @@ class _GraphRun:
                 if X is None:
                     self.qkv[(layer, via)] = None
                     continue
-                t = _project(attn, block.ln1(X), *weights[via])
-                self.qkv[(layer, via)] = t if via == "v" else _rotate(attn, t, self.cos_sin)
+                # hook_q / hook_k / hook_v are the projections before any QK-norm and rotary
+                self.qkv[(layer, via)] = _project(attn, block.ln1(X), *weights[via])
             return x
         return hook
 

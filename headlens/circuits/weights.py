@@ -152,8 +152,8 @@ def _embed_unembed(model) -> tuple[torch.Tensor, torch.Tensor]:
     """Processed ``W_E [V, D]`` and ``W_U [D, V]`` (final norm folded in, centred as TransformerLens does)."""
     dtype = torch.promote_types(model.dtype, torch.float32)
     ln = _layernorm(model)
-    W_E = _centred(model.W_E.weight.detach().to(dtype).cpu(), -1, ln)
-    W_U = model.W_E.weight.T if model.cfg.tie_embeddings else model.unembed.W_U
+    W_E = _centred(model.W_E.detach().to(dtype).cpu(), -1, ln)
+    W_U = model.W_E.T if model.cfg.tie_embeddings else model.unembed.W_U
     w = _norm_weight(model.ln_final, model.cfg.d_model, dtype).cpu()
     W_U = w[:, None] * W_U.detach().to(dtype).cpu()
     return W_E, W_U - W_U.mean(-1, keepdim=True)

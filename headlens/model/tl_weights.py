@@ -36,7 +36,16 @@ from headlens.errors import check
 
 class WeightStacks:
     """Mixin: the model-level weights above, ``tokens_to_residual_directions``,
-    ``accumulated_bias`` and ``all_head_labels``."""
+    ``accumulated_bias`` and ``all_head_labels``; keeps ``cfg.device`` / ``cfg.dtype`` current."""
+
+    def _sync_cfg(self) -> None:
+        """Keep TransformerLens' ``cfg.device`` / ``cfg.dtype`` those of the weights."""
+        self.cfg.device, self.cfg.dtype = self.device, self.dtype
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._sync_cfg()
+        return out
 
     # --- embeddings and unembedding -------------------------------------------------------------
     # W_E and W_pos are TL's tensors; the nn.Embedding modules that hold them keep their place

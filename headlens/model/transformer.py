@@ -26,6 +26,7 @@ from headlens.model.config import ModelConfig
 from headlens.model.generate import Generation
 from headlens.model.layers import MLP, MLP_ACTIVATIONS, LayerNorm, make_norm
 from headlens.model.processing import WeightProcessing
+from headlens.model.tl_inputs import BlockInputs
 from headlens.model.tl_run import RETURN_TYPES, RunSurface
 from headlens.model.tl_tokens import TokenHelpers
 from headlens.model.tl_weights import WeightStacks
@@ -48,7 +49,7 @@ def visible_positions(P: int, causal: bool, sliding_window: Optional[int], devic
     return visible
 
 
-class Block(nn.Module):
+class Block(BlockInputs, nn.Module):
     """One transformer layer; ``cfg.norm_position`` places the norms around a sublayer ``f``:
     ``pre`` ``x + f(ln(x))`` (GPT-2, LLaMA), ``post`` ``ln(x + f(x))`` (BERT), ``sandwich``
     ``x + ln_post(f(ln(x)))`` (Gemma 2/3), ``output`` ``x + ln_post(f(x))`` (OLMo 2); or
@@ -59,12 +60,9 @@ class Block(nn.Module):
     names them. ``hook_attn_out`` / ``hook_mlp_out`` are what is added to the residual stream
     (after ``ln1_post`` / ``ln2_post``).
 
-    Hook points: ``hook_resid_pre``, ``hook_attn_out``, ``hook_resid_mid``, ``hook_mlp_out``,
-    ``hook_resid_post`` ``[B, P, D]``; with TransformerLens' opt-in switches on ``cfg``:
-    ``hook_attn_in [B, P, H, D]`` (``use_attn_in``), ``hook_q_input [B, P, H, D]`` /
-    ``hook_k_input`` / ``hook_v_input [B, P, K, D]`` (``use_split_qkv_input``): one copy of the
-    residual stream per head, normed per head, so a patch reaches one head's queries, keys or
-    values only; ``hook_mlp_in [B, P, D]`` (``use_hook_mlp_in``: the MLP's input before ``ln2``)."""
+    Hook points ``hook_resid_pre``, ``hook_attn_out``, ``hook_resid_mid``, ``hook_mlp_out``,
+    ``hook_resid_post`` ``[B, P, D]``; TransformerLens' opt-in per-head inputs and ``hook_mlp_in``:
+    :mod:`headlens.model.tl_inputs`."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -83,29 +81,6 @@ class Block(nn.Module):
         for name in ("resid_pre", "attn_in", "q_input", "k_input", "v_input", "attn_out", "resid_mid",
                      "mlp_in", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
-
-    def attention_input(self, x: torch.Tensor):
-        """What the attention reads from the residual stream ``x [B, P, D]``: ``[B, P, D]``
-        (normed by ``ln1`` in pre-norm blocks), or per-head copies ``(q, k, v)`` inputs when
-        ``cfg.use_attn_in`` / ``cfg.use_split_qkv_input`` is set."""
-        cfg = self.cfg
-        norm = self.ln1 if cfg.norm_position in ("pre", "sandwich") else (lambda t: t)
-        if not (cfg.use_attn_in or cfg.use_split_qkv_input):
-            return norm(x)
-        attn = self.attn
-        H, K = attn.n_heads, attn.n_kv_heads
-        if cfg.use_attn_in:
-            q_in = self.hook_attn_in(x[:, :, None].repeat(1, 1, H, 1))  # [B, P, H, D]
-            first = [attn.query_heads_of_kv(j)[0] for j in range(K)]  # a key/value head reads its first query head's copy
-            k_in = v_in = q_in if first == list(range(H)) else q_in[:, :, first]
-        else:
-            q_in = self.hook_q_input(x[:, :, None].repeat(1, 1, H, 1))
-            k_in = self.hook_k_input(x[:, :, None].repeat(1, 1, K, 1))  # [B, P, K, D]
-            v_in = self.hook_v_input(x[:, :, None].repeat(1, 1, K, 1))
-        return norm(q_in), norm(k_in), norm(v_in)
-
-    def mlp_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hook_mlp_in(x.clone()) if self.cfg.use_hook_mlp_in else x
 
     def forward(self, x, mask, gate=None, rotary_cos_sin=None, attn_out=None, past_kv=None):
         """``x [B, P, D]`` -> ``[B, P, D]``. ``attn_out [B, P, D]``: take this as the attention
@@ -239,15 +214,6 @@ class HeadlensModel(TokenHelpers, WeightStacks, WeightProcessing, RunSurface, Ge
     @property
     def dtype(self) -> torch.dtype:
         return self.W_E.dtype
-
-    def _sync_cfg(self) -> None:
-        """Keep TransformerLens' ``cfg.device`` / ``cfg.dtype`` those of the weights."""
-        self.cfg.device, self.cfg.dtype = self.device, self.dtype
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._sync_cfg()
-        return out
 
     def head_labels(self) -> list[tuple[int, int]]:
         """``(layer, head)`` of every head, in original head indices, layer-major."""
