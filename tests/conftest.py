@@ -90,3 +90,27 @@ def minilm():
     folder = minilm_folder()
     hf = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
     return headlens.from_hf_model(hf, AutoTokenizer.from_pretrained(folder), name="minilm")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tmp_path_factory):
+    """A GPT-2-style tokenizer (byte-level pre-tokenization, ``<|endoftext|>`` as BOS and EOS, no
+    special tokens added) whose vocabulary is every word of pydoc's topics and of TransformerLens'
+    demo texts (tests/tl_demo_cells.py), so the demos' names are single tokens. Read back from a
+    folder, as TransformerBridge re-reads its tokenizer."""
+    from pydoc_data.topics import topics
+
+    from tl_demo_cells import ALL_TEXTS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.WordLevelTrainer(vocab_size=20000, special_tokens=["<|endoftext|>", "<unk>"],
+                                        show_progress=False)
+    tok.train_from_iterator(list(topics.values()) + ALL_TEXTS, trainer)
+    folder = tmp_path_factory.mktemp("gpt2-tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            unk_token="<unk>").save_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder))
