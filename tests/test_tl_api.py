@@ -136,14 +136,29 @@ def test_direct_logit_attribution_per_head_reconstructs_the_logit_difference(fam
     assert _dla_gap(raw, IDS[:1], 2003, 1037) > 1e-2  # without the folded final norm it does not add up
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
-def test_process_weights_keeps_the_model_s_predictions(family, tiny_gpt2, tiny_llama, bert_tokenizer):
+def _hf_model(family: str, vocab_size: int):
+    """GPT-NeoX (parallel blocks, partial rotary) or Gemma 2 (norms around each sublayer with a
+    ``1 + w`` scale, soft-capped scores and logits), random weights pushed away from their init."""
+    torch.manual_seed(2)
+    common = dict(vocab_size=vocab_size, hidden_size=36, num_hidden_layers=2, max_position_embeddings=64,
+                  attn_implementation="eager")
     if family == "neox":
-        torch.manual_seed(2)
         hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-            vocab_size=bert_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, rotary_pct=0.5, max_position_embeddings=64, attn_implementation="eager")).eval()
-        model = headlens.from_hf_model(hf, bert_tokenizer)
+            **common, num_attention_heads=6, intermediate_size=64, rotary_pct=0.5))
+    else:
+        hf = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **common, num_attention_heads=6, num_key_value_heads=2, head_dim=8, intermediate_size=44,
+            attn_logit_softcapping=2.0, final_logit_softcapping=5.0))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return hf.eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "gemma2"])
+def test_process_weights_keeps_the_model_s_predictions(family, tiny_gpt2, tiny_llama, bert_tokenizer):
+    if family in ("neox", "gemma2"):
+        model = headlens.from_hf_model(_hf_model(family, bert_tokenizer.vocab_size), bert_tokenizer)
     else:
         model = tiny_gpt2 if family == "gpt2" else tiny_llama
     processed = copy.deepcopy(model).process_weights()
@@ -151,7 +166,9 @@ def test_process_weights_keeps_the_model_s_predictions(family, tiny_gpt2, tiny_l
         before, after = model(IDS).log_softmax(-1), processed(IDS).log_softmax(-1)
     assert (before - after).abs().max() < 1e-4  # centring the unembedding shifts logits, not probabilities
     assert processed.cfg.normalization_type.endswith("Pre") and not processed.cfg.tie_embeddings
-    assert all(torch.equal(b.ln1.weight, torch.ones_like(b.ln1.weight)) for b in processed.blocks)
+    for block in processed.blocks:  # the norms before the sublayers now scale by 1
+        w = block.ln1.weight
+        assert torch.equal(1 + w if getattr(block.ln1, "offset", False) else w, torch.ones_like(w))
 
 
 def test_process_weights_refuses_post_norm_models(make_tiny_bert):

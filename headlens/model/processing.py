@@ -12,12 +12,14 @@ The steps, as TransformerLens 4.3 defines them (``transformer_lens.weight_proces
 - ``fold_ln``: each pre-norm's weight ``w`` multiplies the rows of the matrices reading from it
   (``W_Q``, ``W_K``, ``W_V`` after ``ln1``; ``W_in`` / ``W_gate`` after ``ln2``; ``W_U`` after
   ``ln_final``) and its bias ``b`` moves into their biases (``b_Q += b @ W_Q`` ...); the norms are
-  left with weight 1 and bias 0 (TL's ``LNPre`` / ``RMSPre``). For LayerNorm the reading matrices
-  are then centred over ``D`` (their input is centred anyway).
-- ``center_writing_weights`` (LayerNorm models): ``W_E``, ``W_pos``, ``W_O``, ``b_O``, ``W_out``,
+  left with weight 1 and bias 0 (TL's ``LNPre`` / ``RMSPre``; Gemma's ``1 + w`` norms fold ``1 + w``
+  and keep ``w = 0``). For LayerNorm the reading matrices are then centred over ``D`` (their input
+  is centred anyway). Norms on the sublayer outputs (Gemma's and OLMo 2's ``ln1_post`` /
+  ``ln2_post``) stay, as in TransformerLens.
+- ``center_writing_weights`` (pre-LayerNorm models): ``W_E``, ``W_pos``, ``W_O``, ``b_O``, ``W_out``,
   ``b_out`` get their mean over ``D`` removed (the next LayerNorm removes it anyway).
 - ``center_unembed``: ``W_U`` and ``b_U`` get their mean over the vocabulary removed (softmax
-  ignores it).
+  ignores it; not with a final logit soft-cap, which does not).
 - ``fold_value_biases``: ``b_O += sum_h b_V[h] @ W_O[h]`` and ``b_V = 0`` (a head's pattern
   rows sum to 1, so its value bias always adds ``b_V[h] @ W_O[h]``).
 
@@ -51,24 +53,25 @@ class WeightProcessing:
         check(not cfg.is_pruned, "process_weights needs an unpruned model")
         is_ln = cfg.norm == "layernorm"
         if fold_ln or (center_writing_weights and is_ln):
-            check(cfg.norm_position == "pre" and cfg.unembed != "mlm" and not cfg.embed_norm,
-                  "fold_ln and center_writing_weights need pre-norm blocks (post-norm models such as "
-                  "BERT cannot be folded)")
+            check(cfg.norm_position != "post" and cfg.unembed != "mlm" and not cfg.embed_norm,
+                  "fold_ln and center_writing_weights need norms before the sublayers (post-norm models "
+                  "such as BERT cannot be folded)")
+        center_writing_weights = center_writing_weights and is_ln and cfg.norm_position == "pre"
         dtype = self.dtype
         requires_grad = {name: p.requires_grad for name, p in self.named_parameters()}
         self.float()
         if fold_ln and cfg.norm != "none" and not cfg.layer_norm_folding:
             self._fold_norms(center=is_ln)
-        if center_writing_weights and is_ln:
+        if center_writing_weights:
             self._center_writing_weights()
-        if center_unembed and self.unembed is not None:
+        if center_unembed and self.unembed is not None and not cfg.output_logits_soft_cap:
             self._untie()
             W_U = self.unembed.W_U
             W_U.sub_(W_U.mean(-1, keepdim=True))
             if self.unembed.b_U is not None:
                 self.unembed.b_U.sub_(self.unembed.b_U.mean())
         if fold_value_biases:
-            self._fold_value_biases(center=center_writing_weights and is_ln)
+            self._fold_value_biases(center=center_writing_weights)
         self.to(dtype)
         for name, p in self.named_parameters():
             p.requires_grad_(requires_grad.get(name, True))
@@ -98,22 +101,22 @@ class WeightProcessing:
 
     def _fold_norms(self, center: bool) -> None:
         cfg = self.cfg
-        for block in self.blocks:
-            attn = block.attn
-            if getattr(block.ln1, "bias", None) is not None:
-                self._ensure_qkv_biases(attn)
-            for W, b in ((attn.W_Q, attn.b_Q), (attn.W_K, attn.b_K), (attn.W_V, attn.b_V)):  # W [D, n, d]
-                _fold_into(block.ln1, W, b, lambda t: t[:, None, None], center)
-            if block.mlp is not None:
+        for block in self.blocks:  # the norms before the sublayers; ln1_post / ln2_post stay
+            attn, ln1, ln2 = block.attn, getattr(block, "ln1", None), getattr(block, "ln2", None)
+            if ln1 is not None:
+                if getattr(ln1, "bias", None) is not None:
+                    self._ensure_qkv_biases(attn)
+                for W, b in ((attn.W_Q, attn.b_Q), (attn.W_K, attn.b_K), (attn.W_V, attn.b_V)):  # W [D, n, d]
+                    _fold_into(ln1, W, b, lambda t: t[:, None, None], center)
+                _reset_norm(ln1)
+            if block.mlp is not None and ln2 is not None:
                 linears = [block.mlp.W_in] + ([block.mlp.W_gate] if block.mlp.gated else [])
                 for lin in linears:  # weight [F, D]
-                    if getattr(block.ln2, "bias", None) is not None and lin.bias is None:
+                    if getattr(ln2, "bias", None) is not None and lin.bias is None:
                         lin.bias = _param(torch.zeros(lin.out_features, device=self.device))
                         cfg.mlp_bias = True
-                    _fold_into(block.ln2, lin.weight.T, lin.bias, lambda t: t[:, None], center)
-            _reset_norm(block.ln1)
-            if block.ln2 is not None:
-                _reset_norm(block.ln2)
+                    _fold_into(ln2, lin.weight.T, lin.bias, lambda t: t[:, None], center)
+                _reset_norm(ln2)
         if self.ln_final is not None and self.unembed is not None:
             self._untie()
             _fold_into(self.ln_final, self.unembed.W_U, self.unembed.b_U, lambda t: t[:, None], center)
@@ -168,13 +171,19 @@ def _fold_into(norm: nn.Module, W: torch.Tensor, b, shape, center: bool) -> None
     bias = getattr(norm, "bias", None)
     if bias is not None and b is not None:
         b.add_(torch.einsum("m,m...->...", bias, W))
-    W.mul_(shape(norm.weight))
+    W.mul_(shape(_scale(norm)))
     if center:
         W.sub_(W.mean(0, keepdim=True))
 
 
+def _scale(norm: nn.Module) -> torch.Tensor:
+    """What the norm multiplies by: its weight, or ``1 + weight`` (Gemma's ``offset``)."""
+    return 1.0 + norm.weight if getattr(norm, "offset", False) else norm.weight
+
+
 def _reset_norm(norm: nn.Module) -> None:
+    """Leave ``norm`` scaling by 1 (an offset norm's weight 0) and adding nothing."""
     if getattr(norm, "weight", None) is not None:
-        norm.weight.fill_(1.0)
+        norm.weight.fill_(0.0 if getattr(norm, "offset", False) else 1.0)
     if getattr(norm, "bias", None) is not None:
         norm.bias.zero_()
