@@ -25,6 +25,7 @@ import torch
 import headlens
 from headlens.io import gguf
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread is fastest
 TOL = 1e-4
 GPT2_VOCAB = 20100  # > 20000: evals.induction_loss draws token ids below 20000
 SMOLLM2_CELLS = ["main_loss", "main_cache", "main_head_ablation", "main_induction", "main_factored_ov",
