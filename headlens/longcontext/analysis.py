@@ -61,6 +61,8 @@ def kv_heads(model, lengths=(1024,), kinds=KINDS, n_per_group: int = 4, sink: in
              full_fraction: float = 0.5, damage_budget=None, compressions=(0.25, 0.5, 0.75), n_random: int = 5,
              n_bootstrap: int = 1000, seed: int = 0, batch_size: int = 4, progress: bool = True) -> KVHeadsResult:
     """The analysis of the module doc on ``model`` (a decoder with a tokenizer)."""
+    check(model.cfg.causal and model.unembed is not None,
+          f"kv-heads needs a decoder with an output head: {model.cfg.name!r} is not one (KV caches are a decoder's)")
     check(damage_budget is None or damage_budget >= 0, f"damage_budget must be >= 0, got {damage_budget}")
     check(n_random >= 1, f"n_random must be >= 1, got {n_random}")
     check(all(0 < c < 1 for c in compressions), f"compressions must be fractions in (0, 1), got {compressions}")
