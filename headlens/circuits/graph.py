@@ -30,6 +30,7 @@ import torch
 
 from headlens.circuits.runs import check_additive
 from headlens.errors import check
+from headlens.model.heads import head_label
 
 
 @dataclass
@@ -75,7 +76,7 @@ class EdgeGraph:
 
     def sender_name(self, i: int) -> str:
         kind, layer, head = self.senders[i]
-        return "input" if kind == "input" else f"{layer}.{head}" if kind == "head" else f"mlp{layer}"
+        return "input" if kind == "input" else head_label(layer, head) if kind == "head" else f"mlp{layer}"
 
     def receiver_name(self, j: int) -> str:
         via, layer, head = self.receivers[j]

@@ -55,6 +55,7 @@ def run(args) -> int:
 
     from headlens.importance.gradients import attribution_patching, compare_with_ablation, gradient_importance
     from headlens.importance.sweep import ablation_sweep
+    from headlens.model.heads import head_label
 
     start = time.perf_counter()
     if args.out:
@@ -96,7 +97,7 @@ def run(args) -> int:
     needed = int(((sweep.q_value < 0.05) & (sweep.damage > 0)).sum())
     print(f"needed at a 5% false-discovery rate (q_value < 0.05, damage > 0): {needed} of {len(sweep)} heads")
     top = sweep.sort_values("damage", ascending=False).head(5)
-    print("most important: " + ", ".join(f"{r.layer}.{r.head} ({r.importance:+.3f} "
+    print("most important: " + ", ".join(f"{head_label(r.layer, r.head)} ({r.importance:+.3f} "
                                          f"[{r.importance_ci_low:+.3f}, {r.importance_ci_high:+.3f}])"
                                          for r in top.itertuples()))
     for col, rho in table.attrs.get("spearman", {}).items():

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from headlens.errors import HeadlensError, check
 from headlens.importance.ablation import Replacement
+from headlens.importance.statistics import spearman
 from headlens.importance.tasks import load_task
 from headlens.model.heads import local_index
 
@@ -163,7 +163,6 @@ def compare_with_ablation(sweep: pd.DataFrame, *estimates: pd.DataFrame) -> pd.D
         magnitude = col.startswith("grad_importance")
         x = table[col + "_raw"] if magnitude and col + "_raw" in table else table[col]
         y = table["importance"].abs() if magnitude else table["importance"]
-        ok = x.notna() & y.notna()
-        rho[col] = float(spearmanr(x[ok], y[ok]).statistic) if ok.sum() > 2 else float("nan")
+        rho[col] = spearman(x, y)
     table.attrs = dict(sweep.attrs, spearman=rho)
     return table.sort_values(["layer", "head"], ignore_index=True)

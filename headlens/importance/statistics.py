@@ -102,10 +102,18 @@ def percentile_ci(values: np.ndarray, n_bootstrap: int, seed: int, statistic=np.
     return np.where(const, point, low), np.where(const, point, high)
 
 
+def spearman(x, y) -> float:
+    """Spearman's rho of ``x`` and ``y`` over the pairs where both are finite (NaN with fewer than
+    three): the one rank correlation of the package (gradient vs ablation importance, ...)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    return float(stats.spearmanr(x[ok], y[ok]).statistic) if ok.sum() > 2 else float("nan")
+
+
 def spearman_ci(x, y, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Spearman's rho of ``x`` and ``y`` with a percentile bootstrap CI over the pairs (heads)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    rho = float(stats.spearmanr(x, y).statistic)
+    rho = spearman(x, y)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(x), size=(n_bootstrap, len(x)))
     rx = stats.rankdata(x[idx], axis=1)

@@ -35,6 +35,7 @@ from headlens.longcontext.plans import (
 )
 from headlens.longcontext.scores import collect, head_scores, kv_head_scores
 from headlens.longcontext.tasks import KINDS, RETRIEVAL_KINDS, load_long_context
+from headlens.model.heads import head_label
 
 RETRIEVAL_THRESHOLD = 0.1  # Wu et al.: heads scoring above it are "retrieval heads"
 BASELINES = ("retrieval", "sink", "random")
@@ -180,12 +181,12 @@ def _retrieval_ablation(model, task, prefilled, heads: pd.DataFrame, full: dict,
     rows = [dict(_summary("full", None, 1.0, None, 0, task, full, empty), removed="none", n_removed=0)]
     metrics = decode.evaluate(model, task, prefilled, removed=top)
     rows.append(dict(_summary("top retrieval heads", None, 1.0, None, 0, task, metrics, empty),
-                     removed=" ".join(f"{a}.{b}" for a, b in top), n_removed=k))
+                     removed=" ".join(head_label(a, b) for a, b in top), n_removed=k))
     for s in range(seed, seed + n_random):
         pick = [rest[i] for i in np.random.default_rng(s).choice(len(rest), size=min(k, len(rest)), replace=False)]
         metrics = decode.evaluate(model, task, prefilled, removed=pick)
         rows.append(dict(_summary("random heads", s, 1.0, None, 0, task, metrics, empty),
-                         removed=" ".join(f"{a}.{b}" for a, b in sorted(pick)), n_removed=k))
+                         removed=" ".join(head_label(a, b) for a, b in sorted(pick)), n_removed=k))
     cols = ["method", "seed", "n_removed", "removed", "needle_accuracy", "needle_accuracy_ci_low",
             "needle_accuracy_ci_high", "answer_loss", "lm_loss"]
     return pd.DataFrame(rows)[cols]

@@ -31,6 +31,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.preprocessing import StandardScaler
 
 from headlens.errors import check
+from headlens.model.heads import head_label
 from headlens.patterns.capture import HeadStatsAccumulator, PatternBatch, stream_head_stats
 from headlens.patterns.roles import assign_roles
 from headlens.patterns.scores import PROBE_COLUMNS, SCORE_COLUMNS, probe_means, scores_table, text_statistics
@@ -313,8 +314,8 @@ class HeadClusterer:
             members = self.scores_[labels == c]
             row = {
                 "cluster": int(c), "size": len(members),
-                "members": ", ".join(f"{a}.{b}" for a, b in zip(members["layer"], members["head"])),
-                "medoid": "{}.{}".format(*self.medoids_[int(c)]),
+                "members": ", ".join(head_label(a, b) for a, b in zip(members["layer"], members["head"])),
+                "medoid": head_label(*self.medoids_[int(c)]),
                 "description": describe_cluster(members),
             }
             if "role" in members:

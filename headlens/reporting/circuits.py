@@ -41,6 +41,7 @@ from headlens.circuits.summary import findings, key_heads
 from headlens.circuits.weights import composition_scores, copying_scores
 from headlens.errors import HeadlensError, check
 from headlens.importance.tasks import ContrastTask
+from headlens.model.heads import head_label
 from headlens.reporting.folder import ReportFolder, write_json, write_table
 from headlens.reporting.render import markdown_table
 from headlens.reporting.run_record import PACKAGES, package_version
@@ -98,7 +99,7 @@ def analyse(model, task, config: Optional[dict] = None, stage: Optional[Callable
     res["composition"] = stage("composition", lambda: composition_scores(model, c["n_baseline"], seed))
     res["copying"] = stage("copying", lambda: copying_scores(model))
     heads = None if model.cfg.n_heads_total <= c["path_heads"] else sorted(key)
-    res["path_heads"] = "all" if heads is None else [f"{a}.{b}" for a, b in heads]
+    res["path_heads"] = "all" if heads is None else [head_label(a, b) for a, b in heads]
     if heads is None or heads:
         res["paths"] = stage("paths", lambda: path_patching(model, task, senders=heads, receivers=heads,
                                                             batch_size=bs, n_bootstrap=nb, seed=seed,

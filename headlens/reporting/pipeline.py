@@ -25,6 +25,7 @@ import torch
 from headlens.errors import HeadlensError, check
 from headlens.importance.ablation import ABLATIONS
 from headlens.model.config import parse_dtype
+from headlens.model.heads import head_label
 from headlens.model.tokens import encode
 from headlens.pruning.plans import PLAN_FILE, plan_record, read_plan, write_plan
 from headlens.reporting import render
@@ -340,7 +341,7 @@ def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progr
     rest = [c for c in heads if c not in first and c not in score_cols]
     heads = heads[first + rest + score_cols].sort_values(["layer", "head"], ignore_index=True)
     clusters = clusterer.table_.sort_values("cluster", ignore_index=True)
-    names = [f"{layer}.{head}" for layer, head in model.head_labels()]
+    names = [head_label(layer, head) for layer, head in model.head_labels()]
     distance = pd.DataFrame(clusterer.distance_, index=pd.Index(names, name="head"), columns=names)
     results = dict(statistics=sweep_statistics(sweep, seed), power=power,
                    controls={k: v for k, v in controls.items() if k != "clean"},

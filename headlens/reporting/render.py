@@ -14,6 +14,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
+from headlens.importance.statistics import spearman
 from headlens.reporting import claims, viewer
 from headlens.reporting.words import head_name
 from headlens.reporting.words import num as _num
@@ -123,8 +124,7 @@ def ranked(report) -> pd.DataFrame:
 def grad_vs_ablation_rho(heads: pd.DataFrame) -> float:
     """Spearman rank correlation of the raw gradient importance (a magnitude, not normalised per
     layer) with ``|importance|``, as :func:`headlens.importance.gradients.compare_with_ablation` reports it."""
-    return float(pd.concat([heads.grad_importance_raw, heads.importance.abs()], axis=1)
-                 .corr(method="spearman").iloc[0, 1])
+    return spearman(heads.grad_importance_raw, heads.importance.abs())
 
 
 def findings(report) -> list[str]:

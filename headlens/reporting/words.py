@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from headlens.model.heads import head_label
 
-def head_name(layer, head) -> str:
-    return f"{int(layer)}.{int(head)}"
+head_name = head_label  # "layer.head", the one text form of a head
 
 
 def num(x, digits: int = 3) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from headlens.errors import check
+from headlens.model.heads import head_label
 from headlens.model.tokens import encode
 from headlens.model.transformer import HeadlensModel
 from headlens.patterns.capture import capture_patterns
@@ -63,7 +64,7 @@ def view_data(model, text: Text, layers: Optional[Sequence[int]] = None, max_tok
         note=_note(T, n_text, cfg.n_ctx, max_tokens, fit),
         layers=_layer_lists(heads), kv_group_size=int(cfg.group_size) if cfg.group_size > 1 else None,
         digits=int(digits), width=width, values=_pack(patterns, cfg.causal, digits, width),
-        head_notes={f"{layer}.{head}": str(v) for (layer, head), v in (head_notes or {}).items()
+        head_notes={head_label(layer, head): str(v) for (layer, head), v in (head_notes or {}).items()
                     if (int(layer), int(head)) in set(heads)})
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from headlens.model.heads import head_label
 from headlens.reporting.figures.patterns import save_figure
 
 VIA_COLORS = {"q": "#1f77b4", "k": "#d62728", "v": "#2ca02c", "mlp": "#9467bd", "logits": "#ff7f0e"}
@@ -97,8 +98,8 @@ def composition_heatmaps(composition: pd.DataFrame, path: str = "composition") -
         text = sub.assign(t=[f"{s:.2f}{'*' if m else ''}" for s, m in zip(sub.score, marks)]).pivot_table(
             index=["sender_layer", "sender_head"], columns=["receiver_layer", "receiver_head"], values="t",
             aggfunc="first").reindex(index=senders, columns=receivers).fillna("")
-        grid.index = [f"{a}.{b}" for a, b in grid.index]
-        grid.columns = [f"{a}.{b}" for a, b in grid.columns]
+        grid.index = [head_label(a, b) for a, b in grid.index]
+        grid.columns = [head_label(a, b) for a, b in grid.columns]
         sns.heatmap(grid.astype(float), ax=ax, cmap="magma", vmin=0, vmax=vmax, annot=text.to_numpy() if annotate else False,
                     fmt="", annot_kws={"fontsize": 6}, cbar=i == len(vias) - 1,
                     cbar_kws={"label": "composition score"})

@@ -15,6 +15,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from headlens.errors import check
+from headlens.importance.statistics import spearman
 from headlens.reporting.figures.patterns import head_names, save_figure
 
 METHOD_COLORS = {"michel": "#1f77b4", "ablation": "#d62728", "random": "#7f7f7f"}
@@ -54,7 +55,7 @@ def importance_scatter(heads: pd.DataFrame, path: str = "grad_vs_ablation", y: s
     ``y`` with |damage| (gradient importance is a magnitude)."""
     check({"damage", "damage_low", "damage_high", y} <= set(heads.columns),
           f"heads needs damage, damage_low, damage_high and {y} columns")
-    rho = pd.concat([heads[y], heads.damage.abs()], axis=1).corr(method="spearman").iloc[0, 1]
+    rho = spearman(heads[y], heads.damage.abs())
     fig = Figure(figsize=(6.5, 5))
     ax = fig.add_subplot()
     xerr = np.stack([heads.damage - heads.damage_low, heads.damage_high - heads.damage]).clip(min=0)

@@ -18,6 +18,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from headlens.errors import check
+from headlens.model.heads import head_label
 
 UNIT_SCORES = {"score_previous_token", "score_next_token", "score_self", "score_first_token",
                "score_separator", "score_punctuation", "score_entropy_norm", "score_confidence",
@@ -43,7 +44,7 @@ def save_figure(fig, path: str, dpi: int = 150) -> list[str]:
 
 def head_names(labels: pd.DataFrame) -> list[str]:
     """``"L.H"`` for every row of a table with ``layer`` and ``head`` columns."""
-    return [f"{int(a)}.{int(b)}" for a, b in zip(labels["layer"], labels["head"])]
+    return [head_label(a, b) for a, b in zip(labels["layer"], labels["head"])]
 
 
 def _cluster_colors(clusters: Sequence[int]) -> dict:
