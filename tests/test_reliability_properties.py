@@ -100,7 +100,7 @@ def forward_inputs(draw, defect):
     elif defect == "stop layer":
         kwargs["stop_at_layer"] = draw(st.sampled_from([-1, L + 1]))
     elif defect == "return type":
-        kwargs["return_type"] = "loss"
+        kwargs["return_type"] = "probabilities"
     return ids, kwargs
 
 

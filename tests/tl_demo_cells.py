@@ -63,6 +63,16 @@ def main_cache(model):
             "stack": gpt2_cache.stack_activation("attn_out"), "accumulated": gpt2_cache.accumulated_resid(apply_ln=True)}
 
 
+def cache_methods(model):
+    """ActivationCache's other decompositions (neurons, full residual decomposition)."""
+    gpt2_tokens = model.to_tokens(GPT2_TEXT)
+    _, cache = model.run_with_cache(gpt2_tokens)
+    full, labels = cache.get_full_resid_decomposition(pos_slice=-1, expand_neurons=True, return_labels=True)
+    return {"neurons": cache.get_neuron_results(1, pos_slice=-1), "full": full, "labels": labels,
+            "stack_neurons": cache.stack_neuron_results(layer=-1, pos_slice=-1, apply_ln=True),
+            "logit_lens": cache.accumulated_resid(incl_mid=True, apply_ln=True, pos_slice=-1)}
+
+
 def main_head_ablation(model):
     layer_to_ablate = 0
     head_index_to_ablate = 8
@@ -290,7 +300,7 @@ def induction_loss(model):
     return {"loss": evals.induction_loss(model, batch_size=2, subseq_len=40, device=model.cfg.device)}
 
 
-CELLS = [main_loss, main_cache, main_head_ablation, main_residual_patching, main_induction, main_factored_ov,
+CELLS = [main_loss, main_cache, cache_methods, main_head_ablation, main_residual_patching, main_induction, main_factored_ov,
          main_full_ov, main_generate, ioi_logit_diff, ioi_direct_logit_attribution, ioi_logit_lens,
          ioi_head_attribution, ioi_patching_module, ioi_backward_cache,
          detect_heads, prompt_test, induction_loss]

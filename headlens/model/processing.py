@@ -110,7 +110,7 @@ class WeightProcessing:
                     _fold_into(ln1, W, b, lambda t: t[:, None, None], center)
                 _reset_norm(ln1)
             if block.mlp is not None and ln2 is not None:
-                linears = [block.mlp.W_in] + ([block.mlp.W_gate] if block.mlp.gated else [])
+                linears = [block.mlp.linear("W_in")] + ([block.mlp.linear("W_gate")] if block.mlp.gated else [])
                 for lin in linears:  # weight [F, D]
                     if getattr(ln2, "bias", None) is not None and lin.bias is None:
                         lin.bias = _param(torch.zeros(lin.out_features, device=self.device))
@@ -143,7 +143,7 @@ class WeightProcessing:
             if attn.b_O is not None:
                 attn.b_O.sub_(attn.b_O.mean())
             if block.mlp is not None:
-                W_out = block.mlp.W_out  # weight [D, F]
+                W_out = block.mlp.linear("W_out")  # weight [D, F]
                 W_out.weight.sub_(W_out.weight.mean(0, keepdim=True))
                 if W_out.bias is not None:
                     W_out.bias.sub_(W_out.bias.mean())

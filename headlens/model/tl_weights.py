@@ -160,26 +160,26 @@ class WeightStacks:
 
     @property
     def W_in(self) -> torch.Tensor:
-        return self._mlp_stack("W_in", lambda m: m.W_in.weight.T)
+        return self._mlp_stack("W_in", lambda m: m.W_in)
 
     @property
     def W_gate(self) -> Optional[torch.Tensor]:
         """``[L, D, F]`` for gated MLPs (SwiGLU, GeGLU); None otherwise (as TL)."""
         if not self.cfg.gated_mlp:
             return None
-        return self._mlp_stack("W_gate", lambda m: m.W_gate.weight.T)
+        return self._mlp_stack("W_gate", lambda m: m.W_gate)
 
     @property
     def W_out(self) -> torch.Tensor:
-        return self._mlp_stack("W_out", lambda m: m.W_out.weight.T)
+        return self._mlp_stack("W_out", lambda m: m.W_out)
 
     @property
     def b_in(self) -> torch.Tensor:
-        return self._mlp_stack("b_in", lambda m: self._zeros_if_none(m.W_in.bias, self.cfg.d_mlp))
+        return self._mlp_stack("b_in", lambda m: m.b_in)
 
     @property
     def b_out(self) -> torch.Tensor:
-        return self._mlp_stack("b_out", lambda m: self._zeros_if_none(m.W_out.bias, self.cfg.d_model))
+        return self._mlp_stack("b_out", lambda m: m.b_out)
 
     # --- helpers TransformerLens' ActivationCache calls -----------------------------------------
     def tokens_to_residual_directions(self, tokens) -> torch.Tensor:
@@ -202,8 +202,8 @@ class WeightStacks:
         for i, block in enumerate(self.blocks[: layer + mlp_input]):
             if block.attn.b_O is not None:
                 total = total + block.attn.b_O
-            if include_mlp_biases and i < layer and block.mlp is not None and block.mlp.W_out.bias is not None:
-                total = total + block.mlp.W_out.bias
+            if include_mlp_biases and i < layer and block.mlp is not None:
+                total = total + block.mlp.b_out
         return total
 
     def all_head_labels(self) -> list[str]:
