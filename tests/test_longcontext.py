@@ -115,12 +115,30 @@ def test_long_context_needs_a_decoder_and_fitting_lengths(decoder, minilm):
         task.batches(minilm)
 
 
-def test_cli_kv_heads_writes_the_folder(decoder_folder, tmp_path):
-    from headlens.cli import main
+@pytest.fixture(scope="module")
+def result(decoder):
+    from headlens.longcontext.analysis import kv_heads
 
+    return kv_heads(decoder, lengths=(512,), n_per_group=1, n_random=2, n_bootstrap=50, window=32, progress=False)
+
+
+def test_cli_kv_heads_writes_the_folder(decoder_folder, result, tmp_path, monkeypatch):
+    """``headlens kv-heads`` passes its options on and writes the folder (the analysis itself is
+    the fixture's, run once)."""
+    from headlens.cli import main
+    from headlens.longcontext import analysis
+
+    seen = {}
+
+    def fake(model, **kwargs):
+        seen.update(kwargs)
+        return result
+
+    monkeypatch.setattr(analysis, "kv_heads", fake)
     out = tmp_path / "kv"
     assert main(["kv-heads", "--model", str(decoder_folder), "--lengths", "512", "--n-per-group", "1",
                  "--n-random", "2", "--n-bootstrap", "50", "--window", "32", "--out", str(out), "--no-progress"]) == 0
+    assert seen["lengths"] == [512] and seen["window"] == 32 and seen["n_random"] == 2
     kv = pd.read_csv(out / "kv_heads.csv")
     assert list(kv.columns) == ["layer", "kv_head", "query_heads", "sink_rate", "retrieval_score",
                                 "streaming_damage", "ci_low", "ci_high", "decision"]
@@ -136,3 +154,24 @@ def test_cli_kv_heads_writes_the_folder(decoder_folder, tmp_path):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
     assert not list(out.glob(".staging*"))
     assert json.loads((out / "kv_plan.json").read_text())["schema"] == "headlens.kv_plan"
+
+
+def test_kv_heads_refuses_an_encoder(minilm_path, tmp_path, capsys):
+    from headlens.cli import main
+
+    assert main(["kv-heads", "--model", minilm_path, "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "needs a decoder" in capsys.readouterr().err
+
+
+def test_long_context_report_section(result, tmp_path):
+    from headlens.reporting.longcontext import long_context_section
+
+    section = long_context_section(result, tmp_path)
+    assert section["id"] == "long_context" and section["title"] == "Long context"
+    assert any("retrieval score above 0.1" in n for n in section["notes"])
+    assert any(n.startswith("Removing the") for n in section["notes"])
+    for t in section["tables"]:
+        assert (tmp_path / t["file"]).is_file()
+    assert len(pd.read_csv(tmp_path / section["tables"][0]["file"])) == 4
+    for f in section["figures"]:
+        assert (tmp_path / f["path"]).is_file()
