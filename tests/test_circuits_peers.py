@@ -44,9 +44,10 @@ def _randomize(hf):
 
 CONFIGS = {
     "gpt2": lambda V: transformers.GPT2Config(n_layer=2, n_head=3, n_embd=24, n_positions=32, vocab_size=V),
-    "llama": lambda V: transformers.LlamaConfig(vocab_size=V, hidden_size=36, intermediate_size=44, num_hidden_layers=2,
-                                                max_position_embeddings=32, num_attention_heads=6, num_key_value_heads=2,
-                                                head_dim=8, attention_bias=True, mlp_bias=True),
+    "llama": lambda V: transformers.LlamaConfig(vocab_size=V, hidden_size=36, intermediate_size=44,
+                                                num_hidden_layers=2, max_position_embeddings=32,
+                                                num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                                                attention_bias=True, mlp_bias=True),
 }
 
 
@@ -190,8 +191,9 @@ def test_edge_scores_and_faithfulness_equal_transformer_lens(pair, data):
             return "input"
         if node.kind in ("attn_head_out", "mlp_out"):
             return f"{node.layer}.{node.head}" if node.kind == "attn_head_out" else f"mlp{node.layer}"
-        return {"q_input": f"{node.layer}.{node.head}<q>", "k_input": f"{node.layer}.kv{node.head}<k>",
-                "v_input": f"{node.layer}.kv{node.head}<v>", "mlp_in": f"mlp{node.layer}", "logits": "logits"}[node.kind]
+        names = {"q_input": f"{node.layer}.{node.head}<q>", "k_input": f"{node.layer}.kv{node.head}<k>",
+                 "v_input": f"{node.layer}.kv{node.head}<v>", "mlp_in": f"mlp{node.layer}", "logits": "logits"}
+        return names[node.kind]
 
     theirs, tl_edges = {}, []
     for i in range(N):

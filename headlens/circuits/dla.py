@@ -78,8 +78,9 @@ class LogitAttribution:
             raise HeadlensError(f"direct logit attribution needs a contrast task (right and wrong answer tokens) "
                                 f"on a model with an output head; got {type(task).__name__} on {model.cfg.name!r}")
         L = model.cfg.n_layers
-        names = ["hook_embed", f"blocks.{L - 1}.hook_resid_post"] + (["hook_pos_embed"] if model.cfg.positional == "learned" else [])
-        names += [f"blocks.{layer}.{n}" for layer in range(L) for n in ("attn.hook_z", "attn.hook_v", "attn.hook_pattern")]
+        names = ["hook_embed", f"blocks.{L - 1}.hook_resid_post"]
+        names += ["hook_pos_embed"] if model.cfg.positional == "learned" else []
+        names += [f"blocks.{layer}.attn.{n}" for layer in range(L) for n in ("hook_z", "hook_v", "hook_pattern")]
         names += [f"blocks.{layer}.hook_mlp_out" for layer in range(L) if model.blocks[layer].mlp is not None]
         labels = model.head_labels()
         heads, right_part, wrong_part, comps, metric, pos_rows = [], [], [], [], [], []
@@ -130,7 +131,8 @@ class LogitAttribution:
             "layer": [layer for layer, _ in labels], "head": [h for _, h in labels], "attribution": mean,
             "ci_low": low, "ci_high": high,
             "from_right": torch.cat(right_part).mean(0).cpu().numpy(),
-            "from_wrong": torch.cat(wrong_part).mean(0).cpu().numpy()}).sort_values(["layer", "head"], ignore_index=True)
+            "from_wrong": torch.cat(wrong_part).mean(0).cpu().numpy(),
+        }).sort_values(["layer", "head"], ignore_index=True)
         keys = list(comps[0])
         comp = {k: torch.cat([c[k] for c in comps]).cpu().numpy() for k in keys}
         layers = sorted({layer for layer, _ in labels})
@@ -139,7 +141,8 @@ class LogitAttribution:
             comp[("heads", layer)] = per_head[idx].sum(0)
         total = sum(comp.values())
         self.reconstruction_error_ = float(np.abs(total - self.metric_).max())
-        order = sorted(comp, key=lambda k: (k[1], ["embed", "pos_embed", "heads", "attn_bias", "mlp", "rest"].index(k[0])))
+        kinds = ["embed", "pos_embed", "heads", "attn_bias", "mlp", "rest"]
+        order = sorted(comp, key=lambda k: (k[1], kinds.index(k[0])))
         mean, low, high = mean_ci(np.stack([comp[k] for k in order]), self.n_bootstrap, self.seed)
         self.components_ = pd.DataFrame({"component": [k[0] for k in order], "layer": [k[1] for k in order],
                                          "attribution": mean, "ci_low": low, "ci_high": high})

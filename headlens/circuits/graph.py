@@ -5,9 +5,9 @@ Senders write into the residual stream: the input embeddings (``input``), every 
 (``l.h``, its ``z_h W_O^h``) and every MLP (``mlp{l}``). Receivers read it: every query head's
 query input (``l.h<q>``), every key/value head's key and value inputs (``l.kv{j}<k>``, ``<v>``;
 with multi-head attention key/value head ``j`` is query head ``j``), every MLP's input
-(``mlp{l}``) and the logits (``logits``, the final residual stream). An edge joins a sender to each receiver after it (a layer's
-heads feed its own MLP unless the block is parallel, as in GPT-NeoX), as in TransformerLens'
-``attribution_patching.enumerate_edges`` summed over positions.
+(``mlp{l}``) and the logits (``logits``, the final residual stream). An edge joins a sender to
+each receiver after it (a layer's heads feed its own MLP unless the block is parallel, as in
+GPT-NeoX), as in TransformerLens' ``attribution_patching.enumerate_edges`` summed over positions.
 
 :func:`graph_forward` runs the model with every receiver reading its own copy of the residual
 stream, ``x_v = x - sum_u patched[u, v] (a_u - a_u,replacement) + tap_v``: with no patch and no tap
@@ -15,9 +15,9 @@ it is the ordinary forward; a patched edge makes ``v`` see ``u``'s replacement (
 output instead of its current one (Hanna et al. 2024's edge patching); ``tap_v`` (zeros) lets one
 backward pass give ``dM / d x_v`` for every receiver. Since the residual stream is the sum of its
 senders' outputs, ``x_v`` is also the replacement run's residual plus the kept edges' differences:
-a circuit of few edges costs about one forward pass however large the graph. Each receiver's q, k or v is computed from its
-own input with the layer's norm and weights (the model then applies rotary); an MLP receiver's output is the
-layer's MLP on its own input.
+a circuit of few edges costs about one forward pass however large the graph. Each receiver's
+q, k or v is computed from its own input with the layer's norm and weights (the model then
+applies rotary); an MLP receiver's output is the layer's MLP on its own input.
 
 Shapes: ``R`` rows, ``P`` positions, ``D`` d_model, ``n_s`` senders, ``n_r`` receivers.
 """

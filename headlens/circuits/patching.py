@@ -111,8 +111,8 @@ def patching_metrics(model, task, activations=("z",), by_position: bool = False,
                     for chunk in [picks[i:i + n] for i in range(0, len(picks), n)]:
                         name = f"blocks.{layer}.attn.hook_{a}"
                         with model.hooks(fwd_hooks=[(name, _patch_hook(a, chunk, R, src[name]))]):
-                            hidden = model(residual=x.repeat(len(chunk), 1, 1), attention_mask=repeat_mask(batch, len(chunk)),
-                                           start_at_layer=layer, return_type="hidden")
+                            hidden = model(residual=x.repeat(len(chunk), 1, 1), start_at_layer=layer,
+                                           attention_mask=repeat_mask(batch, len(chunk)), return_type="hidden")
                         values = metric_of(model, task, batch, hidden, len(chunk), ref).cpu()
                         for c, (head, _, p) in enumerate(chunk):
                             per_key.setdefault((layer, head, a, -1 if p is None else p), []).append(values[c])

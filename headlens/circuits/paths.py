@@ -102,7 +102,8 @@ def path_patching_metrics(model, task, senders=None, receivers=None, vias=VIAS, 
                 final = base[f"blocks.{L - 1}.hook_resid_post"]
                 for chunk in _chunks(senders, n):
                     hidden = final_hidden(model, torch.cat([final + delta[s] for s in chunk]))
-                    record([s + (L, -1, "logits") for s in chunk], metric_of(model, task, batch, hidden, len(chunk), ref))
+                    values = metric_of(model, task, batch, hidden, len(chunk), ref)
+                    record([s + (L, -1, "logits") for s in chunk], values)
             for layer in sorted({r[0] for r in receivers}):
                 pairs = [(s, via) for s in senders if s[0] < layer for via in head_vias]
                 heads = [r[1] for r in receivers if r[0] == layer]
@@ -191,7 +192,8 @@ def path_patching(model, task, senders=None, receivers=None, vias=VIAS, directio
             "metric": values.mean(1)})[columns]
         order = {v: i for i, v in enumerate(VIAS)}
         table = table.assign(_v=table.via.map(order)).sort_values(
-            ["receiver_layer", "receiver_head", "_v", "sender_layer", "sender_head"], ignore_index=True).drop(columns="_v")
+            ["receiver_layer", "receiver_head", "_v", "sender_layer", "sender_head"], ignore_index=True)
+        table = table.drop(columns="_v")
     table.attrs.update(direction=direction, metric_clean=float(clean.mean()), metric_corrupted=float(corrupted.mean()),
                        n_examples=len(clean), task=task.name, metric=task.metric_name)
     return table

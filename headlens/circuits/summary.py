@@ -71,7 +71,8 @@ def findings(n_layers: int, task: dict, patching: Optional[pd.DataFrame] = None,
     out = []
     gap_low, gap_high = task.get("gap_low", np.nan), task.get("gap_high", np.nan)
     out.append(f"On {task['name']}, {task['metric']} is {_num(task['clean'])} on the clean input and "
-               f"{_num(task['corrupted'])} on the corrupted one (difference 95% CI [{_num(gap_low)}, {_num(gap_high)}]).")
+               f"{_num(task['corrupted'])} on the corrupted one (difference 95% CI "
+               f"[{_num(gap_low)}, {_num(gap_high)}]).")
     if np.isfinite(gap_low) and gap_low <= 0 <= gap_high:
         out.append("The corrupted input does not change the metric measurably: there is no behaviour for "
                    "patching to explain, and nothing to find.")

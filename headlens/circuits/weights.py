@@ -108,8 +108,8 @@ def random_composition(D: int, d: int, via: str, n_samples: int = 500, seed: int
     out = []
     for start in range(0, n_samples, chunk):
         n = min(chunk, n_samples - start)
-        A1, B1 = torch.randn(n, D, d, generator=gen, dtype=torch.float64), torch.randn(n, d, D, generator=gen, dtype=torch.float64)
-        A2, B2 = torch.randn(n, D, d, generator=gen, dtype=torch.float64), torch.randn(n, d, D, generator=gen, dtype=torch.float64)
+        A1, B1, A2, B2 = (torch.randn(n, *shape, generator=gen, dtype=torch.float64)
+                          for shape in ((D, d), (d, D), (D, d), (d, D)))
         if via == "k":  # the receiver's QK transposed
             A2, B2 = B2.transpose(-1, -2), A2.transpose(-1, -2)
         out.append(_trace_composition(A1, B1, A2, B2))

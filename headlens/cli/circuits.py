@@ -32,6 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
     parser.add_argument("--activations", default="z,q,k,v,pattern",
                         help="comma-separated activations to patch (z, q, k, v, pattern)")
+    parser.add_argument("--direction", default="denoise", choices=["denoise", "noise"],
+                        help="activation patching: clean values into the corrupted run (denoise, as "
+                             "TransformerLens' patching) or corrupted values into the clean run (noise)")
     parser.add_argument("--top-heads", type=int, default=12,
                         help="key heads (largest z-patching effect) whose q / k / v / pattern are patched and "
                              "which are path-patched, on models with more than --path-heads heads")
@@ -58,11 +61,14 @@ def run(args) -> int:
     task = circuit_task(args.task or default_task_name(model), model, n_examples=args.n_examples, seed=args.seed)
     config = dict(batch_size=args.batch_size, n_bootstrap=args.n_bootstrap, seed=args.seed,
                   activations=tuple(a.strip() for a in args.activations.split(",") if a.strip()),
-                  top_heads=args.top_heads, position_heads=args.position_heads, path_heads=args.path_heads, method=args.method, steps=args.ig_steps,
+                  direction=args.direction,
+                  top_heads=args.top_heads, position_heads=args.position_heads, path_heads=args.path_heads,
+                  method=args.method, steps=args.ig_steps,
                   target=args.target, n_edges=args.n_edges)
     options = [("--model", args.model), ("--task", args.task), ("--out", args.out), ("--n-examples", args.n_examples),
                ("--seed", args.seed), ("--batch-size", args.batch_size), ("--n-bootstrap", args.n_bootstrap),
-               ("--activations", args.activations), ("--top-heads", args.top_heads),
+               ("--activations", args.activations), ("--direction", args.direction),
+               ("--top-heads", args.top_heads),
                ("--position-heads", args.position_heads),
                ("--path-heads", args.path_heads), ("--method", args.method), ("--ig-steps", args.ig_steps),
                ("--target", args.target), ("--n-edges", args.n_edges), ("--device", args.device),

@@ -44,11 +44,12 @@ from headlens.importance.tasks import ContrastTask
 from headlens.model.heads import head_label
 from headlens.reporting.folder import ReportFolder, write_json, write_table
 from headlens.reporting.render import markdown_table
-from headlens.reporting.run_record import PACKAGES, package_version
+from headlens.reporting.run_record import PACKAGES, model_key, package_version, task_key
 
 CIRCUIT_FILE = "circuit.json"
 DEFAULTS = dict(batch_size=8, n_bootstrap=1000, seed=0, activations=("z", "q", "k", "v", "pattern"),
-                top_heads=12, position_heads=6, path_heads=64, method="eap-ig", steps=5, target=0.8, n_edges=None, split=0.5,
+                direction="denoise", top_heads=12, position_heads=6, path_heads=64, method="eap-ig", steps=5,
+                target=0.8, n_edges=None, split=0.5,
                 n_baseline=500)
 TABLES = {"dla": "dla.csv", "dla_positions": "dla_positions.csv", "dla_components": "dla_components.csv",
           "patching": "patching.csv", "patching_positions": "patching_positions.csv", "paths": "path_patching.csv",
@@ -81,21 +82,19 @@ def analyse(model, task, config: Optional[dict] = None, stage: Optional[Callable
                    dla_error=dla.reconstruction_error_)
     small = model.cfg.n_heads_total <= c["path_heads"]
     first = ("z",) if "z" in c["activations"] or not small else tuple(c["activations"])
-    patching = stage("patching", lambda: activation_patching(
-        model, task, first, batch_size=bs, n_bootstrap=nb, seed=seed, progress=progress))
+    runs = dict(direction=c["direction"], batch_size=bs, n_bootstrap=nb, seed=seed, progress=progress)
+    patching = stage("patching", lambda: activation_patching(model, task, first, **runs))
     key = key_heads(patching, c["top_heads"])
     rest = tuple(a for a in c["activations"] if a not in first)
     if rest and (small or key):
         more = stage("patching_inputs", lambda: activation_patching(
-            model, task, rest, heads=None if small else key, batch_size=bs, n_bootstrap=nb, seed=seed,
-            progress=progress))
+            model, task, rest, heads=None if small else key, **runs))
         patching = pd.concat([patching, more], ignore_index=True).sort_values(
             ["activation", "layer", "head", "position"], ignore_index=True)
     res["patching"] = patching
     if key and c["position_heads"] > 0:
         res["patching_positions"] = stage("patching_positions", lambda: activation_patching(
-            model, task, ("z",), by_position=True, heads=key[:c["position_heads"]], batch_size=bs,
-            n_bootstrap=nb, seed=seed, progress=progress))
+            model, task, ("z",), by_position=True, heads=key[:c["position_heads"]], **runs))
     res["composition"] = stage("composition", lambda: composition_scores(model, c["n_baseline"], seed))
     res["copying"] = stage("copying", lambda: copying_scores(model))
     heads = None if model.cfg.n_heads_total <= c["path_heads"] else sorted(key)
@@ -202,7 +201,8 @@ def section(res: dict, figures: dict, folder: str = "circuits") -> dict:
 
 
 def markdown(res: dict, command: str) -> str:
-    lines = [f"# Circuits of {res['model']['name']} on {res['task']['name']}", "", f"`{command}`", "", "## Findings", ""]
+    lines = [f"# Circuits of {res['model']['name']} on {res['task']['name']}", "", f"`{command}`", "",
+             "## Findings", ""]
     lines += [f"- {f}" for f in res["findings"]]
     lines += ["", "## Circuit faithfulness", "", markdown_table(verification_table(res["circuit"])), ""]
     lines += ["## Files", ""] + [f"- `{name}`" for name in TABLES.values()] + [f"- `{CIRCUIT_FILE}`", "- `figures/`"]
@@ -221,8 +221,8 @@ def circuits(model, task, out, config: Optional[dict] = None, resume: bool = Tru
     """Run :func:`analyse` and write the folder ``out`` (see the module doc); returns the results."""
     c = dict(DEFAULTS, **(config or {}))
     check_applicable(model, task)
-    key = dict({k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}, model=model.cfg.name,
-               task=task.name, n_examples=len(task))
+    key = dict({k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}, model=model_key(model),
+               task=task_key(task))
     folder = CircuitsFolder(out, key, resume=resume, force=force)
     start = time.perf_counter()
     try:

@@ -49,8 +49,10 @@ def texts_key(data) -> str:
 
 
 def task_key(task) -> str:
-    """Identify a Task object for the resume fingerprint: class, name and every example."""
-    digest = hashlib.sha256(repr([task.rows(i) for i in range(len(task))]).encode()).hexdigest()[:16]
+    """Identify a Task object for the resume fingerprint: class, name and every example (its inputs,
+    answers and counterfactuals: every per-example field)."""
+    fields = [getattr(task, f, None) for f in getattr(task, "_fields", ())]
+    digest = hashlib.sha256(repr([[task.rows(i) for i in range(len(task))], fields]).encode()).hexdigest()[:16]
     return f"{type(task).__name__} {task.name!r} ({len(task)} examples, sha256 {digest})"
 
 

@@ -100,8 +100,9 @@ def composition_heatmaps(composition: pd.DataFrame, path: str = "composition") -
             aggfunc="first").reindex(index=senders, columns=receivers).fillna("")
         grid.index = [head_label(a, b) for a, b in grid.index]
         grid.columns = [head_label(a, b) for a, b in grid.columns]
-        sns.heatmap(grid.astype(float), ax=ax, cmap="magma", vmin=0, vmax=vmax, annot=text.to_numpy() if annotate else False,
-                    fmt="", annot_kws={"fontsize": 6}, cbar=i == len(vias) - 1,
+        sns.heatmap(grid.astype(float), ax=ax, cmap="magma", vmin=0, vmax=vmax,
+                    annot=text.to_numpy() if annotate else False, fmt="", annot_kws={"fontsize": 6},
+                    cbar=i == len(vias) - 1,
                     cbar_kws={"label": "composition score"})
         p95 = float(sub.baseline_p95.iloc[0]) if len(sub) else np.nan
         ax.set_title(f"{via.upper()}-composition (random p95 {p95:.3f})", fontsize=9)
