@@ -170,7 +170,7 @@ def remeasure(folder) -> dict:
     """Re-measure the toy model saved in ``folder`` and rewrite its ``card.json`` / ``card.md``,
     keeping the training record (seed, steps, timings); the weights are not touched."""
     model, card = load_model(folder), read_card(folder)
-    card = dict(card, **measured_card(model, card["task"]))
+    card = dict(card, config=model.cfg.to_dict(), **measured_card(model, card["task"]))
     write_card(folder, card)
     return card
 
