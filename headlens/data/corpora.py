@@ -44,3 +44,19 @@ def bundled_sentences(n: Optional[int] = None) -> list[str]:
     """The bundled real English sentences (Python documentation prose, see
     ``headlens/data/text/make_sentences.py``): 400 lines, or the first ``n``."""
     return read_texts(SENTENCES_PATH, n)
+
+
+def pydoc_paragraphs() -> Iterator[str]:
+    """The prose paragraphs of Python's documentation (``pydoc_data.topics``, topics in sorted
+    order), each joined into one line; code, grammar rules, headings and non-ASCII text left out."""
+    import re
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[key]):
+            raw = para.split("\n")
+            if any(x.startswith(" ") for x in raw) or "::" in para or "***" in para or "===" in para:
+                continue  # code, grammar rules, headings
+            text = " ".join(x.strip() for x in raw).strip()
+            if text.isascii():
+                yield text

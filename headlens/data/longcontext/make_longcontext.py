@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
+
+from headlens.data.corpora import pydoc_paragraphs
 
 HERE = Path(__file__).resolve().parent
 LENGTHS = (512, 1024, 2048, 4096, 8192)
@@ -33,18 +34,7 @@ CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hanoi", "Dakar", "P
 
 
 def paragraphs() -> list[str]:
-    from pydoc_data.topics import topics
-
-    out = []
-    for key in sorted(topics):
-        for para in re.split(r"\n\s*\n", topics[key]):
-            raw = para.split("\n")
-            if any(x.startswith(" ") for x in raw) or "::" in para or "***" in para or "===" in para:
-                continue  # code, grammar rules, headings
-            text = " ".join(x.strip() for x in raw).strip()
-            if len(text.split()) >= 8 and text.isascii():
-                out.append(text)
-    return out
+    return [text for text in pydoc_paragraphs() if len(text.split()) >= 8]
 
 
 def magic_needle(city: str, number: int) -> str:

@@ -28,6 +28,8 @@ import random
 import re
 from pathlib import Path
 
+from headlens.data.corpora import pydoc_paragraphs
+
 HERE = Path(__file__).resolve().parent
 
 QUESTIONS = [
@@ -132,24 +134,17 @@ def word_order_items(rng: random.Random, n_per_type: int = 96) -> list[dict]:
 
 
 def pydoc_lines(max_lines: int = 400, max_words: int = 48) -> list[str]:
-    from pydoc_data.topics import topics
-
     lines = []
-    for key in sorted(topics):
-        for para in re.split(r"\n\s*\n", topics[key]):
-            raw = para.split("\n")
-            if any(x.startswith(" ") for x in raw) or "::" in para or "***" in para or "===" in para:
-                continue  # code, grammar rules, headings
-            text = " ".join(x.strip() for x in raw).strip()
-            words = text.split()
-            if len(words) < 12 or not text.endswith(".") or not text.isascii():
+    for text in pydoc_paragraphs():
+        words = text.split()
+        if len(words) < 12 or not text.endswith("."):
+            continue
+        if len(words) > max_words:  # keep whole sentences up to max_words
+            cut = [m.end() for m in re.finditer(r"\.\s", text) if len(text[:m.end()].split()) <= max_words]
+            if not cut:
                 continue
-            if len(words) > max_words:  # keep whole sentences up to max_words
-                cut = [m.end() for m in re.finditer(r"\.\s", text) if len(text[:m.end()].split()) <= max_words]
-                if not cut:
-                    continue
-                text = text[:cut[-1]].strip()
-            lines.append(text)
+            text = text[:cut[-1]].strip()
+        lines.append(text)
     return lines[:max_lines]
 
 

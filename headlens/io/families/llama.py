@@ -127,9 +127,11 @@ def config_from_hf(c) -> ModelConfig:
     )
 
 
-def weight_rules(cfg: ModelConfig) -> list:
+def attention_rules(cfg: ModelConfig) -> list:
+    """The rules every LLaMA-layout decoder shares: embeddings, the final norm, ``q/k/v/o_proj``
+    (biases when the config has them) and the QK-norm weights (per head or over the projection)."""
     H, K, d = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-    a, m = "layers.{l}.self_attn.", "layers.{l}.mlp."
+    a = "layers.{l}.self_attn."
     rules = [("W_E.weight", "embed_tokens.weight", None),
              ("ln_final.weight", "norm.weight", None)]
     for n, proj, heads in (("Q", "q_proj", H), ("K", "k_proj", K), ("V", "v_proj", K)):
@@ -141,17 +143,46 @@ def weight_rules(cfg: ModelConfig) -> list:
     rules.append(("blocks.{l}.attn.W_O", a + "o_proj.weight", split_heads_out(H, d), merge_heads_out))
     if cfg.out_bias:
         rules.append(("blocks.{l}.attn.b_O", a + "o_proj.bias", None))
-    if cfg.qk_norm == "head":
+    if cfg.qk_norm != "none":
         rules += [(f"blocks.{{l}}.attn.{n}_norm.weight", a + f"{n}_norm.weight", None) for n in "qk"]
-    rules += [("blocks.{l}.ln1.weight", "layers.{l}.input_layernorm.weight", None),
-              ("blocks.{l}.ln2.weight", "layers.{l}.post_attention_layernorm.weight", None)]
+    return rules
+
+
+def norm_rules(pairs) -> list:
+    """``[(ours, theirs)]`` block norm names -> rules (``blocks.{l}.ln1`` <- ``layers.{l}.input_layernorm``)."""
+    return [(f"blocks.{{l}}.{ours}.weight", f"layers.{{l}}.{theirs}.weight", None) for ours, theirs in pairs]
+
+
+def mlp_rules(cfg: ModelConfig) -> list:
+    """The gated MLP's ``up/gate/down_proj`` (biases when set) and an untied ``lm_head``."""
+    m, rules = "layers.{l}.mlp.", []
     for ours, theirs in (("W_in", "up_proj"), ("W_gate", "gate_proj"), ("W_out", "down_proj")):
         rules.append((f"blocks.{{l}}.mlp.{ours}.weight", m + f"{theirs}.weight", None))
         if cfg.mlp_bias:
             rules.append((f"blocks.{{l}}.mlp.{ours}.bias", m + f"{theirs}.bias", None))
-    if not cfg.tie_embeddings:
-        rules.append(("unembed.W_U", "lm_head.weight", transpose, transpose))
-    return rules
+    return rules + unembed_rules(cfg)
+
+
+def unembed_rules(cfg: ModelConfig) -> list:
+    return [] if cfg.tie_embeddings else [("unembed.W_U", "lm_head.weight", transpose, transpose)]
+
+
+def weight_rules(cfg: ModelConfig) -> list:
+    return attention_rules(cfg) + norm_rules([("ln1", "input_layernorm"), ("ln2", "post_attention_layernorm")]) \
+        + mlp_rules(cfg)
+
+
+def hf_common(cfg: ModelConfig) -> dict:
+    """The ``transformers`` config fields every LLaMA-layout family names the same way."""
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.n_ctx, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+    )
+
+
+HF_ACTS = {"swiglu": "silu", "geglu": "gelu"}
 
 
 def config_to_hf(cfg: ModelConfig):
@@ -159,14 +190,7 @@ def config_to_hf(cfg: ModelConfig):
     import transformers
 
     rope = rope_parameters(cfg.rotary_base, cfg.rotary_scaling)
-    common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.d_head, hidden_act=
-        {"swiglu": "silu", "geglu": "gelu"}[cfg.mlp], max_position_embeddings=cfg.n_ctx,
-        rms_norm_eps=cfg.norm_eps, rope_parameters=rope, tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-    )
+    common = hf_common(cfg) | dict(head_dim=cfg.d_head, hidden_act=HF_ACTS[cfg.mlp], rope_parameters=rope)
     if cfg.family in ("qwen2", "qwen3"):
         config = transformers.Qwen3Config if cfg.family == "qwen3" else transformers.Qwen2Config
         extra = dict(attention_bias=cfg.qkv_bias) if cfg.family == "qwen3" else {}

@@ -20,16 +20,19 @@ from __future__ import annotations
 from headlens.errors import HeadlensError
 from headlens.io.families.base import (
     Family,
-    merge_bias,
-    merge_heads_in,
-    merge_heads_out,
     register,
-    split_bias,
-    split_heads_in,
-    split_heads_out,
-    transpose,
 )
-from headlens.io.families.llama import GATED_MLPS, rope_parameters, rotary_fields, special_tokens
+from headlens.io.families.llama import (
+    GATED_MLPS,
+    HF_ACTS,
+    attention_rules,
+    hf_common,
+    mlp_rules,
+    norm_rules,
+    rope_parameters,
+    rotary_fields,
+    special_tokens,
+)
 from headlens.model.config import ModelConfig
 
 
@@ -51,26 +54,8 @@ def config_from_hf(c) -> ModelConfig:
 
 
 def weight_rules(cfg: ModelConfig) -> list:
-    H, K, d = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-    a, m = "layers.{l}.self_attn.", "layers.{l}.mlp."
-    rules = [("W_E.weight", "embed_tokens.weight", None),
-             ("ln_final.weight", "norm.weight", None)]
-    for n, proj, heads in (("Q", "q_proj", H), ("K", "k_proj", K), ("V", "v_proj", K)):
-        rules.append((f"blocks.{{l}}.attn.W_{n}", a + f"{proj}.weight", split_heads_in(heads, d),
-                      merge_heads_in))
-        if cfg.qkv_bias:
-            rules.append((f"blocks.{{l}}.attn.b_{n}", a + f"{proj}.bias", split_bias(heads, d), merge_bias))
-    rules.append(("blocks.{l}.attn.W_O", a + "o_proj.weight", split_heads_out(H, d), merge_heads_out))
-    if cfg.out_bias:
-        rules.append(("blocks.{l}.attn.b_O", a + "o_proj.bias", None))
-    rules += [(f"blocks.{{l}}.attn.{n}_norm.weight", a + f"{n}_norm.weight", None) for n in "qk"]
-    rules += [("blocks.{l}.ln1_post.weight", "layers.{l}.post_attention_layernorm.weight", None),
-              ("blocks.{l}.ln2_post.weight", "layers.{l}.post_feedforward_layernorm.weight", None)]
-    for ours, theirs in (("W_in", "up_proj"), ("W_gate", "gate_proj"), ("W_out", "down_proj")):
-        rules.append((f"blocks.{{l}}.mlp.{ours}.weight", m + f"{theirs}.weight", None))
-    if not cfg.tie_embeddings:
-        rules.append(("unembed.W_U", "lm_head.weight", transpose, transpose))
-    return rules
+    norms = [("ln1_post", "post_attention_layernorm"), ("ln2_post", "post_feedforward_layernorm")]
+    return attention_rules(cfg) + norm_rules(norms) + mlp_rules(cfg)
 
 
 def config_to_hf(cfg: ModelConfig):
@@ -78,12 +63,8 @@ def config_to_hf(cfg: ModelConfig):
     import transformers
 
     return transformers.Olmo2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        hidden_act={"swiglu": "silu", "geglu": "gelu"}[cfg.mlp], max_position_embeddings=cfg.n_ctx,
-        rms_norm_eps=cfg.norm_eps, rope_parameters=rope_parameters(cfg.rotary_base, cfg.rotary_scaling),
-        attention_bias=cfg.qkv_bias, tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+        **hf_common(cfg), hidden_act=HF_ACTS[cfg.mlp], attention_bias=cfg.qkv_bias,
+        rope_parameters=rope_parameters(cfg.rotary_base, cfg.rotary_scaling),
     )
 
 

@@ -14,8 +14,16 @@ from __future__ import annotations
 import torch
 
 from headlens.errors import HeadlensError
-from headlens.io.families.base import Family, merge_heads_in, merge_heads_out, register, split_heads_out, transpose
-from headlens.io.families.llama import GATED_MLPS, rope_parameters, rotary_fields, special_tokens
+from headlens.io.families.base import Family, merge_heads_in, merge_heads_out, register, split_heads_out
+from headlens.io.families.llama import (
+    GATED_MLPS,
+    HF_ACTS,
+    hf_common,
+    rope_parameters,
+    rotary_fields,
+    special_tokens,
+    unembed_rules,
+)
 from headlens.model.config import ModelConfig
 
 
@@ -74,9 +82,7 @@ def weight_rules(cfg: ModelConfig) -> list:
          split_gate_up, fuse_gate_up),
         ("blocks.{l}.mlp.W_out.weight", "layers.{l}.mlp.down_proj.weight", None),
     ]
-    if not cfg.tie_embeddings:
-        rules.append(("unembed.W_U", "lm_head.weight", transpose, transpose))
-    return rules
+    return rules + unembed_rules(cfg)
 
 
 def config_to_hf(cfg: ModelConfig):
@@ -86,12 +92,8 @@ def config_to_hf(cfg: ModelConfig):
     rope = rope_parameters(cfg.rotary_base, cfg.rotary_scaling) | {
         "partial_rotary_factor": (cfg.rotary_dim or cfg.d_head) / cfg.d_head}
     return transformers.Phi3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        hidden_act={"swiglu": "silu", "geglu": "gelu"}[cfg.mlp], max_position_embeddings=cfg.n_ctx,
-        original_max_position_embeddings=cfg.n_ctx, rms_norm_eps=cfg.norm_eps, rope_parameters=rope,
-        sliding_window=cfg.sliding_window, tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+        **hf_common(cfg), hidden_act=HF_ACTS[cfg.mlp], original_max_position_embeddings=cfg.n_ctx,
+        rope_parameters=rope, sliding_window=cfg.sliding_window,
     )
 
 
