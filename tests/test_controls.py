@@ -58,3 +58,19 @@ def test_induction_needs_attention():
     c = task_controls(model, RepeatedHalfTask(tokens, half))
     assert c["full"] < c["chance"] - 1 and c["needs_attention"] is True
     assert c["kept_uniform"] < 0.3 and c["kept_ablated"] < 0.3
+
+
+def test_the_default_report_task_needs_attention(minilm):
+    """``headlens report``'s own task (bundled MiniLM, its first 48 paraphrase triples): the full
+    model is clearly above chance, and without attention next to none of that is left. The
+    word-order triples would need attention too, but MiniLM does not solve them (below chance), so
+    they cannot be the default."""
+    from headlens.importance.tasks.loading import default_task_name
+
+    task = load_task(default_task_name(minilm), minilm, n_examples=48)
+    c = task_controls(minilm, task)
+    assert task.name == "paraphrase" and c["chance"] == 0.0
+    assert c["full"] > 10 * c["full_se"] and (c["clean"] > 0).mean() > 0.75
+    assert c["needs_attention"] is True and c["kept_ablated"] < 0.1 and c["kept_uniform"] < 0
+    order = task_controls(minilm, load_task("word-order", minilm, n_examples=48))
+    assert order["full"] < order["chance"]

@@ -230,14 +230,20 @@ def test_findings_follow_the_numbers(tmp_path):
                     needs_attention=False, ablation="zero")
     rep.run["results"].update(power=power, controls=controls)
     found = render.findings(rep)
-    assert found[0].startswith("Caution: this task keeps most of its metric without attention (kept 90%)")
+    assert found[0].startswith("Caution: this task keeps most of its metric without attention (up to 90% of the "
+                               "full model's gain over chance)")
     assert not any(f.startswith("Warning") for f in found)  # the sweep's own paired SD detects 0.002 <= 0.01
     rep.run["results"]["power"] = dict(power, sweep_detectable=0.05)
     rep.run["results"]["controls"] = dict(controls, uniform=0.1, ablated=0.0, kept_uniform=0.1, kept_ablated=0.0,
                                           needs_attention=True)
     found = render.findings(rep)
     assert found[0].startswith("Warning: too few examples") and "needs 3000 examples" in found[0]
-    assert any(f.startswith("Task-sensitivity controls") and f.endswith("The task needs attention.") for f in found)
+    said = [f for f in found if f.startswith("Task-sensitivity controls")]
+    assert len(said) == 1 and said[0].startswith("Task-sensitivity controls: the task needs attention; without it, "
+                                                 "at most 10% of the full model's gain over chance is left.")
+    assert "; 0 with every head zero-ablated, i.e. no attention output at all (at or below chance" in said[0]
+    assert "0.100 with every head's attention uniform over the visible keys, a bag-of-words floor (10% of the gain left)" \
+        in said[0]
     assert "Role census: 6 previous-token, 3 first-token sink, 3 broad." in text
     rho = pd.concat([rep.heads.grad_importance_raw, rep.heads.importance.abs()], axis=1).corr(method="spearman")
     assert f"rho = {rho.iloc[0, 1]:.2f}" in text

@@ -66,26 +66,55 @@ def rho_claim(report, rho: float) -> str:
 
 
 # --- controls and power: said first when they undercut the rest ---------------------------
+def _finite(x) -> bool:
+    return x is not None and bool(np.isfinite(x))
+
+
+def _left(kept) -> str:
+    """What a control leaves of the full model's gain over chance, in words."""
+    if not _finite(kept):
+        return ""
+    if kept <= 0:
+        return " (at or below chance: none of the gain left)"
+    return f" ({kept:.0%} of the gain left)"
+
+
+def _controls_text(c: dict, metric: str) -> str:
+    """The controls in plain words: the verdict first, then the three numbers."""
+    chance = c.get("chance")
+    ref = f" (chance level {num(chance)})" if chance is not None else ""
+    ablation = c.get("ablation", "zero")
+    none = ", i.e. no attention output at all" if ablation == "zero" else ""
+    numbers = (f"{metric} is {num(c['full'])} with the full model{ref}; {num(c['ablated'])} with every head "
+               f"{ablation}-ablated{none}{_left(c.get('kept_ablated'))}; "
+               f"{num(c['uniform'])} with every head's attention uniform over the visible keys, a bag-of-words "
+               f"floor{_left(c.get('kept_uniform'))}.")
+    needs = c.get("needs_attention")
+    if needs is None:
+        return (f"Task-sensitivity controls: {numbers} The metric has no chance level, so the controls give no "
+                "verdict on whether the task needs attention.")
+    if needs:
+        most = max(x for x in (c.get("kept_uniform"), c.get("kept_ablated")) if _finite(x))
+        left = "none" if most <= 0 else f"at most {most:.0%}"
+        return (f"Task-sensitivity controls: the task needs attention; without it, {left} of the full model's gain "
+                f"over chance is left. {numbers}")
+    return f"Task-sensitivity controls: {numbers}"
+
+
 def control_claims(report) -> tuple[list[str], list[str]]:
     """``(first, later)``: warnings to put before every other finding, and the control numbers."""
     res = report.run.get("results", {})
     c, first, later = res.get("controls"), [], []
     metric = report.run.get("data", {}).get("metric", "the metric")
     if c:
-        chance = c.get("chance")
-        ref = f" (chance level {num(chance)})" if chance is not None else ""
-        kept_u, kept_z = c.get("kept_uniform"), c.get("kept_ablated")
-        def share(x):
-            return "" if x is None or not np.isfinite(x) else f", keeping {x:.0%} of the full model's metric above chance{ref}"
-        text = (f"Task-sensitivity controls: {metric} is {num(c['full'])} with the full model, {num(c['uniform'])} "
-                f"with every head's attention uniform over the visible keys (a bag-of-words floor{share(kept_u)}) "
-                f"and {num(c['ablated'])} with every head {c.get('ablation', 'zero')}-ablated{share(kept_z)}.")
+        text = _controls_text(c, metric)
+        kept = [x for x in (c.get("kept_uniform"), c.get("kept_ablated")) if _finite(x)]
         if c.get("needs_attention") is False:
-            first.append(f"Caution: this task keeps most of its metric without attention (kept "
-                         f"{max(kept_u or 0, kept_z or 0):.0%}), so the head importance and pruning results below "
+            first.append(f"Caution: this task keeps most of its metric without attention (up to {max(kept):.0%} of "
+                         "the full model's gain over chance), so the head importance and pruning results below "
                          "say little about what attention does. " + text)
         else:
-            later.append(text + (" The task needs attention." if c.get("needs_attention") else ""))
+            later.append(text)
     p = res.get("power")
     if p:
         text = (f"Power: the clean metric's per-example SD is {num(p['sd'])}; detecting a change of "
