@@ -50,6 +50,7 @@ def study(rep, model_name: str) -> None:
     """Add the IOI section to the finished report ``rep``."""
     import headlens
     from headlens.importance.gradients import attribution_patching
+    from headlens.importance.statistics import spearman_ci
     from headlens.importance.tasks import load_task
 
     model = headlens.load(model_name)
@@ -61,7 +62,7 @@ def study(rep, model_name: str) -> None:
     columns = ["layer", "head", "role", "cluster", "importance", "importance_ci_low", "importance_ci_high", "q_value"]
     table = (rep.heads[columns].merge(attribution[["layer", "head", "attribution"]], on=["layer", "head"])
              .merge(looks, on=["layer", "head"]))
-    rho = float(table[["importance", "attribution"]].corr(method="spearman").iloc[0, 1])
+    rho = spearman_ci(table.importance, table.attribution, seed=0)  # bootstrap over heads
     top = table.sort_values("importance").head(12)  # higher logit diff is better: most negative = most needed
     movers = table.sort_values("attn_to_io", ascending=False).head(8)
     n_needed = int(((table.q_value < 0.05) & (table.importance < 0)).sum())  # Benjamini-Hochberg, 5% FDR
@@ -73,7 +74,8 @@ def study(rep, model_name: str) -> None:
         f"5% false-discovery rate, Benjamini-Hochberg over the heads' paired t-tests); the top one is {int(top.layer.iloc[0])}.{int(top['head'].iloc[0])} "
         f"({top.importance.iloc[0]:+.3f}).",
         f"Attribution patching from the ABC counterfactuals (one forward/backward pair) ranks the heads with "
-        f"Spearman rho = {rho:.2f} against the exact mean-ablation sweep (a different intervention: "
+        f"Spearman rho = {rho['rho']:.2f} (95% CI [{rho['ci_low']:.2f}, {rho['ci_high']:.2f}], bootstrap over the "
+        "heads) against the exact mean-ablation sweep (a different intervention: "
         "counterfactual patching vs the mean over prompts).",
         "Heads that look hardest at the IO name from the final position (name-mover candidates): "
         + ", ".join(f"{int(r.layer)}.{int(r.head)} ({r.attn_to_io:.2f}; importance {r.importance:+.3f})"

@@ -41,6 +41,11 @@ def histogram(values: np.ndarray, path: Path, xlabel: str, title: str) -> Path:
     return path
 
 
+def left(kept: float) -> str:
+    """What a control leaves of the full model's gain over chance, in words."""
+    return "none of it left (at or below chance)" if kept <= 0 else f"{kept:.0%} of it left"
+
+
 def study(rep) -> None:
     """Add the Michel et al. section to the finished report ``rep``."""
     import headlens
@@ -50,6 +55,7 @@ def study(rep) -> None:
     from headlens.importance.statistics import importance_table, significant
     from headlens.importance.tasks import FidelityTask, load_task
     from headlens.model.heads import gate_without
+    from headlens.reporting.words import pvalue
 
     n_examples = rep.run["config"]["n_examples"]
     model = headlens.load("minilm")
@@ -57,6 +63,7 @@ def study(rep) -> None:
     heads, clean = rep.heads, rep.run["data"]["clean_metric"]
     relative = heads.importance / abs(clean)  # cosine margin: higher is better, importance < 0 hurts
     free = int((relative > -0.01).sum())
+    sure = int((heads.importance_ci_low / abs(clean) > -0.01).sum())  # the whole CI costs less than 1%
     better = int(significant(heads, "helpful").sum())  # Benjamini-Hochberg, 5% false-discovery rate
 
     # Michel et al. Table 2: each layer reduced to its single most important head (the full
@@ -94,7 +101,10 @@ def study(rep) -> None:
     hist = histogram(relative.to_numpy() * 100, scratch / "single_heads.png",
                      "metric change when the head alone is removed (% of the full model's margin)",
                      "Removing one head at a time (Michel et al. Fig. 1)")
-    at_target = curve[curve.n_pruned == curve.n_pruned.max()].groupby("method").metric.median()  # random: median
+    at_max = curve[curve.n_pruned == curve.n_pruned.max()]
+    orders = "; ".join(f"{r.method} {r.metric:.3f} (95% CI [{r.ci_low:.3f}, {r.ci_high:.3f}], {pvalue(r.p_vs_random)} "
+                       "against random)" for r in at_max[at_max.method != "random"].sort_values("method").itertuples())
+    randoms = at_max[at_max.method == "random"].metric
     control = rep.run["results"]["controls"]
     # the same controls on the word-order triples (the distractor has the anchor's words in another order)
     order = task_controls(model, load_task("word-order", model=model, n_examples=n_examples))
@@ -102,26 +112,26 @@ def study(rep) -> None:
                                   kept_uniform=c["kept_uniform"], kept_zeroed=c["kept_ablated"])
                              for name, c in (("paraphrase", control), ("word-order", order))])
     notes = [
-        f"The paraphrase task needs attention (its own control): the held-in margin is {control['full']:.3f} with the "
-        f"full model, {control['uniform']:.3f} with every head's attention uniform (a bag-of-words floor, "
-        f"{control['kept_uniform']:.0%} kept) and {control['ablated']:.3f} with every head zeroed "
-        f"({control['kept_ablated']:.0%} kept); so the pruning results below are about heads the task needs, "
-        "not about a task that survives without attention.",
+        f"The paraphrase task needs attention (its own controls, on all {n_examples} triples): the full model's margin "
+        f"is {control['full']:.3f}, chance being 0 ({(np.asarray(task_clean) > 0).mean():.0%} of the triples right); with every "
+        f"head zeroed (no attention output at all) it is {control['ablated']:.3f}, {left(control['kept_ablated'])}; with "
+        f"every head's attention uniform (a bag-of-words floor) {control['uniform']:.3f}, {left(control['kept_uniform'])}. "
+        "So the pruning results below are about heads the task needs, not about a task that survives without attention.",
         f"MiniLM does not solve the word-order triples (distractor = the anchor's words with the roles swapped): "
         f"margin {order['full']:.3f} with the full model ({(order['clean'] > 0).mean():.0%} of the triples right), "
         f"{order['uniform']:.3f} with uniform attention; its sentence embeddings barely encode who did what to whom, "
         "so that task cannot rank heads here and the paraphrase task stays the study's (and the default report's).",
-        f"Alone, {free} of {len(heads)} heads can be removed at a cost below 1% of the full model's cosine margin "
-        f"({clean:.3f}); removing {better} of them improves the margin (Benjamini-Hochberg q < 0.05)"
+        f"Alone, {free} of {len(heads)} heads cost less than 1% of the full model's cosine margin ({clean:.3f}) when "
+        f"removed (point estimate; {sure} of them with the whole 95% CI above -1%, not corrected for the "
+        f"{len(heads)} heads); removing {better} of them improves the margin (Benjamini-Hochberg q < 0.05)"
         + ("; like Michel et al.'s BERT on MNLI, most single heads can go." if free > len(heads) / 2 else
            "; unlike Michel et al.'s BERT on MNLI, most single heads cost something here."),
         "Keeping only the best head of a layer (zeroing its other 11) changes the margin by "
-        + ", ".join(f"{r.change:+.3f} (layer {r.layer})" for r in one_head.itertuples())
+        + ", ".join(f"{r.change:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] (layer {r.layer})" for r in one_head.itertuples())
         + "; Michel et al. saw no significant drop for most BERT layers.",
-        f"Together, at {int(curve.n_pruned.max())} of {len(heads)} heads removed, the held-out margin is "
-        + ", ".join(f"{m} {v:.3f}" for m, v in at_target.items())
-        + f" (random: median of {curve[curve.method == 'random'].seed.nunique()} seeds; full model "
-          f"{pr['unpruned']:.3f})." + (" " + pr["comparison"]["sentence"] if pr.get("comparison") else ""),
+        f"Together, at {int(curve.n_pruned.max())} of {len(heads)} heads removed, the held-out margin is {orders}; "
+        f"random orders: median {randoms.median():.3f} over {len(randoms)} seeds (full model {pr['unpruned']:.3f})."
+        + (" " + pr["comparison"]["sentence"] if pr.get("comparison") else ""),
         f"The recommended plan keeps the pruned model's sentence embeddings at cosine "
         f"{faithful.cosine.iloc[0]:.3f} to the full model's on 200 real sentences, vs "
         f"{faithful.cosine.iloc[1:].mean():.3f} for random plans of the same size"
