@@ -42,9 +42,9 @@ hang_after = int(os.environ.get("HL_HANG_AFTER", "0"))
 saves = [0]
 original_save, original_score = sweep.SweepResume.save, tasks.LMLossTask.score
 
-def save(self, layer, heads, values):
-    original_save(self, layer, heads, values)
-    log.write(f"save {self._path(layer, heads).name}\n")
+def save(self, layer, heads, values, **unit):
+    original_save(self, layer, heads, values, **unit)
+    log.write(f"save {self._path(layer, heads, **unit).name}\n")
     saves[0] += 1
     if saves[0] == hang_after:
         time.sleep(600)  # the test kills the process here

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 from headlens.errors import HeadlensError
+from headlens.runtime import from_torchrun
 
 SUBCOMMANDS = ["report", "models", "scores", "importance", "prune", "circuits", "kv_heads", "train_toy"]
 
@@ -27,7 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_unless(main: bool):
+    """Under ``torchrun`` only rank 0 prints results (the others' stdout goes nowhere; errors still show)."""
+    if main:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(open(os.devnull, "w"))
+
+
 def main(argv=None) -> int:
+    """Run the ``headlens`` command; under ``torchrun`` each rank runs it in the job's process group
+    (see :mod:`headlens.runtime.distributed`)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["report"]  # the main job
@@ -37,7 +49,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with from_torchrun(getattr(args, "device", None)) as world, _quiet_unless(world.is_main):
+            return int(args._run(args) or 0)
     except HeadlensError as e:
         print(f"headlens: error: {e}", file=sys.stderr)
         return 2

@@ -39,8 +39,9 @@ def load_model_and_task(args):
     """The model and task named on the command line (shared with ``headlens prune``)."""
     from headlens.importance.tasks import TEXT_TASKS, default_task_name, load_task
     from headlens.io.loading import load
+    from headlens.runtime import current_world
 
-    model = load(args.model, dtype=args.dtype, device=args.device)
+    model = load(args.model, dtype=args.dtype, device=current_world().device(args.device))
     options = {}
     if args.metric in TEXT_TASKS:
         options["task_type"] = args.metric
@@ -56,6 +57,7 @@ def run(args) -> int:
     from headlens.importance.gradients import attribution_patching, compare_with_ablation, gradient_importance
     from headlens.importance.sweep import ablation_sweep
     from headlens.model.heads import head_label
+    from headlens.runtime import current_world
 
     start = time.perf_counter()
     if args.out:
@@ -102,7 +104,7 @@ def run(args) -> int:
                                          for r in top.itertuples()))
     for col, rho in table.attrs.get("spearman", {}).items():
         print(f"Spearman rank correlation of {col} with the ablation sweep: {rho:.3f}")
-    if args.out:
+    if args.out and current_world().is_main:
         table.to_csv(args.out, index=False)
         print(f"wrote {args.out}")
     print("times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())

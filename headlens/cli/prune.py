@@ -6,6 +6,7 @@ import time
 
 from headlens.cli.importance import load_model_and_task
 from headlens.cli.options import add_shared
+from headlens.runtime import current_world
 
 NAME = "prune"
 HELP = "pruning curves and a pruning plan; optionally save the physically pruned model"
@@ -54,7 +55,7 @@ def run(args) -> int:
         plan = record["heads"]
     else:
         model, task, plan = _analyse(args)
-    if args.save_model:
+    if args.save_model and current_world().is_main:
         _save_pruned(model, task, plan, args)
     print(f"total {time.perf_counter() - start:.1f} s")
     return 0
@@ -76,6 +77,8 @@ def _analyse(args):
     curve = result.curve
     with pd.option_context("display.width", 200, "display.max_rows", 1000):
         print(curve.round(4).to_string(index=False))
+    if not current_world().is_main:  # rank 0 writes
+        return model, task, result.plan
     atomic_write(out / "pruning.csv", curve.to_csv(index=False, lineterminator="\n").encode())
     write_plan(out / PLAN_FILE, plan_record(
         result.plan, result.plans, result.recommended, model=model.cfg.name, n_heads=model.cfg.n_heads_total,

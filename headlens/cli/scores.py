@@ -36,6 +36,7 @@ def run(args) -> int:
     from headlens.io.loading import load
     from headlens.patterns.roles import assign_roles
     from headlens.patterns.scores import pattern_scores
+    from headlens.runtime import current_world
 
     if args.figures and not args.out:
         raise HeadlensError("--figures needs --out FOLDER")
@@ -66,7 +67,7 @@ def run(args) -> int:
             st = clusterer.stability_
             print(f"\ncluster stability over {st['n_bootstrap']} bootstrap resamples: "
                   f"ARI {st['ari_mean']:.2f} +- {st['ari_std']:.2f} (min {st['ari_min']:.2f})")
-    if args.out:
+    if args.out and current_world().is_main:
         scores.to_csv(out / "scores.csv", index=False)
         if clusterer is not None:
             clusterer.table_.to_csv(out / "cluster_table.csv", index=False)

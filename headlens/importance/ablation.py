@@ -33,6 +33,7 @@ from headlens.importance.statistics import importance_table
 from headlens.importance.streaming import Streaming, StreamingReplacement
 from headlens.importance.tasks import load_task
 from headlens.model.heads import local_index, resolve_heads
+from headlens.runtime import current_world
 
 ABLATIONS = ("zero", "mean", "resample", "uniform")  # the ones that apply to any task
 
@@ -90,21 +91,61 @@ def clean_activations(model, batches, layer: int, resid=None, names=("z",), past
     return acts, nxt
 
 
+@torch.no_grad()
+def z_means(model, batches, layers, per_position: bool = True) -> dict:
+    """Each of ``layers``' dataset mean of ``z`` over real tokens, ``{layer: [1, P or 1, H, d]}``
+    (per position, or averaged over positions too), summed in float64 one batch at a time: no
+    batch's activations are kept. In a multi-process job the batches are shared out over the
+    ranks and their sums added."""
+    layers = sorted(set(layers))
+    if not layers:
+        return {}
+    world = current_world()
+
+    def partial_sums():
+        sums, counts = {}, None
+        keep = {}
+        hooks = [(f"blocks.{layer}.attn.hook_z", lambda t, hook, layer=layer: keep.__setitem__(layer, t))
+                 for layer in layers]
+        for i in range(len(batches)):
+            if world.owner(i) != world.rank:
+                continue
+            b = batches[i]
+            with model.hooks(fwd_hooks=hooks):
+                model(b.inputs, stop_at_layer=layers[-1] + 1)
+            m = b.inputs["attention_mask"].double()[..., None, None]  # [R, P, 1, 1]
+            counts = m.sum(0).cpu() if counts is None else counts + m.sum(0).cpu()
+            for layer in layers:
+                z = keep.pop(layer)
+                add = (z.double() * m.to(z.device)).sum(0).cpu()  # [P, H, d]
+                sums[layer] = add if layer not in sums else sums[layer] + add
+        return sums, counts
+
+    parts = [p for p in world.run_shards(partial_sums) if p[1] is not None]
+    counts = sum(p[1] for p in parts)
+    means = {}
+    for layer in layers:
+        total = sum(p[0][layer] for p in parts)
+        n = counts if per_position else counts.sum(0, keepdim=True)
+        total = total if per_position else total.sum(0, keepdim=True)
+        device = model.blocks[layer].attn.W_O.device
+        means[layer] = (total / n)[None].to(device=device, dtype=model.dtype)
+    return means
+
+
 class Replacement:
     """What an ablated head's ``z`` (or pattern) becomes, per batch, for one layer (``layer``:
     its sliding window decides the keys a uniform pattern spreads over).
 
-    ``value(i)`` for batch ``i``: None (zero), ``[1, P or 1, H, d]`` (mean), ``[R, P, H, d]``
-    (resample) or ``[R, 1, P, S]`` (uniform pattern)."""
+    ``value(i)`` for batch ``i``: None (zero), ``[1, P or 1, H, d]`` (mean: ``mean``, from
+    :func:`z_means`), ``[R, P, H, d]`` (resample: another row of ``zs``, the clean ``z`` of the
+    batches) or ``[R, 1, P, S]`` (uniform pattern)."""
 
     def __init__(self, model, ablation: str, batches, zs=None, per_position: bool = True, seed: int = 0,
-                 layer: int = 0):
+                 layer: int = 0, mean: Optional[torch.Tensor] = None):
         self.ablation = ablation
         if ablation == "mean":
-            m = torch.cat([b.inputs["attention_mask"] for b in batches]).to(zs[0].dtype)[..., None, None]
-            z = torch.cat(zs)
-            dims = (0,) if per_position else (0, 1)
-            self.mean = ((z * m).sum(dims, keepdim=True) / m.sum(dims, keepdim=True))
+            self.mean = mean
         elif ablation == "resample":
             self.z = torch.cat(zs)
             self.perm = derangement(self.z.shape[0], seed).to(self.z.device)
@@ -136,12 +177,12 @@ class Replacement:
 
 
 def make_replacement(model, ablation, batches, zs=None, per_position: bool = True, seed: int = 0,
-                     layer: int = 0, **streaming):
+                     layer: int = 0, mean=None, **streaming):
     """The :class:`Replacement` of ``ablation`` for ``layer`` (a :class:`StreamingReplacement` for
     streaming, given its ``acts``, ``starts`` and ``prefix_values`` in the fast sweep)."""
     if isinstance(ablation, Streaming):
         return StreamingReplacement(ablation, batches, **streaming)
-    return Replacement(model, ablation, batches, zs, per_position, seed, layer)
+    return Replacement(model, ablation, batches, zs, per_position, seed, layer, mean=mean)
 
 
 def ablation_hook(ablation, assignments: list, rows: int, value: Optional[torch.Tensor]):
@@ -171,26 +212,31 @@ def ablation_hook(ablation, assignments: list, rows: int, value: Optional[torch.
 def ablate(model, task, heads, ablation: str = "zero", per_position: bool = True, seed: int = 0,
            batch_size: int = 16) -> np.ndarray:
     """Metric per example ``[N]`` with all of ``heads`` (see :func:`resolve_heads`: a head, a list,
-    a layer ``{l: None}``, a cluster) ablated together."""
+    a layer ``{l: None}``, a cluster) ablated together (the batches shared out over the ranks of
+    a multi-process job)."""
     ablation = as_ablation(ablation)
     task = load_task(task, model)
     pairs = resolve_heads(model, heads)
     batches = task.batches(model, batch_size)
     layers = sorted({layer for layer, _ in pairs})
+    means = z_means(model, batches, layers, per_position) if ablation == "mean" else {}
     repl = {}
     for layer in layers:
-        zs = clean_activations(model, batches, layer)[0]["z"] if ablation in ("mean", "resample") else None
-        repl[layer] = make_replacement(model, ablation, batches, zs, per_position, seed, layer=layer)
-    out = []
-    for i, b in enumerate(batches):
+        zs = clean_activations(model, batches, layer)[0]["z"] if ablation == "resample" else None
+        repl[layer] = make_replacement(model, ablation, batches, zs, per_position, seed, layer=layer,
+                                       mean=means.get(layer))
+
+    def metric(i: int) -> torch.Tensor:
+        b = batches[i]
         ref = task.reference(model, b)
         hooks = [(hook_name(ablation, layer), ablation_hook(
             ablation, [[local_index(model, layer, h) for ll, h in pairs if ll == layer]], b.n_rows, repl[layer].value(i)))
             for layer in layers]
         with model.hooks(fwd_hooks=hooks):
             hidden = model(b.inputs, return_type="hidden")
-        out.append(task.compute(model, hidden, b, ref).double().cpu())
-    return torch.cat(out).numpy()
+        return task.compute(model, hidden, b, ref).double().cpu()
+
+    return torch.cat(current_world().map(metric, len(batches))).numpy()
 
 
 def ablation_effect(model, task, heads, ablation: str = "zero", n_bootstrap: int = 1000, seed: int = 0,

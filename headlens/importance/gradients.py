@@ -18,10 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from headlens.errors import HeadlensError, check
-from headlens.importance.ablation import Replacement
+from headlens.importance.ablation import Replacement, z_means
 from headlens.importance.statistics import spearman
 from headlens.importance.tasks import load_task
 from headlens.model.heads import local_index
+from headlens.runtime import current_world
 
 CORRUPTIONS = ("corrupted", "zero", "mean", "resample")
 
@@ -49,7 +50,8 @@ def gradient_importance(model, task, normalize: bool = True, reduce: str = "mean
     Each example gets its own copy of the gate (a per-example ``head_gate [R, L, H]``), so one
     backward per batch yields every example's gradient.
 
-    Note: a fidelity task (KL to the unablated model) has zero gradient at ``g = 1``."""
+    In a multi-process job (:mod:`headlens.runtime.distributed`) the batches are shared out over
+    the ranks. Note: a fidelity task (KL to the unablated model) has zero gradient at ``g = 1``."""
     check(reduce in ("mean", "sum"), f"reduce must be 'mean' or 'sum', got {reduce!r}")
     check(absolute in ABSOLUTE, f"absolute must be one of {ABSOLUTE}, got {absolute!r}")
     task = load_task(task, model)
@@ -59,9 +61,12 @@ def gradient_importance(model, task, normalize: bool = True, reduce: str = "mean
         head_mask, dtype=dtype, device=model.device).clone()
     check(tuple(gate.shape) == (L, H), f"head_mask must have shape {(L, H)}, got {tuple(gate.shape)}")
     check(bool(torch.isfinite(gate).all()), "head_mask holds NaN or infinite values")
-    total = torch.zeros(L, H, dtype=torch.float64)
     sign = -1.0 if task.higher_is_better else 1.0
-    for batch in tqdm(task.batches(model, batch_size), desc="gradient importance", disable=not progress, leave=False):
+    batches, world = task.batches(model, batch_size), current_world()
+    bar = tqdm(total=len(batches), desc="gradient importance", disable=not progress or not world.is_main, leave=False)
+
+    def batch_total(i: int) -> torch.Tensor:  # [L, H]
+        batch = batches[i]
         ref = task.reference(model, batch)
         g = gate.expand(batch.n_rows, L, H).clone().requires_grad_(True)  # [R, L, H]: one per example
         with torch.enable_grad():
@@ -69,7 +74,13 @@ def gradient_importance(model, task, normalize: bool = True, reduce: str = "mean
             loss = sign * task.compute(model, hidden, batch, ref).sum()
             (grad,) = torch.autograd.grad(loss, g)
         per_example = (g.detach() * grad).double().cpu()  # [R, L, H]
-        total += per_example.abs().sum(0) if absolute == "example" else per_example.sum(0).abs()
+        bar.update(world.size)
+        return per_example.abs().sum(0) if absolute == "example" else per_example.sum(0).abs()
+
+    total = torch.zeros(L, H, dtype=torch.float64)
+    for t in world.map(batch_total, len(batches)):  # summed in batch order: the same on any number of ranks
+        total += t
+    bar.close()
     raw = total / len(task) if reduce == "mean" else total
     scores = raw / (raw.norm(dim=1, keepdim=True) + 1e-20) if normalize else raw
     table = _head_table(model, scores, "grad_importance")
@@ -108,11 +119,15 @@ def attribution_patching(model, task, corruption: str = "corrupted", per_positio
                             "'resample', or give the task counterfactuals (e.g. ContrastTask(corrupted=...))")
     repl = None
     if corruption in ("mean", "resample"):
-        per_batch = [_capture_z(model, b.inputs) for b in batches]
-        repl = [Replacement(model, corruption, batches, [z[layer] for z in per_batch], per_position, seed, layer)
-                for layer in range(L)]
-    total = [torch.zeros(b.attn.n_heads, dtype=torch.float64) for b in model.blocks]
-    for i, batch in enumerate(tqdm(batches, desc="attribution patching", disable=not progress, leave=False)):
+        means = z_means(model, batches, range(L), per_position) if corruption == "mean" else {}
+        per_batch = [_capture_z(model, b.inputs) for b in batches] if corruption == "resample" else None
+        repl = [Replacement(model, corruption, batches, per_batch and [z[layer] for z in per_batch], per_position,
+                            seed, layer, mean=means.get(layer)) for layer in range(L)]
+    world = current_world()
+    bar = tqdm(total=len(batches), desc="attribution patching", disable=not progress or not world.is_main, leave=False)
+
+    def batch_totals(i: int) -> list:  # per layer [H]
+        batch = batches[i]
         corr = _capture_z(model, batch.corrupted) if corruption == "corrupted" else None
         ref = task.reference(model, batch)
         clean, deltas = [None] * L, [None] * L
@@ -127,6 +142,7 @@ def attribution_patching(model, task, corruption: str = "corrupted", per_positio
             hidden = model(batch.inputs, return_type="hidden")
             metric = task.compute(model, hidden, batch, ref).sum()
             grads = torch.autograd.grad(metric, deltas, allow_unused=True)
+        out = [torch.zeros(b.attn.n_heads, dtype=torch.float64) for b in model.blocks]
         for layer in range(L):
             if grads[layer] is None:
                 continue
@@ -136,7 +152,15 @@ def attribution_patching(model, task, corruption: str = "corrupted", per_positio
                 target = torch.zeros_like(clean[layer])
             else:
                 target = repl[layer].value(i).to(clean[layer].dtype).expand_as(clean[layer])
-            total[layer] += ((target - clean[layer]) * grads[layer]).sum((0, 1, 3)).double().cpu()
+            out[layer] += ((target - clean[layer]) * grads[layer]).sum((0, 1, 3)).double().cpu()
+        bar.update(world.size)
+        return out
+
+    total = [torch.zeros(b.attn.n_heads, dtype=torch.float64) for b in model.blocks]
+    for part in world.map(batch_totals, len(batches)):  # summed in batch order
+        for layer in range(L):
+            total[layer] += part[layer]
+    bar.close()
     H = max(max(b.attn.n_heads for b in model.blocks), 1)
     values = torch.zeros(L, H, dtype=torch.float64)
     for layer, t in enumerate(total):

@@ -16,8 +16,10 @@ from headlens.files import atomic_write, writable_folder
 
 
 class SweepResume:
-    """Finished units of a sweep, one ``.npy`` per unit (a layer's chunk of heads), written
-    atomically; ``sweep.json`` fingerprints the sweep so a folder is only resumed by the same one."""
+    """Finished units of a sweep, one ``.npy`` per unit (a layer's chunk of heads on a block of
+    examples), written atomically, so a reader never sees half a unit; ``sweep.json``
+    fingerprints the sweep so a folder is only resumed by the same one. The ranks of a
+    multi-process job share one folder: each writes the units it computed."""
 
     def __init__(self, folder, fingerprint: dict):
         self.folder = writable_folder(folder, "resume_dir")
@@ -35,27 +37,29 @@ class SweepResume:
         else:
             atomic_write(meta, json.dumps(fingerprint, sort_keys=True).encode())
 
-    def _path(self, layer: int, heads) -> Path:
-        return self.folder / f"layer{layer:03d}_heads{'-'.join(str(h) for h in heads)}.npy"
+    def _path(self, layer: int, heads, block: int = 0) -> Path:
+        return self.folder / f"layer{layer:03d}_heads{'-'.join(str(h) for h in heads)}_block{block:04d}.npy"
 
-    def load(self, layer: int, heads) -> Optional[np.ndarray]:
-        """The saved ``[len(heads), N]`` metrics, or None if not saved (or unreadable: recomputed)."""
-        path = self._path(layer, heads)
+    def load(self, layer: int, heads, block: int = 0, n_examples: Optional[int] = None) -> Optional[np.ndarray]:
+        """The saved ``[len(heads), N]`` metrics (``N = n_examples`` when given), or None if not
+        saved (or unreadable, or of another shape: then it is deleted, to be computed again)."""
+        path = self._path(layer, heads, block)
         if not path.is_file():
             return None
         try:
             values = np.load(path)
         except (OSError, ValueError, EOFError):
             values = None
-        if values is None or values.ndim != 2 or values.shape[0] != len(heads):
+        if (values is None or values.ndim != 2 or values.shape[0] != len(heads)
+                or (n_examples is not None and values.shape[1] != n_examples)):
             path.unlink(missing_ok=True)  # damaged: compute this unit again
             return None
         return values
 
-    def save(self, layer: int, heads, values: np.ndarray) -> None:
+    def save(self, layer: int, heads, values: np.ndarray, block: int = 0) -> None:
         buffer = io.BytesIO()
         np.save(buffer, values)
-        atomic_write(self._path(layer, heads), buffer.getvalue())
+        atomic_write(self._path(layer, heads, block), buffer.getvalue())
 
 
 def sweep_fingerprint(model, task, **settings) -> dict:

@@ -76,13 +76,12 @@ class LongContextTask(Task):
         return LongContextTask(self.tokens, self.context_len, self.answer_start, self.needle_span, self.kinds,
                                metric, self.name, self.record_ids)
 
-    def prepare(self, model, inputs):
+    def prepare(self, model, inputs, examples):
         check(model.cfg.causal, f"task {self.name!r} needs a decoder: {model.cfg.name!r} sees the whole sequence")
         device = inputs["input_ids"].device
-        lengths = [len(t) for t in self.tokens]
-        targets = {"context_len": torch.tensor(self.context_len, device=device),
-                   "answer_start": torch.tensor(self.answer_start, device=device),
-                   "answer_end": torch.tensor(lengths, device=device)}
+        targets = {"context_len": torch.tensor([self.context_len[i] for i in examples], device=device),
+                   "answer_start": torch.tensor([self.answer_start[i] for i in examples], device=device),
+                   "answer_end": torch.tensor([len(self.tokens[i]) for i in examples], device=device)}
         return inputs, targets, None
 
     def scored(self, batch) -> torch.Tensor:

@@ -42,7 +42,7 @@ def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int
           f"texts must be a string, a list of strings or token ids, got {type(texts).__name__}")
     check(texts is not None and len(texts) > 0, "texts is empty: give at least one text or token sequence")
     if _is_token_input(texts):
-        batch = _pad_ids(texts, cfg.pad_token_id or 0, padding_side)
+        batch = _pad_ids(texts, pad_token(model, text=False), padding_side)
     else:
         tok = model.tokenizer
         if tok is None:
@@ -65,8 +65,7 @@ def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int
                 f"text {i} is {len(ids[i])} tokens long, more than the context of {limit} tokens "
                 f"({len(too_long)} text(s) too long); pass truncate=True to cut them")
         ids = [x[:limit] for x in ids]
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (tok.pad_token_id or 0)
-        batch = _pad_ids(ids, pad, padding_side)
+        batch = _pad_ids(ids, pad_token(model, text=True), padding_side)
         if cfg.n_token_types:
             batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
     P = batch["input_ids"].shape[1]
@@ -82,6 +81,14 @@ def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int
           f"token ids must lie in [0, {V}); got ids from {int(ids.min())} to {int(ids.max())} "
           "(tokenizer and model do not match?)")
     return {k: v.to(model.device) for k, v in batch.items()}
+
+
+def pad_token(model, text: bool) -> int:
+    """The id :func:`encode` pads with: the model's pad token, else (for text) the tokenizer's, else 0."""
+    cfg, tok = model.cfg, model.tokenizer
+    if cfg.pad_token_id is not None:
+        return cfg.pad_token_id
+    return (getattr(tok, "pad_token_id", None) or 0) if text else 0
 
 
 def _pad_ids(seqs, pad_id: int, padding_side: str = "right") -> dict:

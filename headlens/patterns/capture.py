@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from headlens.errors import HeadlensError, check
 from headlens.model.tokens import batches
 from headlens.model.transformer import visible_positions
+from headlens.runtime import current_world
 
 PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
 
@@ -115,6 +116,34 @@ def _batches(model, data, batch_size: int, sort_by_length: bool, **encode_kwargs
     yield from batches(model, data, batch_size, **encode_kwargs)
 
 
+def pattern_batch(model, batch: dict) -> PatternBatch:
+    """Run one encoded batch and return every head's pattern (see :class:`PatternBatch`)."""
+    n = model.cfg.n_layers
+    names = [PATTERN_HOOK.format(layer=layer) for layer in range(n)]
+    wanted = set(names)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter=lambda name: name in wanted, return_type=None)
+    patterns = torch.cat([cache[name].float().to(model.device) for name in names], dim=1)
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(batch["input_ids"])
+    return PatternBatch(batch["input_ids"], mask, patterns, model.head_labels(), model.cfg.causal, _layer_sizes(model),
+                        [model.cfg.sliding_window_of(layer) for layer in range(n)])
+
+
+def _n_batches(data, batch_size: int) -> Optional[int]:
+    """How many batches ``data`` makes, when it knows its length (for the progress bar's ETA)."""
+    if isinstance(data, dict):
+        return 1
+    if not isinstance(batch_size, int) or batch_size < 1:
+        return None  # _batches says why
+    try:
+        n = data.shape[0] if isinstance(data, torch.Tensor) else (1 if isinstance(data, str) else len(data))
+    except TypeError:  # a generator
+        return None
+    return -(-n // batch_size)
+
+
 def iter_patterns(model, data, batch_size: int = 16, sort_by_length: bool = False,
                   progress: bool = False, **encode_kwargs) -> Iterator[PatternBatch]:
     """Yield a :class:`PatternBatch` per batch of ``data``.
@@ -124,20 +153,9 @@ def iter_patterns(model, data, batch_size: int = 16, sort_by_length: bool = Fals
     ``32 * batch_size`` to cut padding (statistics do not depend on the order).
     ``encode_kwargs`` go to :func:`headlens.model.tokens.encode` (e.g. ``truncate=True``).
     """
-    names = {PATTERN_HOOK.format(layer=layer) for layer in range(model.cfg.n_layers)}
-    order = [PATTERN_HOOK.format(layer=layer) for layer in range(model.cfg.n_layers)]
-    heads, sizes = model.head_labels(), _layer_sizes(model)
     stream = _batches(model, data, batch_size, sort_by_length, **encode_kwargs)
-    for batch in tqdm(stream, desc="patterns", unit="batch", disable=not progress):
-        with torch.no_grad():
-            _, cache = model.run_with_cache(batch, names_filter=lambda name: name in names,
-                                            return_type=None)
-        patterns = torch.cat([cache[name].float() for name in order], dim=1)
-        mask = batch.get("attention_mask")
-        if mask is None:
-            mask = torch.ones_like(batch["input_ids"])
-        yield PatternBatch(batch["input_ids"], mask, patterns, heads, model.cfg.causal, sizes,
-                           [model.cfg.sliding_window_of(layer) for layer in range(model.cfg.n_layers)])
+    for batch in tqdm(stream, desc="patterns", unit="batch", total=_n_batches(data, batch_size), disable=not progress):
+        yield pattern_batch(model, batch)
 
 
 def capture_patterns(model, data, batch_size: int = 16, **kwargs) -> list[PatternBatch]:
@@ -177,6 +195,20 @@ class HeadStatsAccumulator:
         self.rep_counts: dict = {}
         self.n_examples = 0
         self._weights: Optional[torch.Tensor] = None
+
+    def fresh(self) -> "HeadStatsAccumulator":
+        """An empty accumulator of the same kind that draws its bootstrap weights from this one's
+        generator (continuing its sequence)."""
+        new = HeadStatsAccumulator(self.n_replicates, 0, self.replicate_names)
+        new.generator = self.generator
+        return new
+
+    def merge(self, other: "HeadStatsAccumulator") -> None:
+        """Add ``other``'s sums (of other examples) into this accumulator (not its example count)."""
+        for mine, theirs in ((self.totals, other.totals), (self.counts, other.counts),
+                             (self.rep_totals, other.rep_totals), (self.rep_counts, other.rep_counts)):
+            for name, value in theirs.items():
+                mine[name] = mine.get(name, 0) + value
 
     def start_batch(self, batch_size: int) -> None:
         self.n_examples += batch_size
@@ -226,15 +258,34 @@ def stream_head_stats(model, data, statistics: Mapping[str, Statistic], batch_si
     ``statistics``: ``{name: fn(PatternBatch) -> (totals [B, ...], counts [B] or [B, ...])}``; a
     function may instead return a dict ``{name: (totals, counts)}`` of several statistics at once.
     Returns the :class:`HeadStatsAccumulator` (``.mean(name)``, ``.replicate_means(name)``).
+    In a multi-process job (:mod:`headlens.runtime.distributed`) every rank reads the data and
+    runs the model on its share of the batches; the sums of all ranks are added on every rank.
     """
     check(len(statistics) > 0, "statistics is empty: give at least one {name: function}")
     acc = accumulator if accumulator is not None else HeadStatsAccumulator(n_replicates, seed)
-    for pb in iter_patterns(model, data, batch_size, sort_by_length=sort_by_length,
-                            progress=progress, **encode_kwargs):
-        acc.start_batch(pb.input_ids.shape[0])
-        for name, fn in statistics.items():
-            result = fn(pb)
-            for key, (totals, counts) in (result.items() if isinstance(result, dict) else [(name, result)]):
-                acc.add(key, totals, counts)
-    return acc
+    world = current_world()
+    # several ranks: each runs its share of the batches into a fresh accumulator that draws the
+    # bootstrap weights of every batch from acc's generator (so every rank draws the same ones)
+    part = acc if world.size == 1 else acc.fresh()
+    stream = _batches(model, data, batch_size, sort_by_length, **encode_kwargs)
+    bar = tqdm(stream, desc="patterns", unit="batch", total=_n_batches(data, batch_size),
+               disable=not progress or not world.is_main)
 
+    def share() -> HeadStatsAccumulator:
+        for i, batch in enumerate(bar):
+            part.start_batch(batch["input_ids"].shape[0])
+            if world.owner(i) != world.rank:
+                continue
+            pb = pattern_batch(model, batch)
+            for name, fn in statistics.items():
+                result = fn(pb)
+                for key, (totals, counts) in (result.items() if isinstance(result, dict) else [(name, result)]):
+                    part.add(key, totals, counts)
+        return part
+
+    parts = world.run_shards(share)
+    if world.size > 1:
+        for other in parts:
+            acc.merge(other)
+        acc.n_examples += part.n_examples
+    return acc

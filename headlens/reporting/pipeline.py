@@ -9,7 +9,9 @@ metrics on the selection split (so a mean ablation's mean is taken over all task
 :func:`report` runs it and returns a :class:`Report` (the tables, the pruning plan, the figure
 paths and ``run.json``); :meth:`Report.load` reads a finished report folder back. The folder is
 written atomically and every finished stage is saved inside it for resume (see
-:mod:`headlens.reporting.folder`), so re-running the same call after a crash resumes.
+:mod:`headlens.reporting.folder`), so re-running the same call after a crash resumes. Under
+``torchrun`` every rank runs :func:`report`: the analyses share their work out over the ranks and
+rank 0 alone writes the folder (:mod:`headlens.reporting.ranks`).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from headlens.pruning.plans import PLAN_FILE, plan_record, read_plan, write_plan
 from headlens.reporting import render
 from headlens.reporting.folder import ReportFolder, atomic_write, is_complete, write_json, write_table
 from headlens.reporting.latex import write_latex, write_report_tables
+from headlens.reporting.ranks import RankFolder
 from headlens.reporting.run_record import (
     StepTimer,
     add_timings,
@@ -41,6 +44,7 @@ from headlens.reporting.run_record import (
     task_key,
     texts_key,
 )
+from headlens.runtime import current_world
 
 DEFAULT_MODEL = "minilm"
 
@@ -197,17 +201,19 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
                   n_bootstrap=n_bootstrap, n_clusters=n_clusters,
                   data=None if data is None else texts_key(data), circuits=circuits,
                   long_context=long_context)
-    folder = ReportFolder(out, dict(config, headlens=package_version("headlens"), resume_format=RESUME_FORMAT),
-                          resume=resume, force=force)
+    world = current_world()
+    folder = RankFolder(world, lambda: ReportFolder(
+        out, dict(config, headlens=package_version("headlens"), resume_format=RESUME_FORMAT), resume=resume,
+        force=force))
     timings = {}
     from tqdm.auto import tqdm
 
     bar = tqdm(total=8 + circuits + (long_context is not None), desc="headlens report", unit="step",
-               disable=not progress, leave=False)
+               disable=not progress or not world.is_main, leave=False)
     step = StepTimer(bar, timings, folder)
     try:
         with step("load model and task"):
-            net = _load_model(model, dtype, device)
+            net = _load_model(model, dtype, world.device(device))
             the_task = _load_task(net, task, metric, n_examples)
             texts = _pattern_texts(net, n_examples) if data is None else as_list(data)
             check(len(texts) >= 2, "data must hold at least 2 texts or token sequences")
@@ -216,36 +222,50 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
 
                 report_circuits.check_applicable(net, the_task)
         result = _analyse(net, the_task, texts, folder, step, config, progress)
+        found = lc = None
         if circuits:
             with step("circuits"):
                 found = report_circuits.report_stage(net, the_task, folder, config, progress)
-        run = run_record(net, the_task, texts, config, result, command, folder)
-        with step("figures"):
-            run["figures"] = _figures(net, texts, result, run, folder.staging / "figures")
-            from headlens.reporting.viewer import add_view
-            add_view(run, net, _gallery_text(texts), result["heads"], folder.staging)
-            if circuits:
-                report_circuits.add_section(found, run, folder.staging)
         if long_context is not None:
             with step("long context"):
-                from headlens.reporting.longcontext import long_context_section, run_long_context
+                from headlens.reporting.longcontext import run_long_context
 
-                run.setdefault("sections", []).append(long_context_section(folder.stage(
-                    "long_context", lambda: run_long_context(net, long_context, seed, progress)), folder.staging))
-        bar.close()
-        add_timings(run, timings, folder)
-        rep = Report(folder.out, result["heads"], result["clusters"], result["pruning"], result["plan"],
-                     {k: folder.out / v for k, v in run["figures"].items()}, run, result["distance"],
-                     plan_record(result["plan"], result["plans"], result["pruning_summary"]["recommended"],
-                                 model=net.cfg.name, n_heads=len(net.head_labels()), task=the_task.name,
-                                 metric=the_task.metric_name, target=config["prune_target"],
-                                 floor=config["prune_floor"]))
-        _write(rep, folder)
+                lc = folder.stage("long_context", lambda: run_long_context(net, long_context, seed, progress))
+        rep = world.on_main(lambda: _finish(net, the_task, texts, config, result, command, folder.local, step, bar,
+                                            timings, found, lc))
     except BaseException:
         bar.close()
         folder.abandon()
         raise
     folder.publish(keep_resume=keep_resume)
+    return rep
+
+
+def _finish(net, the_task, texts, config: dict, result: dict, command, folder: ReportFolder, step, bar,
+            timings: dict, circuits_found=None, long_context=None) -> Report:
+    """``run.json``, the figures and every file of the report, staged in ``folder`` (rank 0)."""
+    run = run_record(net, the_task, texts, config, result, command, folder)
+    with step("figures"):
+        run["figures"] = _figures(net, texts, result, run, folder.staging / "figures")
+        from headlens.reporting.viewer import add_view
+        add_view(run, net, _gallery_text(texts), result["heads"], folder.staging)
+        if circuits_found is not None:
+            from headlens.reporting import circuits as report_circuits
+
+            report_circuits.add_section(circuits_found, run, folder.staging)
+    if long_context is not None:
+        from headlens.reporting.longcontext import long_context_section
+
+        run.setdefault("sections", []).append(long_context_section(long_context, folder.staging))
+    bar.close()
+    add_timings(run, timings, folder)
+    rep = Report(folder.out, result["heads"], result["clusters"], result["pruning"], result["plan"],
+                 {k: folder.out / v for k, v in run["figures"].items()}, run, result["distance"],
+                 plan_record(result["plan"], result["plans"], result["pruning_summary"]["recommended"],
+                             model=net.cfg.name, n_heads=len(net.head_labels()), task=the_task.name,
+                             metric=the_task.metric_name, target=config["prune_target"],
+                             floor=config["prune_floor"]))
+    _write(rep, folder)
     return rep
 
 
@@ -290,7 +310,7 @@ def _pattern_texts(model, n: int) -> list:
     return bundled_sentences(n)
 
 
-def _analyse(model, task, texts, folder: ReportFolder, step, config: dict, progress: bool) -> dict:
+def _analyse(model, task, texts, folder: RankFolder, step, config: dict, progress: bool) -> dict:
     """Scores, roles, clusters, importance, gradients and pruning, each saved in ``folder`` for resume.
     The single-head sweep runs once: its per-example metrics give the importance table (all
     examples) and the pruning curve's ablation order (the selection split's examples)."""

@@ -13,6 +13,7 @@ Shapes: ``N`` examples in the task, ``B`` examples in a batch, ``R`` model rows 
 from __future__ import annotations
 
 import copy
+from collections import abc
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from headlens.errors import HeadlensError, check
-from headlens.model.tokens import encode
+from headlens.model.tokens import encode, pad_token
 
 
 @dataclass
@@ -123,8 +124,9 @@ class Task:
         return self.subset(first), self.subset(second)
 
     # --- model input ------------------------------------------------------------------------
-    def prepare(self, model, inputs: dict) -> tuple[dict, dict, Optional[dict]]:
-        """Per-task targets (first dim ``N``) and corrupted inputs for the encoded rows."""
+    def prepare(self, model, inputs: dict, examples: Sequence[int]) -> tuple[dict, dict, Optional[dict]]:
+        """Per-task targets (first dim ``B``) and corrupted inputs for the encoded rows of the
+        examples at positions ``examples`` (``[B]``, positions in this task)."""
         return inputs, {}, None
 
     def encode_rows(self, model, rows: list, pad_to: Optional[int] = None) -> dict:
@@ -134,22 +136,21 @@ class Task:
         enc = encode(model, rows, **kwargs)
         P = enc["input_ids"].shape[1]
         if pad_to is not None and pad_to > P:
-            pad = model.cfg.pad_token_id or 0
+            pad = pad_token(model, text=isinstance(rows[0], str))
             enc = {k: F.pad(v, (0, pad_to - P), value=pad if k == "input_ids" else 0) for k, v in enc.items()}
         return enc
 
-    def batches(self, model, batch_size: int = 16) -> list[TaskBatch]:
-        """All examples, encoded once to one common length ``P`` and cut into batches."""
-        check(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an int >= 1, got {batch_size}")
-        rows = [r for i in range(len(self)) for r in self.rows(i)]
-        inputs, targets, corrupted = self.prepare(model, self.encode_rows(model, rows))
-        r, out = self.rows_per_example, []
-        for s in range(0, len(self), batch_size):
-            e = min(s + batch_size, len(self))
-            cut = (lambda d, a, b: None if d is None else {k: v[a:b] for k, v in d.items()})
-            out.append(TaskBatch(cut(inputs, s * r, e * r), torch.arange(s, e), cut(targets, s, e),
-                                 cut(corrupted, s * r, e * r)))
-        return out
+    def encode_examples(self, model, examples: Sequence[int], pad_to: Optional[int] = None) -> TaskBatch:
+        """The batch of the examples at positions ``examples``, padded to ``pad_to`` positions."""
+        examples = [int(i) for i in examples]
+        rows = [r for i in examples for r in self.rows(i)]
+        inputs, targets, corrupted = self.prepare(model, self.encode_rows(model, rows, pad_to), examples)
+        return TaskBatch(inputs, torch.tensor(examples), targets, corrupted)
+
+    def batches(self, model, batch_size: int = 16) -> "TaskBatches":
+        """All examples in batches of ``batch_size``, every batch padded to one common length ``P``
+        (a lazy sequence: see :class:`TaskBatches`)."""
+        return TaskBatches(self, model, batch_size)
 
     # --- the metric -------------------------------------------------------------------------
     def score(self, model, hidden: torch.Tensor, batch: TaskBatch, reference=None) -> torch.Tensor:
@@ -180,11 +181,70 @@ class Task:
     def evaluate(self, model, head_gate=None, fwd_hooks=(), batch_size: int = 16, batches=None) -> np.ndarray:
         """Metric per example ``[N]`` of ``model`` run with ``head_gate`` and ``fwd_hooks``
         (TransformerLens ``(name, fn)`` pairs, removed afterwards); ``batches``: this task's
-        :meth:`batches` for ``model``, when the caller already has them."""
-        out = []
-        for batch in batches if batches is not None else self.batches(model, batch_size):
+        :meth:`batches` for ``model``, when the caller already has them. In a multi-process job
+        (:mod:`headlens.runtime.distributed`) the batches are shared out over the ranks."""
+        from headlens.runtime import current_world
+
+        batches = batches if batches is not None else self.batches(model, batch_size)
+
+        def metric(i: int) -> torch.Tensor:
+            batch = batches[i]
             ref = self.reference(model, batch)
             with model.hooks(fwd_hooks=list(fwd_hooks)):
                 hidden = model(batch.inputs, head_gate=head_gate, return_type="hidden")
-            out.append(self.compute(model, hidden, batch, ref).double().cpu())
-        return torch.cat(out).numpy()
+            return self.compute(model, hidden, batch, ref).double().cpu()
+
+        return torch.cat(current_world().map(metric, len(batches))).numpy()
+
+
+class TaskBatches(abc.Sequence):
+    """A task's examples in batches: ``batches[i]`` is the :class:`TaskBatch` of examples
+    ``i * batch_size ...``, padded to the common length ``P`` of the whole task (the longest
+    example's), so that activations of different batches line up position by position.
+
+    Creating it reads every example once (to find ``P`` and to check each batch, so bad input
+    fails before an analysis starts); a batch is encoded again when it is read, unless the whole
+    task holds at most ``CACHE_TOKENS`` tokens, when the encoded batches are kept. A task of any
+    length thus never sits in memory encoded."""
+
+    CACHE_TOKENS = 2 ** 22
+
+    def __init__(self, task: Task, model, batch_size: int):
+        check(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an int >= 1, got {batch_size}")
+        self.task, self.model, self.batch_size = task, model, batch_size
+        self.n_examples = len(task)
+        P, kept = 0, []
+        for i in range(len(self)):
+            batch = task.encode_examples(model, self._examples(i))
+            P = max(P, batch.inputs["input_ids"].shape[1])
+            kept.append(batch)
+        self.P = P
+        tokens = P * self.n_examples * task.rows_per_example
+        self._cache = [self._padded(b) for b in kept] if tokens <= self.CACHE_TOKENS else None
+
+    def _examples(self, i: int) -> range:
+        return range(i * self.batch_size, min((i + 1) * self.batch_size, self.n_examples))
+
+    def _padded(self, batch: TaskBatch) -> TaskBatch:
+        if batch.inputs["input_ids"].shape[1] == self.P:
+            return batch
+        return self.task.encode_examples(self.model, batch.examples.tolist(), pad_to=self.P)
+
+    def __len__(self) -> int:
+        return -(-self.n_examples // self.batch_size)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"batch {i} of {len(self)}")
+        if self._cache is not None:
+            return self._cache[i]
+        return self.task.encode_examples(self.model, self._examples(i), pad_to=self.P)
+
+    @property
+    def rows_per_batch(self) -> int:
+        """``R`` of a full batch."""
+        return min(self.batch_size, self.n_examples) * self.task.rows_per_example

@@ -35,9 +35,9 @@ class LMLossTask(_TextTask):
     """Mean next-token cross-entropy per text (decoders), padding excluded. Lower is better."""
     task_type, metric_name, higher_is_better = "lm", "lm_loss", False
 
-    def prepare(self, model, inputs):
+    def prepare(self, model, inputs, examples):
         short = (inputs["attention_mask"].sum(1) < 2).nonzero()[:, 0].tolist()
-        check(not short, f"task {self.name!r}: text {self.ids[short[0]] if short else ''} has fewer "
+        check(not short, f"task {self.name!r}: text {self.ids[examples[short[0]]] if short else ''} has fewer "
                          "than 2 tokens: no next token to predict")
         return inputs, {}, None
 
@@ -59,7 +59,7 @@ class MLMLossTask(_TextTask):
         self.mask_prob, self.seed = mask_prob, seed
         super().__init__(texts, name, max_tokens)
 
-    def prepare(self, model, inputs):
+    def prepare(self, model, inputs, examples):
         tok = model.tokenizer
         check(tok is not None and tok.mask_token_id is not None, "MLMLossTask needs a tokenizer with a mask token")
         ids = inputs["input_ids"].clone()
@@ -67,8 +67,9 @@ class MLMLossTask(_TextTask):
         special = torch.tensor(sorted(set(tok.all_special_ids)), device=ids.device)
         for r in range(ids.shape[0]):
             cand = ((inputs["attention_mask"][r] == 1) & ~torch.isin(ids[r], special)).nonzero()[:, 0]
-            check(len(cand) > 0, f"task {self.name!r}: text {self.ids[r]} has no token to mask")
-            u = torch.rand(len(cand), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.ids[r]))
+            example = self.ids[examples[r]]
+            check(len(cand) > 0, f"task {self.name!r}: text {example} has no token to mask")
+            u = torch.rand(len(cand), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + example))
             pick = cand[(u < self.mask_prob) | (u == u.min())]
             labels[r, pick] = ids[r, pick]
             ids[r, pick] = tok.mask_token_id
@@ -164,26 +165,26 @@ class ContrastTask(Task):
         check(0 <= tid < model.cfg.vocab_size, f"continuation token {tid} is outside the vocabulary")
         return tid
 
-    def prepare(self, model, inputs):
+    def prepare(self, model, inputs, examples):
         mask = inputs["attention_mask"]
         pos = mask.sum(1) - 1
         mask_id = getattr(model.tokenizer, "mask_token_id", None)
         if mask_id is not None:
             is_mask = inputs["input_ids"] == mask_id
             pos = torch.where(is_mask.any(1), is_mask.int().argmax(1), pos)
-        W = max(len(w) for w in self.wrong)
-        wrong = [[self._token(model, x) for x in w] for w in self.wrong]
-        targets = {"pos": pos, "right": torch.tensor([self._token(model, x) for x in self.right]),
+        W = max(len(self.wrong[i]) for i in examples)
+        wrong = [[self._token(model, x) for x in self.wrong[i]] for i in examples]
+        targets = {"pos": pos, "right": torch.tensor([self._token(model, self.right[i]) for i in examples]),
                    "wrong": torch.tensor([w + [w[0]] * (W - len(w)) for w in wrong])}
         targets = {k: v.to(mask.device) for k, v in targets.items()}
         corrupted = None
         if self.corrupted is not None:
-            corrupted = self.encode_rows(model, self.corrupted, pad_to=mask.shape[1])
+            corrupted = self.encode_rows(model, [self.corrupted[i] for i in examples], pad_to=mask.shape[1])
             P = corrupted["input_ids"].shape[1]
             n_clean, n_corr = mask.sum(1), corrupted["attention_mask"].sum(1)
             bad = (n_clean != n_corr).nonzero()
             check(P == mask.shape[1] and len(bad) == 0,
-                  f"task {self.name!r}: corrupted prompt {self.ids[int(bad[0]) if len(bad) else 0]} has a "
+                  f"task {self.name!r}: corrupted prompt {self.ids[examples[int(bad[0]) if len(bad) else 0]]} has a "
                   "different number of tokens than its clean prompt")
         return inputs, targets, corrupted
 
@@ -255,9 +256,9 @@ class RepeatedHalfTask(Task):
     def rows(self, i):
         return [self.tokens[i]]
 
-    def prepare(self, model, inputs):
+    def prepare(self, model, inputs, examples):
         check(model.cfg.causal, f"task {self.name!r} needs a decoder: {model.cfg.name!r} sees the whole sequence")
-        corrupted = self.encode_rows(model, self.corrupted) if self.corrupted is not None else None
+        corrupted = None if self.corrupted is None else self.encode_rows(model, [self.corrupted[i] for i in examples])
         return inputs, {}, corrupted
 
     def score(self, model, hidden, batch, reference=None):
