@@ -91,6 +91,19 @@ def clean_activations(model, batches, layer: int, resid=None, names=("z",), past
     return acts, nxt
 
 
+def masked_sums(z: torch.Tensor, mask: torch.Tensor) -> tuple:
+    """``z [R, P, H, d]`` summed over the rows' real tokens in float64: ``([P, H, d], counts [P, 1, 1])``."""
+    m = mask.double()[..., None, None].to(z.device)  # [R, P, 1, 1]
+    return (z.double() * m).sum(0).cpu(), m.sum(0).cpu()
+
+
+def mean_of(sums: torch.Tensor, counts: torch.Tensor, per_position: bool, like: torch.Tensor) -> torch.Tensor:
+    """The mean ``[1, P or 1, H, d]`` from :func:`masked_sums`' totals, in ``like``'s dtype and device."""
+    if not per_position:
+        sums, counts = sums.sum(0, keepdim=True), counts.sum(0, keepdim=True)
+    return (sums / counts)[None].to(device=like.device, dtype=like.dtype)
+
+
 @torch.no_grad()
 def z_means(model, batches, layers, per_position: bool = True) -> dict:
     """Each of ``layers``' dataset mean of ``z`` over real tokens, ``{layer: [1, P or 1, H, d]}``
@@ -113,24 +126,17 @@ def z_means(model, batches, layers, per_position: bool = True) -> dict:
             b = batches[i]
             with model.hooks(fwd_hooks=hooks):
                 model(b.inputs, stop_at_layer=layers[-1] + 1)
-            m = b.inputs["attention_mask"].double()[..., None, None]  # [R, P, 1, 1]
-            counts = m.sum(0).cpu() if counts is None else counts + m.sum(0).cpu()
             for layer in layers:
-                z = keep.pop(layer)
-                add = (z.double() * m.to(z.device)).sum(0).cpu()  # [P, H, d]
+                add, n = masked_sums(keep.pop(layer), b.inputs["attention_mask"])
                 sums[layer] = add if layer not in sums else sums[layer] + add
+            counts = n if counts is None else counts + n
         return sums, counts
 
     parts = [p for p in world.run_shards(partial_sums) if p[1] is not None]
     counts = sum(p[1] for p in parts)
-    means = {}
-    for layer in layers:
-        total = sum(p[0][layer] for p in parts)
-        n = counts if per_position else counts.sum(0, keepdim=True)
-        total = total if per_position else total.sum(0, keepdim=True)
-        device = model.blocks[layer].attn.W_O.device
-        means[layer] = (total / n)[None].to(device=device, dtype=model.dtype)
-    return means
+    like = torch.empty(0, dtype=model.dtype)
+    return {layer: mean_of(sum(p[0][layer] for p in parts), counts, per_position,
+                           like.to(model.blocks[layer].attn.W_O.device)) for layer in layers}
 
 
 class Replacement:
@@ -138,12 +144,15 @@ class Replacement:
     its sliding window decides the keys a uniform pattern spreads over).
 
     ``value(i)`` for batch ``i``: None (zero), ``[1, P or 1, H, d]`` (mean: ``mean``, from
-    :func:`z_means`), ``[R, P, H, d]`` (resample: another row of ``zs``, the clean ``z`` of the
-    batches) or ``[R, 1, P, S]`` (uniform pattern)."""
+    :func:`z_means`, or the mean of ``zs``, the clean ``z`` of the batches), ``[R, P, H, d]``
+    (resample: another row of ``zs``) or ``[R, 1, P, S]`` (uniform pattern)."""
 
     def __init__(self, model, ablation: str, batches, zs=None, per_position: bool = True, seed: int = 0,
                  layer: int = 0, mean: Optional[torch.Tensor] = None):
         self.ablation = ablation
+        if ablation == "mean" and mean is None:  # from the clean z of these batches
+            parts = [masked_sums(z, b.inputs["attention_mask"]) for z, b in zip(zs, batches)]
+            mean = mean_of(sum(p[0] for p in parts), sum(p[1] for p in parts), per_position, zs[0])
         if ablation == "mean":
             self.mean = mean
         elif ablation == "resample":

@@ -248,7 +248,10 @@ def sweep_metrics(model, task, ablation="zero", heads=None, method: str = "fast"
     todo = [u for u in plan if u not in done]
     owners = world.assign([_cost(model, blocks, u, method) for u in todo])
     mine = [u for u, r in zip(todo, owners) if r == world.rank]
-    means = z_means(model, batches, {u.layer for u in todo}, per_position) if ablation == "mean" else {}
+    # a mean ablation's mean is over all examples: from the block's own clean pass when there is one block
+    # (fast), else from a pass of its own over every batch
+    means = z_means(model, batches, {u.layer for u in todo}, per_position) \
+        if ablation == "mean" and (len(blocks) > 1 or method == "naive") else {}
     desc = f"{ablation} ablation sweep" + (f" (rank 0 of {world.size})" if world.size > 1 else "")
     bar = tqdm(total=sum(len(u.ids) for u in mine + list(done)), desc=desc, unit="head",
                disable=not progress or not world.is_main, leave=False)
