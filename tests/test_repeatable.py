@@ -95,7 +95,8 @@ def test_same_seed_same_tables_other_seed_other_tables(tiny_gpt2, name):
 
 
 # --- what run.json records ------------------------------------------------------------------
-NOT_RESULTS = {"out", "progress", "resume", "force", "keep_resume", "command"}  # where and how, not what
+# where and how, not what (a device map places the same computation, as the thread count does)
+NOT_RESULTS = {"out", "progress", "resume", "force", "keep_resume", "command", "device_map", "max_memory"}
 
 
 class Captured(Exception):
@@ -153,7 +154,8 @@ def test_recorded_command_reparses_to_the_same_call(monkeypatch):
     argv = ["report", "--model", "my model/folder", "--task", "ioi", "--ablation", "resample", "--metric",
             "accuracy", "--batch-size", "3", "--device", "cpu", "--dtype", "bfloat16", "--seed", "7",
             "--n-examples", "5", "--prune-target", "0.3", "--prune-floor", "0.8", "--n-bootstrap", "11",
-            "--n-clusters", "4", "--long-context", "512", "--out", "out dir", "--no-progress", "--quiet"]
+            "--n-clusters", "4", "--long-context", "512", "--device-map", '{"0": "cpu"}', "--max-memory",
+            '{"cpu": "1GiB"}', "--out", "out dir", "--no-progress", "--quiet"]
     args = build_parser().parse_args(argv)
     args._run(args)
     command = calls[0]["command"]

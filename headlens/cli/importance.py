@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
                              "(transformers' run_bertology.py)")
     parser.add_argument("--attribution", default=None, choices=["corrupted", "zero", "mean", "resample"],
                         help="also run attribution patching with this corruption")
-    add_shared(parser, "--device", "--dtype")
+    add_shared(parser, "--device", "--dtype", "--device-map", "--max-memory")
     parser.add_argument("--out", default=None, help="CSV file for the table (one row per head)")
     add_shared(parser, "--no-progress")
 
@@ -40,8 +40,10 @@ def load_model_and_task(args):
     from headlens.importance.tasks import TEXT_TASKS, default_task_name, load_task
     from headlens.io.loading import load
     from headlens.runtime import current_world
+    from headlens.runtime.devices import parse_device_map, parse_max_memory
 
-    model = load(args.model, dtype=args.dtype, device=current_world().device(args.device))
+    model = load(args.model, dtype=args.dtype, device=current_world().device(args.device),
+                 device_map=parse_device_map(args.device_map), max_memory=parse_max_memory(args.max_memory))
     options = {}
     if args.metric in TEXT_TASKS:
         options["task_type"] = args.metric

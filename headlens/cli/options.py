@@ -15,6 +15,11 @@ SHARED = {
     "--seed": dict(type=int, default=0, help="random seed (probe tokens, bootstrap, random orders)"),
     "--device": dict(default=None, help="torch device, e.g. cpu or cuda (default: the loader's)"),
     "--dtype": dict(default=None, help="weights' dtype: float32, float16 or bfloat16 (default: the loader's)"),
+    "--device-map": dict(default=None, metavar="MAP",
+                         help="a model larger than one device: 'auto' (accelerate, under --max-memory) or JSON "
+                              "{layer: device}, e.g. '{\"0\": \"cuda:0\", \"1\": \"cuda:1\"}' (instead of --device)"),
+    "--max-memory": dict(default=None, metavar="JSON",
+                         help="memory per device for --device-map auto, e.g. '{\"0\": \"20GiB\", \"1\": \"20GiB\"}'"),
     "--no-progress": dict(action="store_true", help="do not show progress bars"),
 }
 

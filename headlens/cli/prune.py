@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
     add_shared(parser, "--ablation")
     parser.add_argument("--apply", default=None, metavar="PLAN",
                         help="prune_plan.json to apply with --save-model (no analysis is run)")
-    add_shared(parser, "--n-examples", "--batch-size", "--seed", "--device", "--dtype")
+    add_shared(parser, "--n-examples", "--batch-size", "--seed", "--device", "--dtype", "--device-map", "--max-memory")
     parser.add_argument("--out", default="headlens-prune", help="folder for pruning.csv and prune_plan.json")
     parser.add_argument("--save-model", default=None, help="folder for the physically pruned model (recommended plan)")
     parser.add_argument("--format", default="hf", choices=["hf", "hf-padded", "headlens"],

@@ -33,6 +33,7 @@ def add_arguments(p) -> None:
     add_shared(p, "--batch-size")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="weights' dtype")
+    add_shared(p, "--device-map", "--max-memory")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for bootstrap, clustering, random pruning and data sampling; the same "
                         "seed gives byte-identical tables")
@@ -66,13 +67,15 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from headlens.reporting.pipeline import report
+    from headlens.runtime.devices import parse_device_map, parse_max_memory
 
     options = [("--model", args.model), ("--task", args.task), ("--out", args.out),
                ("--ablation", args.ablation), ("--metric", args.metric), ("--batch-size", args.batch_size),
                ("--device", args.device), ("--dtype", args.dtype), ("--seed", args.seed),
                ("--n-examples", args.n_examples), ("--prune-target", args.prune_target),
                ("--prune-floor", args.prune_floor), ("--n-bootstrap", args.n_bootstrap),
-               ("--n-clusters", args.n_clusters), ("--long-context", args.long_context)] + \
+               ("--n-clusters", args.n_clusters), ("--long-context", args.long_context),
+               ("--device-map", args.device_map), ("--max-memory", args.max_memory)] + \
         ([("--circuits", "")] if args.circuits else [])
     command = "headlens report " + " ".join(f"{k} {shlex.quote(str(v))}" if v != "" else k
                                             for k, v in options if v is not None)
@@ -82,6 +85,7 @@ def run(args) -> int:
                  prune_floor=args.prune_floor if args.prune_floor < 1 else None, n_bootstrap=args.n_bootstrap,
                  n_clusters=args.n_clusters, progress=not args.no_progress, resume=args.resume,
                  force=args.force, keep_resume=args.keep_resume, circuits=args.circuits, command=command,
-                 long_context=args.long_context)
+                 long_context=args.long_context, device_map=parse_device_map(args.device_map),
+                 max_memory=parse_max_memory(args.max_memory))
     print(rep.html if args.quiet else rep.summary())
     return 0

@@ -36,18 +36,24 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[\w.-]+)?$")
 
 
 def load(source, dtype=None, device=None, tokenizer=None,
-         truncate_ctx: Optional[int] = None) -> HeadlensModel:
+         truncate_ctx: Optional[int] = None, device_map=None, max_memory=None) -> HeadlensModel:
     """Load ``source`` (see the module docstring) as a :class:`HeadlensModel` in eval mode.
 
     dtype: torch dtype or name; default: the checkpoint's own dtype. device: where the weights go
     (default CPU). tokenizer: for in-memory ``transformers`` models. truncate_ctx: keep only the
-    first ``truncate_ctx`` learned positions (a smaller ``n_ctx``).
+    first ``truncate_ctx`` learned positions (a smaller ``n_ctx``). device_map: a model larger
+    than one device, its blocks over several (``"auto"`` under ``max_memory``, or ``{layer:
+    device}``; see :meth:`HeadlensModel.place`); the weights are read on the CPU first.
     """
     dtype = parse_dtype(dtype)
-    model = _dispatch(source, dtype, device, tokenizer)
+    if device_map is not None and device is not None and str(device) != "cpu":
+        raise HeadlensError("give device or device_map, not both (device_map names every block's device)")
+    model = _dispatch(source, dtype, None if device_map is not None else device, tokenizer)
     check_vocab(model)
     if truncate_ctx is not None:
         model = truncate_context(model, truncate_ctx)
+    if device_map is not None:
+        model.place(device_map, max_memory)
     return model
 
 

@@ -49,6 +49,18 @@ def visible_positions(P: int, causal: bool, sliding_window: Optional[int], devic
     return visible
 
 
+def to_device(items: tuple, device) -> tuple:
+    """``items`` (tensors, tuples of tensors or None) on ``device`` (no copy when already there)."""
+    return tuple(None if t is None else tuple(u.to(device) for u in t) if isinstance(t, tuple) else t.to(device)
+                 for t in items)
+
+
+def module_device(module: nn.Module, default) -> torch.device:
+    """Where ``module``'s weights are (``default`` for a module without any, e.g. ``nn.Identity``)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else default
+
+
 class Block(BlockInputs, nn.Module):
     """One transformer layer; ``cfg.norm_position`` places the norms around a sublayer ``f``:
     ``pre`` ``x + f(ln(x))`` (GPT-2, LLaMA), ``post`` ``ln(x + f(x))`` (BERT), ``sandwich``
@@ -87,6 +99,9 @@ class Block(BlockInputs, nn.Module):
         layer's output (``attn.hook_out``, before any ``ln1_post``) instead of computing it (the
         rest of the layer runs as usual). ``past_kv``: a KV cache of earlier positions (see
         :mod:`headlens.model.kv_cache`)."""
+        # the model may be placed over several devices (headlens.runtime.devices): bring the inputs here
+        x, mask, gate, rotary_cos_sin, attn_out = to_device((x, mask, gate, rotary_cos_sin, attn_out),
+                                                            self.attn.W_O.device)
         x = self.hook_resid_pre(x)
         pos = self.cfg.norm_position
         post = pos == "post"
@@ -130,6 +145,9 @@ class Unembed(nn.Module):
         self.b_U = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.unembed_bias else None
 
     def forward(self, x: torch.Tensor, W_E: torch.Tensor) -> torch.Tensor:
+        """``[..., D] -> [..., V]``, on ``x``'s device (computed where the output weights are)."""
+        home, W = x.device, (W_E if self.cfg.tie_embeddings else self.W_U)
+        x = x.to(W.device)
         if self.cfg.unembed == "mlm":
             x = self.transform_ln(MLP_ACTIVATIONS["gelu"](self.transform(x)))
         x = x.contiguous()  # a slice (e.g. hidden[:, :-1]) would send the matmul down a slower batched path
@@ -137,7 +155,7 @@ class Unembed(nn.Module):
         if self.b_U is not None:
             logits = logits + self.b_U
         cap = self.cfg.output_logits_soft_cap
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return (torch.tanh(logits / cap) * cap if cap else logits).to(home)
 
 
 class HeadlensModel(TokenHelpers, WeightStacks, WeightProcessing, RunSurface, Generation, HookedRootModule):
@@ -200,16 +218,33 @@ class HeadlensModel(TokenHelpers, WeightStacks, WeightProcessing, RunSurface, Ge
             if state[name].is_floating_point() and not bool(torch.isfinite(state[name]).all()):
                 raise HeadlensError(f"weight {name!r} holds NaN or infinite values (a corrupted checkpoint?)")
         model.load_state_dict(state, strict=True, assign=True)
-        device = next(iter(state.values())).device
-        for module in model.modules():
+        devices = {"": next(iter(state.values())).device}
+        for name, module in model.named_modules():  # each module's buffers where its weights are
+            own = next(module.parameters(), None)
+            devices[name] = own.device if own is not None else devices[name.rpartition(".")[0]]
             if hasattr(module, "make_buffers"):
-                module.make_buffers(device)
+                module.make_buffers(devices[name])
         model._sync_cfg()
         return model.eval()
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go and outputs come back: the token embedding's device."""
         return self.W_E.device
+
+    def place(self, device_map, max_memory=None) -> "HeadlensModel":
+        """Put the blocks on several devices: ``device_map`` is ``"auto"`` (accelerate's
+        ``infer_auto_device_map`` under ``max_memory``), ``{layer: device}`` or ``{module: device}``
+        (see :mod:`headlens.runtime.devices`); the embeddings stay together. The forward pass then
+        moves activations from block to block and returns its results on :attr:`device`; the
+        map used is kept in ``self.device_map``."""
+        from headlens.runtime.devices import place, resolve_device_map
+
+        self.device_map = resolve_device_map(self, device_map, max_memory,
+                                             together=("W_E", "W_pos", "W_token_type", "embed_ln"))
+        place(self, self.device_map)
+        self._sync_cfg()
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -395,10 +430,10 @@ class HeadlensModel(TokenHelpers, WeightStacks, WeightProcessing, RunSurface, Ge
             x = self.blocks[layer](x, masks[attn.sliding_window], self._gate_for(head_gate, layer),
                                    cos_sin[rot.key] if rot is not None else None, past_kv=past_kv)
         if stop_at_layer is not None:
-            return x
+            return x.to(self.device)
         if self.ln_final is not None:
-            x = self.ln_final(x)
-        x = self.hook_final(x)
+            x = self.ln_final(x.to(module_device(self.ln_final, x.device)))
+        x = self.hook_final(x.to(self.device))
         if return_type is None:
             return None
         if return_type == "hidden" or (self.unembed is None and return_type == "logits"):

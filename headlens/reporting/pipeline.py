@@ -166,7 +166,7 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
            prune_floor: Optional[float] = 0.9, n_bootstrap: int = 1000, n_clusters: Optional[int] = None,
            progress: bool = True, resume: bool = True, force: bool = False, keep_resume: bool = False,
            data=None, circuits: bool = False, command: Optional[str] = None,
-           long_context: Optional[int] = None) -> Report:
+           long_context: Optional[int] = None, device_map=None, max_memory: Optional[dict] = None) -> Report:
     """Run the whole analysis of ``model`` on ``task`` and write the report folder ``out``.
 
     model: bundled name (``headlens models``), checkpoint or transformers folder, or a loaded
@@ -184,7 +184,8 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     "Circuits" section (:mod:`headlens.reporting.circuits`; decoders and tasks with corrupted inputs).
     command: how the run was started, for ``run.json``. long_context: the length in tokens of a
     "Long context" section (``headlens kv-heads`` at that length, :mod:`headlens.reporting.longcontext`;
-    decoders only; None: no section).
+    decoders only; None: no section). device_map, max_memory: a model larger than one device, its
+    blocks over several (``"auto"`` or ``{layer: device}``, see :meth:`HeadlensModel.place`).
     """
     check(ablation in ABLATIONS, f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     parse_dtype(dtype)
@@ -213,7 +214,7 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     step = StepTimer(bar, timings, folder)
     try:
         with step("load model and task"):
-            net = _load_model(model, dtype, world.device(device))
+            net = _load_model(model, dtype, world.device(device), device_map, max_memory)
             the_task = _load_task(net, task, metric, n_examples)
             texts = _pattern_texts(net, n_examples) if data is None else as_list(data)
             check(len(texts) >= 2, "data must hold at least 2 texts or token sequences")
@@ -269,14 +270,15 @@ def _finish(net, the_task, texts, config: dict, result: dict, command, folder: R
     return rep
 
 
-def _load_model(model, dtype: str, device: str):
+def _load_model(model, dtype: str, device: str, device_map=None, max_memory=None):
     from headlens.model.transformer import HeadlensModel
 
     if isinstance(model, HeadlensModel):
         return model
     from headlens.io.loading import load
 
-    return load(model, dtype=parse_dtype(dtype), device=device)
+    return load(model, dtype=parse_dtype(dtype), device=None if device_map is not None else device,
+                device_map=device_map, max_memory=max_memory)
 
 
 def _load_task(model, task, metric: Optional[str], n_examples: int):
