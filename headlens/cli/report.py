@@ -62,6 +62,10 @@ def add_arguments(p) -> None:
                         "verified by exact patching (decoders; the task needs corrupted inputs, e.g. ioi)")
     p.add_argument("--long-context", type=int, default=None, metavar="TOKENS",
                    help="add a 'Long context' section: headlens kv-heads at this length (decoders)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="texts for the pattern scores and clusters: a text file (one per line), a JSONL or Parquet "
+                        "file (field 'text') or a saved datasets folder, read lazily, of any size (default: "
+                        "--n-examples bundled sentences)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only where the report is")
 
 
@@ -75,7 +79,7 @@ def run(args) -> int:
                ("--n-examples", args.n_examples), ("--prune-target", args.prune_target),
                ("--prune-floor", args.prune_floor), ("--n-bootstrap", args.n_bootstrap),
                ("--n-clusters", args.n_clusters), ("--long-context", args.long_context),
-               ("--device-map", args.device_map), ("--max-memory", args.max_memory)] + \
+               ("--device-map", args.device_map), ("--max-memory", args.max_memory), ("--data", args.data)] + \
         ([("--circuits", "")] if args.circuits else [])
     command = "headlens report " + " ".join(f"{k} {shlex.quote(str(v))}" if v != "" else k
                                             for k, v in options if v is not None)
@@ -86,6 +90,6 @@ def run(args) -> int:
                  n_clusters=args.n_clusters, progress=not args.no_progress, resume=args.resume,
                  force=args.force, keep_resume=args.keep_resume, circuits=args.circuits, command=command,
                  long_context=args.long_context, device_map=parse_device_map(args.device_map),
-                 max_memory=parse_max_memory(args.max_memory))
+                 max_memory=parse_max_memory(args.max_memory), data=args.data)
     print(rep.html if args.quiet else rep.summary())
     return 0

@@ -15,8 +15,12 @@ DESCRIPTION = ("Run a model over texts (default: the bundled English sentences) 
 
 def add_arguments(parser) -> None:
     add_shared(parser, "--model")
-    parser.add_argument("--text", default=None, help="text file, one text per line (default: bundled sentences)")
-    parser.add_argument("--n", type=int, default=200, help="use the first N texts")
+    parser.add_argument("--text", default=None,
+                        help="texts: a text file (one per line), a JSONL or Parquet file or a saved datasets folder "
+                             "(field --field), read lazily, of any size (default: the bundled sentences)")
+    parser.add_argument("--field", default="text", help="the field of JSONL / Parquet / datasets records to read")
+    parser.add_argument("--n", type=int, default=None,
+                        help="use the first N texts (default: all of --text, 200 of the bundled sentences)")
     add_shared(parser, "--batch-size", "--seed")
     parser.add_argument("--no-clusters", action="store_true", help="scores and roles only")
     parser.add_argument("--n-clusters", type=int, default=None, help="default: chosen by silhouette")
@@ -31,7 +35,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import pandas as pd
 
-    from headlens.data.corpora import SENTENCES_PATH, read_texts
+    from headlens.data.corpora import SENTENCES_PATH
+    from headlens.data.streams import open_texts
     from headlens.errors import HeadlensError
     from headlens.io.loading import load
     from headlens.patterns.roles import assign_roles
@@ -46,7 +51,7 @@ def run(args) -> int:
         out = writable_folder(args.out)  # fail before the analysis, not after it
     start = time.perf_counter()
     model = load(args.model)
-    texts = read_texts(args.text or SENTENCES_PATH, args.n)
+    texts = open_texts(args.text or SENTENCES_PATH, field=args.field, limit=args.n or (None if args.text else 200))
     kwargs = {"truncate": True} if args.truncate else {}
     if args.no_clusters:
         scores = assign_roles(pattern_scores(model, texts, args.batch_size, seed=args.seed, **kwargs))

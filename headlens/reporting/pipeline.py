@@ -176,9 +176,10 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     :func:`_load_task`). ablation: ``zero``, ``mean``, ``resample`` or ``uniform``.
     n_examples: task examples for the importance sweep and pruning (and, without ``data``, the
     number of bundled sentences for the pattern scores). data: texts or token-id sequences for
-    the pattern scores and clustering. prune_target: fraction of heads the pruning curve goes
-    to; prune_floor: fraction of the full model's metric a pruning plan must keep on the
-    selection split (None: plans prune to prune_target). seed: bootstrap, clustering, random
+    the pattern scores and clustering, or a file of them (text, JSONL, Parquet, a saved
+    ``datasets`` folder; read lazily, see :mod:`headlens.data.streams`). prune_target: fraction
+    of heads the pruning curve goes to; prune_floor: fraction of the full model's metric a
+    pruning plan must keep on the selection split (None: plans prune to prune_target). seed: bootstrap, clustering, random
     pruning orders, task splits. resume: reuse the stages a killed run of the same configuration
     finished in ``out``; force: discard them. keep_resume: leave ``out/.resume``. circuits: add the
     "Circuits" section (:mod:`headlens.reporting.circuits`; decoders and tasks with corrupted inputs).

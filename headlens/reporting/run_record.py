@@ -28,9 +28,28 @@ def package_version(package: str) -> Optional[str]:
         return None
 
 
-def as_list(data) -> list:
-    """Texts or token sequences (a ``[N, P]`` tensor, lists of ints) as a list."""
-    return data.tolist() if isinstance(data, torch.Tensor) else list(data)
+def as_list(data):
+    """Texts or token sequences as a sequence: a ``[N, P]`` tensor as lists of ints, a data file
+    or ``datasets`` folder (:mod:`headlens.data.streams`: text, JSONL or Parquet, field ``text``)
+    as a column read lazily, a list (or other sequence) as it is, any other iterable as a list."""
+    from collections import abc
+
+    from headlens.data.streams import is_data_file, open_texts
+
+    if isinstance(data, torch.Tensor):
+        return data.tolist()
+    if is_data_file(data):
+        return open_texts(data)
+    return data if isinstance(data, abc.Sequence) and not isinstance(data, str) else list(data)
+
+
+def _digest(items) -> str:
+    """sha256 of ``repr(list(items))``, computed one item at a time."""
+    h = hashlib.sha256(b"[")
+    for i, item in enumerate(items):
+        h.update(((", " if i else "") + repr(item)).encode())
+    h.update(b"]")
+    return h.hexdigest()[:16]
 
 
 def model_key(model) -> str:
@@ -45,14 +64,14 @@ def model_key(model) -> str:
 def texts_key(data) -> str:
     """Identify given pattern texts (or token sequences) by their number and a hash."""
     items = as_list(data)
-    return f"{len(items)} sequences, sha256 {hashlib.sha256(repr(items).encode()).hexdigest()[:16]}"
+    return f"{len(items)} sequences, sha256 {_digest(items)}"
 
 
 def task_key(task) -> str:
     """Identify a Task object for the resume fingerprint: class, name and every example (its inputs,
-    answers and counterfactuals: every per-example field)."""
-    fields = [getattr(task, f, None) for f in getattr(task, "_fields", ())]
-    digest = hashlib.sha256(repr([[task.rows(i) for i in range(len(task))], fields]).encode()).hexdigest()[:16]
+    answers and counterfactuals: every per-example field), hashed one example at a time."""
+    columns = [getattr(task, f, None) for f in getattr(task, "_fields", ())]
+    digest = _digest((task.rows(i), [None if c is None else c[i] for c in columns]) for i in range(len(task)))
     return f"{type(task).__name__} {task.name!r} ({len(task)} examples, sha256 {digest})"
 
 

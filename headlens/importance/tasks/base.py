@@ -41,6 +41,12 @@ class TaskBatch:
         return self.inputs["input_ids"].shape[0]
 
 
+def as_sequence(values) -> Sequence:
+    """``values`` as a sequence: a list, tuple or a column read lazily from a file
+    (:mod:`headlens.data.streams`) as it is, anything else as a list."""
+    return values if isinstance(values, abc.Sequence) and not isinstance(values, str) else list(values)
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sentence embeddings as sentence-transformers computes them: ``[R, P, D] -> [R, D]``."""
     m = mask.to(hidden.dtype)[..., None]
@@ -105,8 +111,9 @@ class Task:
         check(all(0 <= i < len(self) for i in indices), f"subset indices must lie in [0, {len(self)})")
         new = copy.copy(self)
         for f in self._fields:
-            if getattr(self, f) is not None:
-                setattr(new, f, [getattr(self, f)[i] for i in indices])
+            value = getattr(self, f)
+            if value is not None:  # a column read lazily from a file stays lazy (a view of those records)
+                setattr(new, f, value.take(indices) if hasattr(value, "take") else [value[i] for i in indices])
         new.ids = [self.ids[i] for i in indices]
         return new
 

@@ -1,13 +1,13 @@
 """Reading tasks: bundled task names, text files (LM / MLM loss, fidelity) and JSONL files."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Union
 
 import pandas as pd
 
 from headlens.data import TASKS_DIR
+from headlens.data.streams import is_data_file, open_records
 from headlens.errors import HeadlensError, check
 from headlens.importance.tasks.base import Task
 from headlens.importance.tasks.types import (
@@ -62,8 +62,8 @@ def _text_task_type(model) -> str:
 def load_task(name_or_path: Union[str, Path, Task], model=None, task_type: Optional[str] = None,
               n_examples: Optional[int] = None, **options) -> Task:
     """A task from a bundled name (see :func:`list_tasks`), a text file (one example per line)
-    or a JSONL file (records with ``prompt/right/wrong[/corrupted]``, ``anchor/positive/negative``
-    or ``text``). ``task_type`` picks the text task (``lm``, ``mlm``, ``fidelity``; default: by
+    or a JSONL or Parquet file or saved ``datasets`` folder (records with
+    ``prompt/right/wrong[/corrupted]``, ``anchor/positive/negative`` or ``text``), read lazily. ``task_type`` picks the text task (``lm``, ``mlm``, ``fidelity``; default: by
     ``model``); ``n_examples`` keeps the first n; ``options`` go to the task's constructor."""
     if isinstance(name_or_path, Task):
         task = name_or_path
@@ -75,7 +75,7 @@ def load_task(name_or_path: Union[str, Path, Task], model=None, task_type: Optio
             path, task_type = TASKS_DIR / BUNDLED_TASKS[name][0], task_type or BUNDLED_TASKS[name][1]
         else:
             path = Path(name)
-            if not path.is_file():
+            if not (path.is_file() or is_data_file(path)):
                 raise HeadlensError(f"task {name!r} is neither a bundled task ({', '.join(BUNDLED_TASKS)}) nor a file")
         task = _read_task(path, model, task_type, options)
         task.name = name if name in BUNDLED_TASKS else path.stem
@@ -96,17 +96,16 @@ def _repeated_task(model, n: int, options) -> Task:
 
 
 def _read_task(path: Path, model, task_type, options) -> Task:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix != ".jsonl":
-        lines = [x for x in text.splitlines() if x.strip()]
-        return _text_task(lines, model, task_type, options)
-    try:
-        records = [json.loads(x) for x in text.splitlines() if x.strip()]
-    except json.JSONDecodeError as e:
-        raise HeadlensError(f"task file {str(path)!r} is not valid JSONL: {e}") from e
+    """A task from a file of any size, read lazily (:mod:`headlens.data.streams`): a text file's
+    lines, or the records of a JSONL or Parquet file or a saved ``datasets`` folder."""
+    records = open_records(path)
     check(len(records) > 0, f"task file {str(path)!r} is empty")
-    keys = set(records[0])
-    col = (lambda k: [r.get(k) for r in records])
+    first = records[0]
+    if isinstance(first, str):
+        return _text_task(records, model, task_type, options)
+    check(isinstance(first, dict), f"task file {str(path)!r}: records must be objects, got {type(first).__name__}")
+    keys = set(first)
+    col = records.column
     if {"prompt", "right", "wrong"} <= keys:
         corrupted = col("corrupted") if "corrupted" in keys else None
         return ContrastTask(col("prompt"), col("right"), col("wrong"), corrupted, **options)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from headlens.errors import HeadlensError, check
-from headlens.importance.tasks.base import Task, logits_from_hidden, mean_pool, next_token_loss
+from headlens.importance.tasks.base import Task, as_sequence, logits_from_hidden, mean_pool, next_token_loss
 
 
 class _TextTask(Task):
@@ -24,7 +24,7 @@ class _TextTask(Task):
     _fields = ("texts",)
 
     def __init__(self, texts: Sequence, name=None, max_tokens: Optional[int] = 64):
-        self.texts = list(texts)
+        self.texts = as_sequence(texts)  # a file's column stays on disk
         super().__init__(name, max_tokens)
 
     def rows(self, i):
@@ -145,9 +145,9 @@ class ContrastTask(Task):
 
     def __init__(self, prompts, right, wrong, corrupted=None, metric: str = "logit_diff", name=None):
         check(metric in ("logit_diff", "accuracy"), f"metric must be 'logit_diff' or 'accuracy', got {metric!r}")
-        self.prompts, self.right = list(prompts), list(right)
+        self.prompts, self.right = as_sequence(prompts), as_sequence(right)
         self.wrong = [w if isinstance(w, (list, tuple)) else [w] for w in wrong]
-        self.corrupted = list(corrupted) if corrupted is not None else None
+        self.corrupted = as_sequence(corrupted) if corrupted is not None else None
         self.metric_name = metric
         super().__init__(name, None)
 
@@ -205,7 +205,7 @@ class EmbeddingContrastTask(Task):
 
     def __init__(self, anchors, positives, negatives, metric: str = "cosine_margin", name=None, max_tokens=None):
         check(metric in ("cosine_margin", "accuracy"), f"metric must be 'cosine_margin' or 'accuracy', got {metric!r}")
-        self.anchors, self.positives, self.negatives = list(anchors), list(positives), list(negatives)
+        self.anchors, self.positives, self.negatives = (as_sequence(x) for x in (anchors, positives, negatives))
         self.metric_name = metric
         super().__init__(name, max_tokens)
 
