@@ -81,7 +81,7 @@ def test_activations_move_into_each_blocks_device(tiny_gpt2):
     ids = model.to_tokens(TEXTS[:2])
     with pytest.raises(Stop), model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", record)]):
         model(ids, head_gate=torch.ones(3, 4))
-    assert seen == [("meta", (2, ids["input_ids"].shape[1], 32))]
+    assert seen == [("meta", (2, ids.shape[1], 32))]
 
 
 def analyses(model, task) -> dict:

@@ -227,6 +227,16 @@ class HeadlensModel(TokenHelpers, WeightStacks, WeightProcessing, RunSurface, Ge
         model._sync_cfg()
         return model.eval()
 
+    def get_submodule(self, target: str) -> nn.Module:
+        """As ``nn.Module.get_submodule``, walking the module tree itself, so that ``"W_E"`` /
+        ``"W_pos"`` name the embedding modules (the attributes of those names are their tables)."""
+        module = self
+        for name in target.split(".") if target else []:
+            if name not in module._modules or module._modules[name] is None:
+                raise AttributeError(f"{type(module).__name__} has no submodule {name!r} (in {target!r})")
+            module = module._modules[name]
+        return module
+
     @property
     def device(self) -> torch.device:
         """Where inputs go and outputs come back: the token embedding's device."""
