@@ -244,6 +244,11 @@ def test_findings_follow_the_numbers(tmp_path):
     assert "; 0 with every head zero-ablated, i.e. no attention output at all (at or below chance" in said[0]
     assert "0.100 with every head's attention uniform over the visible keys, a bag-of-words floor (10% of the gain left)" \
         in said[0]
+    rep.run["results"]["controls"] = dict(controls, full=0.2, above_chance=False, kept_uniform=None,
+                                          kept_ablated=None, needs_attention=None)
+    caution = render.findings(rep)[0]
+    assert caution.startswith("Caution: the full model does no better than chance on this task (lm_loss 0.200, "
+                              "chance level 0)") and "gain" not in caution
     assert "Role census: 6 previous-token, 3 first-token sink, 3 broad." in text
     rho = pd.concat([rep.heads.grad_importance_raw, rep.heads.importance.abs()], axis=1).corr(method="spearman")
     assert f"rho = {rho.iloc[0, 1]:.2f}" in text

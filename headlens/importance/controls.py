@@ -6,7 +6,9 @@ examples for the claims made about it?
   may see (Kovaleva et al.'s uniform ablation everywhere: each position reads an order-free
   average of the values, a bag-of-words floor). ``kept_*`` says how much of the full model's
   metric above chance level survives; a task that keeps most of it does not need attention, and
-  head-importance or pruning results on it say little about what attention does.
+  head-importance or pruning results on it say little about what attention does. When the full
+  model is no better than chance (``above_chance`` False) there is nothing to keep: the shares and
+  the verdict are None.
 - :func:`power_estimate`: from the clean metric's spread over examples, how many examples a
   paired test needs to detect a given change with a given power, and the change this run's
   number of examples detects (two-sided t-test; the noncentral t distribution, scipy.stats.nct).
@@ -46,8 +48,14 @@ def chance_level(task, model) -> Optional[float]:
     return None
 
 
-def _kept(value: float, full: float, chance: Optional[float]) -> Optional[float]:
-    if chance is None or full == chance:
+def _above_chance(full: float, chance: Optional[float], higher_is_better: bool) -> Optional[bool]:
+    if chance is None:
+        return None
+    return bool(full > chance if higher_is_better else full < chance)
+
+
+def _kept(value: float, full: float, chance: Optional[float], above: Optional[bool]) -> Optional[float]:
+    if not above:
         return None
     return float((value - chance) / (full - chance))
 
@@ -56,7 +64,8 @@ def task_controls(model, task, ablation: str = "zero", batch_size: int = 16) -> 
     """The metric (mean and SE over examples) with the full model, with every head ablated
     (``ablation``) and with every head's attention uniform, its chance level, the share of the
     full model's above-chance metric each control keeps, and ``needs_attention`` (None when the
-    metric has no chance level). ``clean`` holds the full model's per-example metric ``[N]``."""
+    metric has no chance level or the full model does not beat it: ``above_chance``). ``clean``
+    holds the full model's per-example metric ``[N]``."""
     task = load_task(task, model)
     heads = model.head_labels()
     full = task.evaluate(model, batch_size=batch_size)
@@ -64,10 +73,13 @@ def task_controls(model, task, ablation: str = "zero", batch_size: int = 16) -> 
     uniform = ablate(model, task, heads, "uniform", batch_size=batch_size)
     chance = chance_level(task, model)
     se = (lambda x: float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan"))
-    kept_u, kept_z = _kept(uniform.mean(), full.mean(), chance), _kept(zero.mean(), full.mean(), chance)
+    above = _above_chance(float(full.mean()), chance, task.higher_is_better)
+    kept_u = _kept(uniform.mean(), full.mean(), chance, above)
+    kept_z = _kept(zero.mean(), full.mean(), chance, above)
     needs = None if kept_u is None else bool(max(kept_u, kept_z) < KEPT_MOST)
     return dict(full=float(full.mean()), full_se=se(full), ablated=float(zero.mean()), ablated_se=se(zero),
                 uniform=float(uniform.mean()), uniform_se=se(uniform), ablation=ablation, chance=chance,
+                above_chance=above,
                 kept_uniform=kept_u, kept_ablated=kept_z, needs_attention=needs, kept_most=KEPT_MOST,
                 n_examples=len(full), clean=full)
 

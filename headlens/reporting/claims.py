@@ -90,7 +90,7 @@ def _controls_text(c: dict, metric: str) -> str:
                f"{num(c['uniform'])} with every head's attention uniform over the visible keys, a bag-of-words "
                f"floor{_left(c.get('kept_uniform'))}.")
     needs = c.get("needs_attention")
-    if needs is None:
+    if needs is None and c.get("above_chance") is not False:
         return (f"Task-sensitivity controls: {numbers} The metric has no chance level, so the controls give no "
                 "verdict on whether the task needs attention.")
     if needs:
@@ -109,7 +109,11 @@ def control_claims(report) -> tuple[list[str], list[str]]:
     if c:
         text = _controls_text(c, metric)
         kept = [x for x in (c.get("kept_uniform"), c.get("kept_ablated")) if _finite(x)]
-        if c.get("needs_attention") is False:
+        if c.get("above_chance") is False:
+            first.append(f"Caution: the full model does no better than chance on this task ({metric} "
+                         f"{num(c['full'])}, chance level {num(c.get('chance'))}), so the head importance and pruning "
+                         "results below are about a task it does not do. " + text)
+        elif c.get("needs_attention") is False:
             first.append(f"Caution: this task keeps most of its metric without attention (up to {max(kept):.0%} of "
                          "the full model's gain over chance), so the head importance and pruning results below "
                          "say little about what attention does. " + text)
