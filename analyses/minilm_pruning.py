@@ -46,6 +46,15 @@ def left(kept: float) -> str:
     return "none of it left (at or below chance)" if kept <= 0 else f"{kept:.0%} of it left"
 
 
+def few_heads(at_max: pd.DataFrame, n_heads: int, unpruned: float, control: dict) -> str:
+    """How much of the margin the heads the ablation order keeps hold, against none at all."""
+    row = at_max[at_max.method == "ablation"].iloc[0]
+    share = row.metric / unpruned
+    return (f"With only the {n_heads - int(row.n_pruned)} heads the ablation order keeps, the held-out margin is "
+            f"{share:.0%} of the full model's; with no head at all (all {n_heads} zeroed) there is "
+            f"{left(control['kept_ablated'])}" + (": the task needs attention, but few heads." if share >= 0.9 else "."))
+
+
 def study(rep) -> None:
     """Add the Michel et al. section to the finished report ``rep``."""
     import headlens
@@ -132,6 +141,7 @@ def study(rep) -> None:
         f"Together, at {int(curve.n_pruned.max())} of {len(heads)} heads removed, the held-out margin is {orders}; "
         f"random orders: median {randoms.median():.3f} over {len(randoms)} seeds (full model {pr['unpruned']:.3f})."
         + (" " + pr["comparison"]["sentence"] if pr.get("comparison") else ""),
+        few_heads(at_max, len(heads), pr["unpruned"], control),
         f"The recommended plan keeps the pruned model's sentence embeddings at cosine "
         f"{faithful.cosine.iloc[0]:.3f} to the full model's on 200 real sentences, vs "
         f"{faithful.cosine.iloc[1:].mean():.3f} for random plans of the same size"
