@@ -210,6 +210,15 @@ def test_markdown_references_figures_by_relative_path(tmp_path):
     assert "| layer | head |" in md
 
 
+def test_top_heads_give_their_q_value_to_two_significant_digits():
+    from types import SimpleNamespace
+
+    from headlens.reporting.claims import top_head_note
+
+    assert top_head_note(SimpleNamespace(q_value=0.004, p_holm=0.5)) == ", q = 0.004"
+    assert top_head_note(SimpleNamespace(q_value=1.4e-10, p_holm=1e-9)) == ", q = 1.4e-10; family-wise significant (Holm)"
+
+
 def test_findings_follow_the_numbers(tmp_path):
     rep = fake_report(tmp_path / "r")
     text = " ".join(render.findings(rep))

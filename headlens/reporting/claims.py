@@ -53,7 +53,7 @@ def top_head_note(row) -> str:
     if not hasattr(row, "q_value"):
         return ""
     holm = "; family-wise significant (Holm)" if getattr(row, "p_holm", 1.0) < ALPHA else ""
-    return f", q = {num(row.q_value, 2)}{holm}"
+    return f", q = {row.q_value:.2g}{holm}"  # two significant digits: 0.004, not 0.00
 
 
 def rho_claim(report, rho: float) -> str:
