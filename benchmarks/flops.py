@@ -48,11 +48,19 @@ def sweep_flops(hl, B: int, P: int, kind: str) -> dict:
     return {"transformer_lens_loop": tl, "headlens_fast": fast}
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """QK^T and AV of torch's CPU flash attention (FlopCounterMode counts the GPU kernels only),
+    counted over every query-key pair as the analytic count does."""
+    B, H, P, d = query_shape
+    return 2 * B * H * P * key_shape[-2] * (d + value_shape[-1])
+
+
 def counted_flops(fn) -> float:
     """Matrix-multiply FLOPs ``fn`` really runs (torch's FlopCounterMode): checks the analytic count."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
         fn()
     return float(counter.get_total_flops())
 

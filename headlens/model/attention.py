@@ -35,6 +35,14 @@ QK-norm (``cfg.qk_norm``): ``"head"`` normalises each head's query and key (``q_
 projection ``[H*d]`` and key projection ``[K*d]`` (OLMo 2), so every head's query depends on the
 other heads' projections: gating or ablating a head's output is still exact, removing its
 weights is not (physical pruning refuses such models).
+
+Two ways to the same numbers: a layer whose scores, pattern or per-head values nothing reads (no
+hook on any of its hook points above but ``hook_in`` / ``hook_out``, no head gate, no score
+soft-cap) runs ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
+kernels: no ``[B, H, P, S]`` tensor); every other layer runs the explicit per-head path, which
+fires the hooks. :func:`needs_explicit` decides, per layer and forward pass;
+``model.set_attn_implementation("eager")`` makes every layer explicit (fp32: the two agree within
+1e-4, ``tests/test_fast_attention.py``).
 """
 from __future__ import annotations
 
@@ -47,6 +55,61 @@ from transformer_lens.hook_points import HookPoint
 
 from headlens.model.config import ModelConfig
 from headlens.model.layers import Rotary, make_norm
+
+# the hook points only the explicit path fires as they are (hook_in / hook_out are outside it)
+INNER_HOOKS = ("q", "k", "v", "q_normed", "k_normed", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result")
+
+
+def _hooked(hook: nn.Module) -> bool:
+    """Whether anything is hooked on ``hook`` (TransformerLens' hooks, forward or backward, or
+    torch's own module hooks)."""
+    return bool(hook._forward_hooks or hook._forward_pre_hooks or hook._backward_hooks
+                or hook._backward_pre_hooks or hook.has_hooks())
+
+
+def needs_explicit(attn: "Attention", gate: Optional[torch.Tensor]) -> bool:
+    """Whether layer ``attn`` must run the explicit per-head path in this forward pass: something
+    reads or edits its queries, keys, values, scores, pattern, ``z`` or per-head results (a hook,
+    ``use_attn_result``), a head gate multiplies its heads, its scores are soft-capped (sdpa cannot
+    express that), or the model is set to ``"eager"``. Otherwise sdpa computes the same output."""
+    cfg = attn.cfg
+    if gate is not None or attn.soft_cap or cfg.use_attn_result or cfg.attn_implementation == "eager":
+        return True
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return True  # a global module hook would see the hook points
+    return any(_hooked(hook) for name in INNER_HOOKS if (hook := getattr(attn, f"hook_{name}", None)) is not None)
+
+
+class LazyMask:
+    """One kind of layer's additive mask ``[B or 1, 1, P, S]`` (0 visible, very negative hidden),
+    built when a layer first asks for it, on ``device``. ``plain_causal``: the mask is only the
+    causal one (no padding, no window shorter than the input, no cached positions), which sdpa
+    applies itself (``is_causal``), so a forward pass that reads no layer's scores never builds it."""
+
+    def __init__(self, build, plain_causal: bool, device):
+        self.build, self.plain_causal, self.device = build, plain_causal, torch.device(device)
+        self._bias, self._built = None, False
+
+    def bias(self) -> Optional[torch.Tensor]:
+        if not self._built:
+            self._bias, self._built = self.build(), True
+        return self._bias
+
+    def to(self, device) -> "LazyMask":
+        """This mask on ``device``: itself, or one built there from this one when first used."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return LazyMask(lambda: None if self.bias() is None else self.bias().to(device), self.plain_causal, device)
+
+
+def plain_causal(cfg: ModelConfig, attention_mask: Optional[torch.Tensor], P: int, S0: int,
+                 window: Optional[int]) -> bool:
+    """Whether a layer with sliding window ``window`` masks its ``P`` queries by causality alone:
+    a causal model, no cached positions (``S0 = 0``), no padding (``attention_mask [B, P]`` None
+    or all ones) and no window shorter than the input."""
+    return (cfg.causal and S0 == 0 and (not window or window >= P)
+            and (attention_mask is None or bool(attention_mask.bool().all())))
 
 
 class Attention(nn.Module):
@@ -126,13 +189,15 @@ class Attention(nn.Module):
 
         x: ``[B, P, D]``, or per-head inputs ``(q_input [B, P, H, D], k_input [B, S, K, D],
         v_input [B, S, K, D])`` (TransformerLens' ``use_split_qkv_input`` / ``use_attn_in``).
-        mask: additive ``[B or 1, 1, P, S]`` (0 visible, very negative hidden) or None.
+        mask: additive ``[B or 1, 1, P, S]`` (0 visible, very negative hidden), a :class:`LazyMask`
+        or None.
         gate: ``[H]`` (or ``[B, H]``, one per example) multiplier on each head's output (1 keeps,
         0 removes); may need grad.
         kv_input: ``[B, S, D]`` to attend over instead of ``x`` (defaults to ``x``).
         past_kv: a :class:`headlens.model.kv_cache.KVCache` whose positions come before ``x``'s
         (then ``S = S0 + P`` and ``mask`` covers all of them).
         """
+        explicit = needs_explicit(self, gate)
         if isinstance(x, tuple):
             q_in, k_in, v_in = x
         else:
@@ -154,6 +219,24 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, n, P, d]
         if not self._kv_identity:  # grouped-query attention: each query head reads its group
             k, v = k.index_select(1, self.kv_map), v.index_select(1, self.kv_map)
+        if explicit:
+            z = self._explicit(q, k, v, mask.bias() if isinstance(mask, LazyMask) else mask, gate)
+        else:
+            z = self._sdpa(q, k, v, mask)
+        z = self.hook_z(z)
+        H, d, D = self.W_O.shape
+        if self.cfg.use_attn_result or self.hook_result.has_hooks():
+            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            out = result.sum(dim=2)
+        else:
+            out = z.reshape(*z.shape[:2], H * d) @ self.W_O.reshape(H * d, D)
+        if self.b_O is not None:
+            out = out + self.b_O
+        return self.hook_out(out)
+
+    def _explicit(self, q, k, v, mask: Optional[torch.Tensor], gate: Optional[torch.Tensor]) -> torch.Tensor:
+        """``q [B, H, P, d]``, ``k``, ``v [B, H, S, d]`` (one key/value per query head) -> ``z
+        [B, P, H, d]``, through ``hook_attn_scores`` and ``hook_pattern``, gated by ``gate``."""
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         if self.soft_cap:
             scores = torch.tanh(scores / self.soft_cap) * self.soft_cap
@@ -168,16 +251,15 @@ class Attention(nn.Module):
         if gate is not None:  # [H], or [B, H] per example
             g = gate.to(z.dtype)
             z = z * (g[:, None] if g.ndim == 1 else g[:, None, :, None])
-        z = self.hook_z(z)
-        H, d, D = self.W_O.shape
-        if self.cfg.use_attn_result or self.hook_result.has_hooks():
-            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
-            out = result.sum(dim=2)
-        else:
-            out = z.reshape(*z.shape[:2], H * d) @ self.W_O.reshape(H * d, D)
-        if self.b_O is not None:
-            out = out + self.b_O
-        return self.hook_out(out)
+        return z
+
+    def _sdpa(self, q, k, v, mask) -> torch.Tensor:
+        """As :meth:`_explicit` without hooks or gate, by ``scaled_dot_product_attention``: ``z [B, P,
+        H, d]``. A plainly causal :class:`LazyMask` becomes ``is_causal`` and is never built."""
+        causal = isinstance(mask, LazyMask) and mask.plain_causal
+        bias = None if causal else mask.bias() if isinstance(mask, LazyMask) else mask
+        z = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, scale=self.scale)
+        return z.transpose(1, 2)
 
     def _qk_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``x [B, P, n, d]`` through the QK-norm: per head, or over all ``n * d`` features."""

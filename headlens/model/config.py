@@ -106,6 +106,10 @@ class ModelConfig(TLConfigNames):
     source: str = ""
     notes: str = ""
 
+    # run-time switch, not a field (never saved): "sdpa" runs torch's scaled_dot_product_attention in
+    # every layer whose scores nothing reads, "eager" the explicit per-head path everywhere
+    attn_implementation = "sdpa"
+
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads

@@ -91,3 +91,11 @@ class RunSurface:
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
         """Fire ``hook_mlp_in`` (a copy of the MLP's input, before ``ln2``)."""
         self.cfg.use_hook_mlp_in = bool(use_hook_mlp_in)
+
+    def set_attn_implementation(self, implementation: str) -> None:
+        """``"sdpa"`` (default): torch's ``scaled_dot_product_attention`` in each layer whose scores,
+        pattern and per-head values nothing reads, the explicit path elsewhere; ``"eager"``: the
+        explicit per-head path in every layer (see :mod:`headlens.model.attention`)."""
+        check(implementation in ("sdpa", "eager"),
+              f"attn_implementation must be 'sdpa' or 'eager', got {implementation!r}")
+        self.cfg.attn_implementation = implementation

@@ -12,6 +12,7 @@ Hook names follow TransformerLens (``hook_embed``, ``blocks.{l}.hook_resid_pre``
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from numbers import Integral
 from typing import Optional, Sequence, Union
 
@@ -21,7 +22,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from headlens.errors import HeadlensError, check
-from headlens.model.attention import Attention
+from headlens.model.attention import Attention, LazyMask, plain_causal
 from headlens.model.config import ModelConfig
 from headlens.model.generate import Generation
 from headlens.model.layers import MLP, MLP_ACTIVATIONS, LayerNorm, make_norm
@@ -432,8 +433,10 @@ class HeadlensModel(TokenHelpers, WeightStacks, WeightProcessing, RunSurface, Ge
         stop = cfg.n_layers if stop_at_layer is None else stop_at_layer
         for layer in range(start_at_layer, stop):
             attn = self.blocks[layer].attn
-            if attn.sliding_window not in masks:
-                masks[attn.sliding_window] = self.attention_mask_bias(attention_mask, P, x.dtype, S0, layer)
+            if attn.sliding_window not in masks:  # built only if a layer runs the explicit path or needs it
+                masks[attn.sliding_window] = LazyMask(
+                    partial(self.attention_mask_bias, attention_mask, P, x.dtype, S0, layer),
+                    plain_causal(cfg, attention_mask, P, S0, attn.sliding_window), self.device)
             rot = attn.rotary
             if rot is not None and rot.key not in cos_sin:
                 cos_sin[rot.key] = rot.cos_sin(position_ids, x.dtype)

@@ -31,6 +31,7 @@ def train_toy(toy: Union[str, ToySpec], seed: int = 0, steps: Optional[int] = No
     try:
         torch.manual_seed(seed)
         model = HeadlensModel(toy_config(spec)).init_weights(seed=seed).train()
+        model.set_attn_implementation("eager")  # the path the shipped toys were trained on: bit for bit
         opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98),
                                 weight_decay=spec.weight_decay)
         warmup = min(spec.warmup, max(1, steps // 10))
@@ -48,6 +49,7 @@ def train_toy(toy: Union[str, ToySpec], seed: int = 0, steps: Optional[int] = No
             losses.append(loss.item())
         timing = {"train_seconds": time.perf_counter() - wall, "train_cpu_seconds": time.process_time() - cpu}
         model.eval()
+        model.set_attn_implementation("sdpa")
         card = model_card(model, spec, seed=seed, steps=steps, threads=threads,
                           final_loss=sum(losses[-50:]) / len(losses[-50:]), **timing)
     finally:
