@@ -25,3 +25,17 @@ def test_quick_benchmark_agrees_and_counts_flops_exactly(tmp_path):
         for side in ("transformer_lens_loop", "headlens_fast"):
             assert m["flops"][key][side] == pytest.approx(m["flops_counted"][key][side], rel=1e-9)
     assert m["flops"]["forward"] == pytest.approx(m["flops_counted"]["forward"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_quick_gpu_rows_run_on_the_cpu(tmp_path):
+    """The rows written for a GPU (forward vs transformers sdpa, sweep vs the bridge loop) run on
+    tiny sizes here, and the sweep agrees with the loop."""
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(BENCH), "--quick", "--rows", "gpu", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    g = json.loads(out.read_text())["gpu"]
+    assert g["sweep_max_diff"] < 1e-4 and g["max_logit_diff_vs_sdpa"]["headlens"] < 1e-4
+    assert set(g["median_s"]) == {"forward/headlens", "forward/transformers_sdpa", "forward/transformers_eager",
+                                  "sweep_zero/headlens", "sweep_zero/bridge_loop"}
