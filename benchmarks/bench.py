@@ -8,6 +8,8 @@ processes hits every contender alike.
     python benchmarks/bench.py                                # CPU fp32, < 10 min on 2 cores
     python benchmarks/bench.py --device cuda --dtype bf16     # one GPU, < 5 min
     python benchmarks/bench.py --quick                        # tiny sizes: checks the code paths
+    python benchmarks/bench.py --rows long_context,distributed   # the CPU rows at scale (scale.py)
+    python benchmarks/bench.py --device cuda --rows long_context,gpu --dtype bf16   # the GPU rows
 
 Set-up and timing live in ``harness.py``, FLOP counts and the matrix-multiply peak in
 ``flops.py``, the memory runs in ``memory.py``. Writes ``benchmarks/results/{device}[-{dtype}].json``
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from flops import counted_flops, forward_flops, matmul_peak, sweep_flops
 from harness import DTYPES, RESULTS, SHAPES, SIZES, TOLERANCE, build, median, prose_ids, race, sync, tokenizer
 from memory import bench_memory, memory_child
+from scale import bench_distributed, bench_gpu, bench_long_context, dist_child, long_child, print_scale, scale_targets
 
 from headlens.importance.gradients import gradient_importance
 from headlens.importance.sweep import ablation_sweep
@@ -226,13 +229,18 @@ def print_table(res: dict) -> None:
         for r in res["memory"]:
             print(f"{r['kind']:<10}{r['n_seqs']:>10}{r['peak_rss_mb']:>13.1f}{r['growth_over_baseline_mb']:>11.1f}"
                   f"{r['seconds']:>9.1f}" + (f"{r['cuda_peak_mb']:>14.1f}" if "cuda_peak_mb" in r else ""))
-    print("\ntargets:")
-    for t in res["targets"]:
-        print(f"  [{'met' if t['met'] else 'MISSED'}] {t['name']}: {t['value']:.4g} (target {t['target']})")
 
 
 def targets(res: dict) -> list:
-    """The issue's targets, from the 12-layer model's ratios and the memory runs."""
+    """The issue's targets, from the 12-layer model's ratios, the memory runs and the rows at scale."""
+    rows = scale_targets(res)
+    if "gpt2_small_shape" in res.get("models", {}):
+        rows += model_targets(res)
+    ok = {">=": lambda v, t: v >= t, ">": lambda v, t: v > t, "<=": lambda v, t: v <= t, "<": lambda v, t: v < t}
+    return [{"name": n, "value": v, "target": f"{op} {t}", "met": bool(ok[op](v, t))} for n, v, op, t in rows]
+
+
+def model_targets(res: dict) -> list:
     m = res["models"]["gpt2_small_shape"]
     r, tol = m["ratios"], TOLERANCE[DTYPES[res["meta"]["dtype"]]]
     rows = []
@@ -248,8 +256,7 @@ def targets(res: dict) -> list:
         key = "cuda_peak_mb" if "cuda_peak_mb" in stream[0] else "peak_rss_mb"
         rows.append((f"streaming peak memory growth, {stream[0]['n_seqs']} -> {stream[1]['n_seqs']} sequences ({key})",
                      stream[1][key] / stream[0][key] - 1, "<", 0.10))
-    ok = {">=": lambda v, t: v >= t, "<=": lambda v, t: v <= t, "<": lambda v, t: v < t}
-    return [{"name": n, "value": v, "target": f"{op} {t}", "met": bool(ok[op](v, t))} for n, v, op, t in rows]
+    return rows
 
 
 def profile_sweeps(args) -> None:
@@ -299,14 +306,30 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run")
     p.add_argument("--out", default=None)
     p.add_argument("--profile", action="store_true", help="only profile one zero sweep each way")
+    p.add_argument("--rows", default="models,memory",
+                   help="comma-separated: models, memory (the default) and the rows at scale of scale.py: "
+                        "long_context, distributed, gpu")
+    p.add_argument("--long-repeats", type=int, default=None, help="long-context repeats (default 3; 2 at 4k+)")
+    p.add_argument("--long-kinds", default="sdpa,eager,read_patterns", help="long-context settings to run")
     p.add_argument("--memory-child", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--long-child", nargs=2, metavar=("KIND", "P"), help=argparse.SUPPRESS)
+    p.add_argument("--dist-child", metavar="OUT", help=argparse.SUPPRESS)
     args = p.parse_args()
+    rows = set(args.rows.split(","))
+    unknown = rows - {"models", "memory", "long_context", "distributed", "gpu"}
+    if unknown:
+        p.error(f"--rows: unknown {sorted(unknown)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
     torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]), args)))
         return
+    if args.long_child:
+        print(json.dumps(long_child(args.long_child[0], int(args.long_child[1]), args)))
+        return
+    if args.dist_child:
+        return dist_child(args.dist_child, args)
     if args.profile:
         return profile_sweeps(args)
     args.repeats = args.repeats or (2 if args.quick else 7 if args.device == "cpu" else 20)
@@ -324,24 +347,37 @@ def main() -> None:
         **{name: version(name) for name in ("torch", "transformers", "transformer-lens")},
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "loadavg_before": load_before, "repeats": args.repeats, "sweep_repeats": args.sweep_repeats,
-        "quick": args.quick}}
-    peaks = [matmul_peak(DTYPES[args.dtype], args.device, quick=args.quick)]
-    tok = tokenizer()
-    res["models"] = {shape: bench_model(shape, tok, args, sizes) for shape in args.models.split(",")}
-    peaks.append(matmul_peak(DTYPES[args.dtype], args.device, quick=args.quick))  # the load may have changed
-    res["matmul_peak"] = {"gflops": max(p["gflops"] for p in peaks), "before": peaks[0], "after": peaks[1]}
-    for m in res["models"].values():
-        m["ratios"] = ratios(m, res["matmul_peak"]["gflops"])
-    if not args.no_memory:
+        "quick": args.quick, "rows": sorted(rows)}}
+    if "models" in rows:
+        peaks = [matmul_peak(DTYPES[args.dtype], args.device, quick=args.quick)]
+        tok = tokenizer()
+        res["models"] = {shape: bench_model(shape, tok, args, sizes) for shape in args.models.split(",")}
+        peaks.append(matmul_peak(DTYPES[args.dtype], args.device, quick=args.quick))  # the load may have changed
+        res["matmul_peak"] = {"gflops": max(p["gflops"] for p in peaks), "before": peaks[0], "after": peaks[1]}
+        for m in res["models"].values():
+            m["ratios"] = ratios(m, res["matmul_peak"]["gflops"])
+    if "memory" in rows and not args.no_memory:
         res["memory"] = bench_memory(args)
+    if "long_context" in rows:
+        res["long_context"] = bench_long_context(args)
+    if "distributed" in rows:
+        res["distributed"] = bench_distributed(args)
+    if "gpu" in rows:
+        res["gpu"] = bench_gpu(args)
     res["meta"]["loadavg_after"] = os.getloadavg()
     res["meta"]["wall_s"] = time.time() - start
-    res["targets"] = targets(res) if "gpt2_small_shape" in res["models"] else []
-    print_table(res)
+    res["targets"] = targets(res)
+    if "models" in rows:
+        print_table(res)
+    print_scale(res)
+    print("\ntargets:")
+    for t in res["targets"]:
+        print(f"  [{'met' if t['met'] else 'MISSED'}] {t['name']}: {t['value']:.4g} (target {t['target']})")
     print(f"\nwall time {res['meta']['wall_s']:.0f} s; load average before {load_before}, "
           f"after {res['meta']['loadavg_after']}")
     suffix = "" if args.dtype == "fp32" and args.device == "cpu" else f"-{args.dtype}"
-    out = Path(args.out) if args.out else RESULTS / f"{args.device}{suffix}{'-quick' if args.quick else ''}.json"
+    scale = "" if "models" in rows else "-scale"
+    out = Path(args.out) if args.out else RESULTS / f"{args.device}{scale}{suffix}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=str))
     print(f"wrote {out}")

@@ -19,6 +19,7 @@ SHAPES = {  # GPT-2 small's shape, and a small 4-layer one; vocabulary of the BE
     "gpt2_small_shape": dict(n_layer=12, n_head=12, n_embd=768),
     "small_4l": dict(n_layer=4, n_head=8, n_embd=256),
 }
+LARGE_SHAPES = {"gpt2_medium_shape": dict(n_layer=24, n_head=16, n_embd=1024)}  # the GPU rows (scale.py)
 SIZES = {  # (batch, positions) per model; memory: (batch, positions, sequences)
     "cpu": {"gpt2_small_shape": (4, 32), "small_4l": (8, 32), "memory": (64, 16, (1000, 8000))},
     "cuda": {"gpt2_small_shape": (16, 128), "small_4l": (32, 128), "memory": (256, 64, (1000, 8000))},
@@ -54,7 +55,7 @@ def build(shape: str, tok, dtype, device, with_bridge: bool = True):
     import headlens
 
     torch.manual_seed(0)
-    cfg = GPT2Config(**SHAPES[shape], n_positions=256, vocab_size=tok.vocab_size, attn_implementation="eager",
+    cfg = GPT2Config(**{**SHAPES, **LARGE_SHAPES}[shape], n_positions=256, vocab_size=tok.vocab_size, attn_implementation="eager",
                      bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
     hf = GPT2LMHeadModel(cfg).eval().to(device=device, dtype=dtype)
     hl = headlens.from_hf_model(hf, tok, device=device)
