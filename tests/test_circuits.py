@@ -135,7 +135,12 @@ def test_edge_patching_is_the_model_the_corrupted_run_and_activation_patching(na
     batch = task.batches(model)[0]
     with torch.no_grad():
         hidden, _ = graph_forward(model, graph, batch.inputs)
-        assert torch.equal(hidden, model(batch.inputs, return_type="hidden"))
+        model.set_attn_implementation("eager")  # the explicit path the graph's hooks run on
+        try:
+            assert torch.equal(hidden, model(batch.inputs, return_type="hidden"))
+        finally:
+            model.set_attn_implementation("sdpa")
+        assert (hidden - model(batch.inputs, return_type="hidden")).abs().max() < 1e-4
         corrupted, trace = graph_forward(model, graph, batch.corrupted)
         everything, _ = graph_forward(model, graph, batch.inputs, patched=graph.allowed, replacement=trace)
         assert (everything - corrupted).abs().max() < 1e-4  # no edge kept: the sum over kept edges is empty
