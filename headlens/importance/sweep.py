@@ -162,7 +162,9 @@ def _fast_block(model, task, batches, work, members, ablation, repl_args, means,
         (("attn_scores",) if streaming else ())
     for layer in range(max(u.layer for u in work) + 1):
         todo = [u for u in work if u.layer == layer]
-        acts, nxt = clean_activations(model, batches, layer, resid, names if todo else (), past_kv=prefixes)
+        # hooked on every layer, work or not: the clean stream takes the explicit path through each layer
+        # whichever units this process runs (an unhooked layer would run sdpa, equal only within rounding)
+        acts, nxt = clean_activations(model, batches, layer, resid, names if todo else ("z",), past_kv=prefixes)
         repl = None
         if todo:
             repl = make_replacement(model, ablation, batches, acts.get("z"), layer=layer, mean=means.get(layer),
