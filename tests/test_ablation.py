@@ -224,7 +224,7 @@ def test_checkpoint_resume_recomputes_nothing_finished(gpt2, tmp_path):
         with pytest.raises(KeyboardInterrupt):
             ablation_sweep(gpt2, task, "mean", batch_size=4, n_bootstrap=100, progress=False,
                            memory_budget_mb=0.05, resume_dir=tmp_path)
-        done = len(list(tmp_path.glob("layer*.npy")))
+        done = len(list(tmp_path.glob("layer*.json")))
         assert 0 < done < 8 and not list(tmp_path.glob("*.tmp"))
         calls.update(n=0, stop=None)
         resumed = ablation_sweep(gpt2, task, "mean", batch_size=4, n_bootstrap=100, progress=False,

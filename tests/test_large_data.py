@@ -59,7 +59,7 @@ def test_every_format_reads_the_same_texts_lazily(tmp_path):
 
 def test_bad_files_get_one_line_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
-    with pytest.raises(HeadlensError, match="not valid JSONL.*line 2"):
+    with pytest.raises(HeadlensError, match="line 2 is not valid JSONL"):
         list(open_texts(tmp_path / "bad.jsonl"))
     (tmp_path / "other.jsonl").write_text('{"prompt": "x"}\n')
     with pytest.raises(HeadlensError, match="no field 'text'"):

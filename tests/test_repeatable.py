@@ -116,7 +116,7 @@ def test_report_config_records_every_parameter_that_changes_results(monkeypatch,
     monkeypatch.setattr(report_module, "ReportFolder", capture)
     values = dict(model="some-folder", task="lm", ablation="mean", metric="lm", batch_size=3, device="cpu",
                   dtype="bfloat16", seed=7, n_examples=5, prune_target=0.3, prune_floor=0.8, n_bootstrap=11,
-                  n_clusters=4, data=["one text", "another text"], circuits=True, long_context=512)
+                  n_clusters=4, data=["one text", "another text"], circuits=True, long_context=512, truncate=True)
     params = set(inspect.signature(report_module.report).parameters) - NOT_RESULTS
     assert params <= set(values), f"a new report() parameter is not covered here: {params - set(values)}"
     with pytest.raises(Captured):

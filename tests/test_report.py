@@ -101,6 +101,7 @@ def test_stage_checkpoints_resume_and_refuse_other_configuration(tmp_path):
     folder = ReportFolder(tmp_path / "r", {"seed": 0})
     assert folder.stage("a", lambda: calls.append(1) or 99) == 41 and calls == [1]
     assert folder.resumed == ["a"] and set(folder.seconds["a"]) == {"wall", "cpu"}
+    folder.abandon()
     with pytest.raises(HeadlensError, match="another configuration"):
         ReportFolder(tmp_path / "r", {"seed": 1})
     folder = ReportFolder(tmp_path / "r", {"seed": 1}, force=True)
@@ -125,9 +126,10 @@ def test_elapsed_time_sums_every_attempt(tmp_path):
     folder = ReportFolder(out, config)
     folder.stage("a", lambda: time.sleep(0.2) or 1)
     time.sleep(0.3)
-    (folder.sweep_resume_dir() / "chunk.npy").write_bytes(b"0")
+    (folder.sweep_resume_dir() / "chunk.json").write_bytes(b"0")
     first = time.perf_counter() - t0  # the killed attempt's work ends here
     time.sleep(1.5)  # killed here: lost, nothing records it
+    folder.lock.release()  # what the OS does when the process dies
     folder = ReportFolder(out, config)
     assert folder.attempts[0]["wall"] == pytest.approx(first, abs=0.3)
     t1 = time.perf_counter()
@@ -145,6 +147,7 @@ def test_elapsed_time_sums_every_attempt(tmp_path):
     assert folder.attempts[2]["wall"] <= third + 0.05 and spent["cpu"] >= 0.3
     assert spent["wall"] == pytest.approx(sum(a["wall"] for a in folder.attempts), abs=0.05)
     assert spent["wall"] == pytest.approx(first + second + third, abs=0.6)
+    folder.abandon()
     t3 = time.perf_counter()
     folder = ReportFolder(out, config, force=True)  # discarded resume state: its time goes too
     assert len(folder.attempts) == 1 and folder.elapsed()["wall"] <= time.perf_counter() - t3 + 0.05
@@ -360,11 +363,11 @@ def test_killed_run_resumes_to_the_same_tables(tiny_report, tiny_folder, tmp_pat
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (out / ".resume" / "clusters.pkl").exists() and proc.poll() is None and time.time() < deadline:
+    while not (out / ".resume" / "clusters.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = {p.stem for p in (out / ".resume").glob("*.pkl")}
+    finished = {p.stem for p in (out / ".resume").glob("*.json")} - {"run", "attempts"}
     assert "scores" in finished and not (out / "report.html").exists() and not is_complete(out)
     with pytest.raises(HeadlensError, match="no complete"):
         Report.load(out)

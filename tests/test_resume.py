@@ -44,7 +44,8 @@ original_save, original_score = sweep.SweepResume.save, tasks.LMLossTask.score
 
 def save(self, layer, heads, values, **unit):
     original_save(self, layer, heads, values, **unit)
-    log.write(f"save {self._path(layer, heads, **unit).name}\n")
+    log.write(f"save {self.unit(layer, heads, **unit)}
+")
     saves[0] += 1
     if saves[0] == hang_after:
         time.sleep(600)  # the test kills the process here
@@ -110,7 +111,8 @@ def scored(log) -> int:
 
 
 def mtimes(folder) -> dict:
-    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.npy")}
+    """Each saved sweep unit's record (``<unit>.json``, written last) and when it was written."""
+    return {p.stem: p.stat().st_mtime_ns for p in folder.glob("layer*.json")}
 
 
 @pytest.mark.slow  # two interpreter starts
@@ -145,13 +147,15 @@ def test_damaged_checkpoint_files_are_recomputed_not_trusted(tiny_gpt2, tmp_path
     again, and only it; an unreadable sweep.json is refused with a HeadlensError."""
     import numpy as np
 
+    from headlens.storage.records import save_record
+
     kwargs = dict(batch_size=2, n_bootstrap=50, memory_budget_mb=1e-6, progress=False, resume_dir=tmp_path)
     task = LMLossTask(TEXTS)
     first = ablation_sweep(tiny_gpt2, task, "zero", **kwargs)
-    files = sorted(tmp_path.glob("*.npy"))
+    files = sorted(tmp_path.glob("layer*.safetensors"))
     assert len(files) == N_HEADS
     files[3].write_bytes(files[3].read_bytes()[:40])  # torn
-    np.save(files[7], np.zeros((3, 6)))  # not this unit's shape
+    save_record(tmp_path, files[7].stem, np.zeros((3, 6)))  # a valid record, not this unit's shape
     calls = []
     original = LMLossTask.score
     monkeypatch.setattr(LMLossTask, "score", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
@@ -188,9 +192,9 @@ def test_report_killed_inside_the_sweep_resumes_to_the_tables_of_an_uninterrupte
     assert not is_complete(out) and not (out / "report.html").exists() and not (out / "run.json").exists()
     with pytest.raises(HeadlensError, match="no complete headlens report"):
         Report.load(out)
-    sweep_dir = out / ".resume" / "sweep"
+    sweep_dir = next((out / ".resume").glob("sweep-*"))
     done = mtimes(sweep_dir)
-    assert len(done) == 2 and (out / ".resume" / "scores.pkl").is_file()
+    assert len(done) == 2 and (out / ".resume" / "scores.json").is_file()
 
     finish(launch(tmp_path, args, second, hash_seed=2))
     assert is_complete(out)

@@ -9,7 +9,6 @@ import os
 import sys
 
 from headlens.errors import HeadlensError
-from headlens.runtime import from_torchrun
 
 SUBCOMMANDS = ["report", "models", "scores", "importance", "prune", "circuits", "kv_heads", "train_toy"]
 
@@ -38,17 +37,21 @@ def _quiet_unless(main: bool):
 
 
 def main(argv=None) -> int:
-    """Run the ``headlens`` command; under ``torchrun`` each rank runs it in the job's process group
-    (see :mod:`headlens.runtime.distributed`)."""
+    """Run the command line ``argv`` (default ``sys.argv[1:]``; none: ``report``). Returns the exit
+    status: 0, 2 for a :class:`HeadlensError` (printed as one line), 130 when interrupted (Ctrl-C,
+    also while the libraries load). Under ``torchrun`` each rank runs it in the job's process
+    group (see :mod:`headlens.runtime.distributed`)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["report"]  # the main job
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 2
+        from headlens.runtime import from_torchrun  # imports torch: inside, so Ctrl-C there is one line
+
         with from_torchrun(getattr(args, "device", None)) as world, _quiet_unless(world.is_main):
             return int(args._run(args) or 0)
     except HeadlensError as e:

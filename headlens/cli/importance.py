@@ -31,8 +31,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attribution", default=None, choices=["corrupted", "zero", "mean", "resample"],
                         help="also run attribution patching with this corruption")
     add_shared(parser, "--device", "--dtype", "--device-map", "--max-memory")
-    parser.add_argument("--out", default=None, help="CSV file for the table (one row per head)")
-    add_shared(parser, "--no-progress")
+    parser.add_argument("--out", default=None, help="CSV file for the table (one row per head; an existing "
+                                                    "file is replaced only with --overwrite)")
+    add_shared(parser, "--overwrite", "--truncate", "--no-progress")
 
 
 def load_model_and_task(args):
@@ -50,6 +51,8 @@ def load_model_and_task(args):
     elif args.metric is not None:
         options["metric"] = args.metric
     task = load_task(args.task or default_task_name(model), model=model, n_examples=args.n_examples, **options)
+    if getattr(args, "truncate", False) and task.max_tokens is None:
+        task.max_tokens = model.cfg.n_ctx  # cut examples longer than the context (from the end)
     return model, task
 
 
@@ -58,6 +61,7 @@ def run(args) -> int:
 
     from headlens.importance.gradients import attribution_patching, compare_with_ablation, gradient_importance
     from headlens.importance.sweep import ablation_sweep
+    from headlens.io.digest import source_digest
     from headlens.model.heads import head_label
     from headlens.runtime import current_world
 
@@ -68,6 +72,9 @@ def run(args) -> int:
 
         if os.path.isdir(args.out):
             raise HeadlensError(f"--out {args.out!r} is a folder, expected a CSV file name")
+        if os.path.exists(args.out) and not args.overwrite:
+            raise HeadlensError(f"--out {args.out!r} exists; choose another file name or pass --overwrite to "
+                                "replace it")
         writable_folder(os.path.dirname(os.path.abspath(args.out)))  # fail now, not after the sweep
     model, task = load_model_and_task(args)
     progress = not args.no_progress
@@ -78,7 +85,8 @@ def run(args) -> int:
     t = time.perf_counter()
     sweep = ablation_sweep(model, task, ablation=args.ablation, method=args.method, n_bootstrap=args.n_bootstrap,
                            seed=args.seed, resume_dir=args.resume_dir, batch_size=args.batch_size,
-                           memory_budget_mb=args.memory_budget_mb, progress=progress)
+                           memory_budget_mb=args.memory_budget_mb, progress=progress,
+                           weights_key=source_digest(args.model, args.dtype) if args.resume_dir else None)
     timings["sweep"] = time.perf_counter() - t
     estimates = []
     if not args.no_gradients:
@@ -106,8 +114,10 @@ def run(args) -> int:
                                          for r in top.itertuples()))
     for col, rho in table.attrs.get("spearman", {}).items():
         print(f"Spearman rank correlation of {col} with the ablation sweep: {rho:.3f}")
-    if args.out and current_world().is_main:
-        table.to_csv(args.out, index=False)
+    if args.out and current_world().is_main:  # rank 0 writes
+        from headlens.files import atomic_write
+
+        atomic_write(args.out, table.to_csv(index=False).encode())
         print(f"wrote {args.out}")
     print("times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
           + f", total {time.perf_counter() - start:.1f} s")

@@ -21,6 +21,10 @@ SHARED = {
     "--max-memory": dict(default=None, metavar="JSON",
                          help="memory per device for --device-map auto, e.g. '{\"0\": \"20GiB\", \"1\": \"20GiB\"}'"),
     "--no-progress": dict(action="store_true", help="do not show progress bars"),
+    "--overwrite": dict(action="store_true", help="replace the contents of a non-empty output folder (or an "
+                                                  "existing output file); the model's own folder is never replaced"),
+    "--truncate": dict(action="store_true", help="cut texts longer than the model's context instead of stopping "
+                                                 "with an error"),
 }
 
 

@@ -6,6 +6,7 @@ import time
 
 from headlens.cli.importance import load_model_and_task
 from headlens.cli.options import add_shared
+from headlens.cli.outputs import check_model_output, results_folder
 from headlens.runtime import current_world
 
 NAME = "prune"
@@ -40,14 +41,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", default="hf", choices=["hf", "hf-padded", "headlens"],
                         help="transformers-layout folder (headlens.io.to_hf.save_hf; hf-padded: full shape with "
                              "the removed heads zero, which transformers itself loads) or headlens checkpoint")
-    add_shared(parser, "--no-progress")
+    add_shared(parser, "--overwrite", "--truncate", "--no-progress")
 
 
 def run(args) -> int:
     from headlens.errors import check
+    from headlens.io.digest import source_path
     from headlens.pruning.plans import read_plan
 
     start = time.perf_counter()
+    if args.save_model:  # a file, a non-empty folder or the model's own folder fails now, not after the analysis
+        check_model_output(args.save_model, args.overwrite, source_path(args.model), "--save-model")
     if args.apply is not None:
         check(args.save_model is not None, "--apply needs --save-model (the folder for the pruned model)")
         record = read_plan(args.apply)  # a malformed plan fails now, before the model loads
@@ -65,24 +69,24 @@ def _analyse(args):
     """Pruning curves and the recommended plan, written to ``--out``; returns the model, task and plan."""
     import pandas as pd
 
-    from headlens.files import atomic_write, writable_folder
     from headlens.pruning.curve import pruning_curve
     from headlens.pruning.plans import PLAN_FILE, plan_record, write_plan
 
-    out = writable_folder(args.out)  # a file or an unwritable folder fails now, not after the analysis
-    model, task = load_model_and_task(args)
-    result = pruning_curve(model, task, methods=args.methods, target=args.target, floor=args.floor, step=args.step,
-                           n_random=args.n_random, split=args.split, seed=args.seed, ablation=args.ablation,
-                           batch_size=args.batch_size, progress=not args.no_progress)
-    curve = result.curve
-    with pd.option_context("display.width", 200, "display.max_rows", 1000):
-        print(curve.round(4).to_string(index=False))
-    if not current_world().is_main:  # rank 0 writes
-        return model, task, result.plan
-    atomic_write(out / "pruning.csv", curve.to_csv(index=False, lineterminator="\n").encode())
-    write_plan(out / PLAN_FILE, plan_record(
-        result.plan, result.plans, result.recommended, model=model.cfg.name, n_heads=model.cfg.n_heads_total,
-        task=task.name, metric=task.metric_name, floor=args.floor, target=args.target))
+    with results_folder(args.out, ["pruning.csv", PLAN_FILE]) as out:  # rank 0 writes
+        model, task = load_model_and_task(args)
+        result = pruning_curve(model, task, methods=args.methods, target=args.target, floor=args.floor,
+                               step=args.step, n_random=args.n_random, split=args.split, seed=args.seed,
+                               ablation=args.ablation, batch_size=args.batch_size, progress=not args.no_progress)
+        curve = result.curve
+        with pd.option_context("display.width", 200, "display.max_rows", 1000):
+            print(curve.round(4).to_string(index=False))
+        if out is None:
+            return model, task, result.plan
+        out.write("pruning.csv", curve.to_csv(index=False, lineterminator="\n").encode(), NAME)
+        record = plan_record(result.plan, result.plans, result.recommended, model=model.cfg.name,
+                             n_heads=model.cfg.n_heads_total, task=task.name, metric=task.metric_name,
+                             floor=args.floor, target=args.target)
+        out.write(PLAN_FILE, lambda p: write_plan(p, record), NAME)
     n = sum(len(v) for v in result.plan.values())
     print(f"\nrecommended: {result.recommended}, removing {n} of {model.cfg.n_heads_total} heads: {result.plan}")
     for method, r in result.stats.get("methods", {}).items():
@@ -101,11 +105,11 @@ def _save_pruned(model, task, plan, args) -> None:
     if args.format in ("hf", "hf-padded"):
         from headlens.io.to_hf import save_hf
 
-        save_hf(pruned, args.save_model, padded=args.format == "hf-padded")
+        save_hf(pruned, args.save_model, padded=args.format == "hf-padded", overwrite=args.overwrite)
     else:
         from headlens.io.native import save_model
 
-        save_model(pruned, args.save_model)
+        save_model(pruned, args.save_model, overwrite=args.overwrite)
     batch = task.batches(model, args.batch_size)[0].inputs
     s = measure_speedup(model, pruned, batch)
     print(f"saved the pruned model to {args.save_model}: {s['params_pruned']:,} parameters "

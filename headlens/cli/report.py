@@ -66,6 +66,7 @@ def add_arguments(p) -> None:
                    help="texts for the pattern scores and clusters: a text file (one per line), a JSONL or Parquet "
                         "file (field 'text') or a saved datasets folder, read lazily, of any size (default: "
                         "--n-examples bundled sentences)")
+    add_shared(p, "--truncate")
     p.add_argument("--quiet", "-q", action="store_true", help="print only where the report is")
 
 
@@ -80,7 +81,7 @@ def run(args) -> int:
                ("--prune-floor", args.prune_floor), ("--n-bootstrap", args.n_bootstrap),
                ("--n-clusters", args.n_clusters), ("--long-context", args.long_context),
                ("--device-map", args.device_map), ("--max-memory", args.max_memory), ("--data", args.data)] + \
-        ([("--circuits", "")] if args.circuits else [])
+        ([("--circuits", "")] if args.circuits else []) + ([("--truncate", "")] if args.truncate else [])
     command = "headlens report " + " ".join(f"{k} {shlex.quote(str(v))}" if v != "" else k
                                             for k, v in options if v is not None)
     rep = report(model=args.model, task=args.task, out=args.out, ablation=args.ablation, metric=args.metric,
@@ -90,6 +91,6 @@ def run(args) -> int:
                  n_clusters=args.n_clusters, progress=not args.no_progress, resume=args.resume,
                  force=args.force, keep_resume=args.keep_resume, circuits=args.circuits, command=command,
                  long_context=args.long_context, device_map=parse_device_map(args.device_map),
-                 max_memory=parse_max_memory(args.max_memory), data=args.data)
+                 max_memory=parse_max_memory(args.max_memory), data=args.data, truncate=args.truncate)
     print(rep.html if args.quiet else rep.summary())
     return 0

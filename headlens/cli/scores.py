@@ -29,29 +29,57 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n-bootstrap", type=int, default=10, help="bootstrap resamples for cluster stability")
     parser.add_argument("--out", default=None, help="folder for scores.csv (one row per head) and cluster_table.csv")
     parser.add_argument("--figures", action="store_true", help="also write figures (PNG + SVG) into --out")
-    parser.add_argument("--truncate", action="store_true", help="cut texts longer than the model's context")
+    add_shared(parser, "--truncate")
 
 
 def run(args) -> int:
-    import pandas as pd
-
-    from headlens.data.corpora import SENTENCES_PATH
-    from headlens.data.streams import open_texts
+    from headlens.cli.outputs import results_folder
     from headlens.errors import HeadlensError
-    from headlens.io.loading import load
-    from headlens.patterns.roles import assign_roles
-    from headlens.patterns.scores import pattern_scores
-    from headlens.runtime import current_world
 
     if args.figures and not args.out:
         raise HeadlensError("--figures needs --out FOLDER")
-    if args.out:
-        from headlens.files import writable_folder
+    if not args.out:
+        return _run(args, None)
+    with results_folder(args.out, ["scores.csv", "cluster_table.csv"]) as out:  # checked before the analysis
+        return _run(args, out)
 
-        out = writable_folder(args.out)  # fail before the analysis, not after it
+
+def _read_texts(args, model):
+    """The texts (``--text`` or the bundled sentences, the first ``--n``), read lazily; without
+    ``--truncate``, a text longer than the model's context stops the command naming its line."""
+    from headlens.data.corpora import SENTENCES_PATH
+    from headlens.data.streams import open_texts
+    from headlens.errors import HeadlensError
+    from headlens.model.tokens import text_lengths
+
+    path = args.text or SENTENCES_PATH
+    texts = open_texts(path, field=args.field, limit=args.n or (None if args.text else 200))
+    if args.truncate or model.tokenizer is None:
+        return texts
+    from itertools import islice
+
+    n_ctx, items, start = model.cfg.n_ctx, iter(texts), 0
+    while block := list(islice(items, 1024)):  # one pass, a chunk of texts at a time: memory stays flat
+        long = [i for i, n in enumerate(text_lengths(model, block)) if n > n_ctx]
+        if long:
+            i = start + long[0]
+            raise HeadlensError(f"text file {str(path)!r}, {texts.where(i)} is {text_lengths(model, [texts[i]])[0]} "
+                                f"tokens long, more than the model's context of {n_ctx} tokens; pass --truncate "
+                                "to cut long texts")
+        start += len(block)
+    return texts
+
+
+def _run(args, out) -> int:
+    import pandas as pd
+
+    from headlens.io.loading import load
+    from headlens.patterns.roles import assign_roles
+    from headlens.patterns.scores import pattern_scores
+
     start = time.perf_counter()
     model = load(args.model)
-    texts = open_texts(args.text or SENTENCES_PATH, field=args.field, limit=args.n or (None if args.text else 200))
+    texts = _read_texts(args, model)
     kwargs = {"truncate": True} if args.truncate else {}
     if args.no_clusters:
         scores = assign_roles(pattern_scores(model, texts, args.batch_size, seed=args.seed, **kwargs))
@@ -72,15 +100,28 @@ def run(args) -> int:
             st = clusterer.stability_
             print(f"\ncluster stability over {st['n_bootstrap']} bootstrap resamples: "
                   f"ARI {st['ari_mean']:.2f} +- {st['ari_std']:.2f} (min {st['ari_min']:.2f})")
-    if args.out and current_world().is_main:
-        scores.to_csv(out / "scores.csv", index=False)
+    if out is not None:  # rank 0 writes
+        out.write("scores.csv", scores.to_csv(index=False).encode(), NAME)
         if clusterer is not None:
-            clusterer.table_.to_csv(out / "cluster_table.csv", index=False)
+            out.write("cluster_table.csv", clusterer.table_.to_csv(index=False).encode(), NAME)
             if args.figures:
-                from headlens.reporting.figures.patterns import cluster_figures
-
-                cluster_figures(model, clusterer, texts[0], str(out),
-                                score_columns=("score_previous_token", "score_first_token", "score_entropy_norm"))
+                _write_figures(model, clusterer, texts[0], out)
         print(f"\nwrote {args.out}")
     print(f"{len(texts)} texts, {len(scores)} heads, {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _write_figures(model, clusterer, text, out) -> None:
+    """Draw the figures in a temporary folder, then put each into ``out`` where headlens may write."""
+    import tempfile
+    from pathlib import Path
+
+    from headlens.reporting.figures.patterns import cluster_figures
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster_figures(model, clusterer, text, tmp,
+                        score_columns=("score_previous_token", "score_first_token", "score_entropy_norm"))
+        files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        out.check_free([p.relative_to(tmp) for p in files])
+        for p in files:
+            out.write(p.relative_to(tmp).as_posix(), p.read_bytes(), NAME)

@@ -20,17 +20,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the toy's recipe)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (the result depends on it; 1 is fastest on a busy machine)")
-    parser.add_argument("--out", required=True, help="folder to write the checkpoint and model card into")
+    parser.add_argument("--out", required=True, help="folder to write the checkpoint and model card into "
+                                                     "(new or empty; see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
+    from headlens.storage.folders import model_output
     from headlens.synthetic.cards import save_toy
     from headlens.synthetic.training import train_toy
 
+    model_output(args.out, args.overwrite, name="--out")  # before the training, not after it
     model, card = train_toy(args.toy, seed=args.seed, steps=args.steps, threads=args.threads,
                             progress=not args.quiet)
-    folder = save_toy(model, card, args.out)
+    folder = save_toy(model, card, args.out, overwrite=args.overwrite)
     ev = card["eval"]
     losses = ", ".join(f"{k} {v}" for k, v in ev.items() if k.startswith(("loss", "accuracy")))
     print(f"{card['name']}: {card['steps']} steps in {card['train_seconds']} s, final training loss "

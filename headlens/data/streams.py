@@ -63,6 +63,10 @@ class Column(abc.Sequence):
         base = range(len(self.source)) if self.indices is None else self.indices
         return Column(self.source, self.field, [base[int(i)] for i in indices])
 
+    def where(self, i: int) -> str:
+        """Record ``i``'s place in its file, for messages: ``line 12`` (text, JSONL), ``row 3``."""
+        return self.source.where(i if self.indices is None else self.indices[i])
+
     def column(self, field: str) -> "Column":
         """Another field of the same records."""
         return Column(self.source, field, self.indices)
@@ -83,22 +87,34 @@ class _Source:
     def records(self) -> Iterator:
         raise NotImplementedError
 
+    def where(self, i: int) -> str:
+        """Record ``i``'s place in the source, for messages (a line, a row)."""
+        return f"row {i + 1}"
+
 
 class _LineFile(_Source):
-    """A text (``jsonl=False``) or JSONL file: one record per non-empty line."""
+    """A text (``jsonl=False``) or JSONL file: one record per non-empty line. A line that is not
+    UTF-8 (or, in JSONL, not JSON) is a :class:`HeadlensError` naming the file and the line."""
 
-    def __init__(self, path: Path, jsonl: bool):
+    def __init__(self, path: Path, jsonl: bool, what: str = "data file"):
         self.path, self.jsonl, self.name = path, jsonl, str(path)
+        self.what = what
         self._offsets: Optional[array] = None
 
-    def _parse(self, line: str, where: str):
-        line = line.strip()
+    def _parse(self, raw: bytes, number):
+        """The record of line ``number`` (a callable giving it, looked up only for a message)."""
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise HeadlensError(f"{self.what} {self.name!r}, line {number()}: not UTF-8 text ({e.reason} at byte "
+                                f"{e.start}); save the file as UTF-8") from None
         if not self.jsonl:
             return line
         try:
             return json.loads(line)
         except json.JSONDecodeError as e:
-            raise HeadlensError(f"{self.name} is not valid JSONL ({where}): {e}") from None
+            raise HeadlensError(f"{self.what} {self.name!r}, line {number()} is not valid JSONL (one JSON object "
+                                f"per line): {e.msg} (column {e.colno})") from None
 
     def offsets(self) -> array:
         if self._offsets is None:
@@ -111,19 +127,33 @@ class _LineFile(_Source):
             self._offsets = offsets
         return self._offsets
 
+    def line_number(self, i: int) -> int:
+        """The line (from 1) of record ``i``: read from the file, for messages only."""
+        end, n = self.offsets()[i], 1
+        with open(self.path, "rb") as f:
+            while end > 0:
+                chunk = f.read(min(end, 1 << 20))
+                if not chunk:
+                    break
+                n, end = n + chunk.count(b"\n"), end - len(chunk)
+        return n
+
+    def where(self, i: int) -> str:
+        return f"line {self.line_number(i)}"
+
     def __len__(self) -> int:
         return len(self.offsets())
 
     def record(self, i: int):
         with open(self.path, "rb") as f:
             f.seek(self.offsets()[i])
-            return self._parse(f.readline().decode("utf-8"), f"record {i}")
+            return self._parse(f.readline(), lambda: self.line_number(i))
 
     def records(self) -> Iterator:
-        with open(self.path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    yield self._parse(line, f"line {n}")
+        with open(self.path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if raw.strip():
+                    yield self._parse(raw, lambda: n)
 
 
 class _Parquet(_Source):
@@ -171,7 +201,7 @@ class _Dataset(_Source):
         yield from self.dataset
 
 
-def _source(source) -> _Source:
+def _source(source, what: str = "data file") -> _Source:
     if type(source).__name__ == "Dataset" and hasattr(source, "features"):
         return _Dataset(source, "datasets.Dataset")
     path = Path(os.fspath(source)).expanduser()
@@ -183,17 +213,18 @@ def _source(source) -> _Source:
         except ImportError:
             raise HeadlensError(f"reading the dataset folder {str(path)!r} needs datasets (pip install datasets)") from None
         return _Dataset(datasets.load_from_disk(str(path)), str(path))
-    check(path.is_file(), f"data file {str(path)!r} does not exist")
+    check(path.is_file(), f"{what} {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _Parquet(path)
-    return _LineFile(path, jsonl=suffix == ".jsonl")
+    return _LineFile(path, jsonl=suffix == ".jsonl", what=what)
 
 
-def open_records(source) -> Column:
+def open_records(source, what: str = "data file") -> Column:
     """Every record of ``source`` (a file or dataset, see the module doc): dicts (JSONL,
-    Parquet, datasets) or strings (text files)."""
-    return Column(_source(source), None)
+    Parquet, datasets) or strings (text files). ``what`` names the file in messages (e.g.
+    ``"task file"``)."""
+    return Column(_source(source, what), None)
 
 
 def open_texts(source, field: str = "text", limit: Optional[int] = None) -> Column:

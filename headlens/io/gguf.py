@@ -11,24 +11,23 @@ package is never imported, only located).
 headlens weights are cached as safetensors, one file per dtype, in ``$HEADLENS_CACHE`` (default:
 ``platformdirs.user_cache_dir("headlens")``), under ``smollm2/``, with the tokenizer beside them.
 Each cache file records the GGUF file's sha256 and is rebuilt when it does not match; the hash
-itself is remembered per (path, size, mtime) so a warm load does not re-read the 98 MB file.
+itself is remembered by the file's stat (:func:`headlens.files.file_sha256`) so a warm load does
+not re-read the 98 MB file.
 
 The weights are dequantized from 4 bits (Q4_1): close to, not identical with, the full-precision
 release ``HuggingFaceTB/SmolLM2-135M-Instruct``.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from headlens.errors import HeadlensError
-from headlens.files import atomic_write
+from headlens.files import atomic_write, cache_dir, file_sha256
 from headlens.io.tokenizers import load_tokenizer
 from headlens.model.transformer import HeadlensModel
 
@@ -66,32 +65,7 @@ def gguf_available() -> bool:
 
 def cache_root() -> Path:
     """``$HEADLENS_CACHE`` or the user cache folder for headlens."""
-    env = os.environ.get("HEADLENS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("headlens"))
-
-
-def file_sha256(path: Path, cache_file: Optional[Path] = None) -> str:
-    """sha256 of ``path``; remembered in ``cache_file`` under (path, size, mtime), so that an
-    unchanged file is hashed once."""
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    known = _read_json(cache_file) if cache_file is not None else {}
-    if key in known:
-        return known[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    sha = digest.hexdigest()
-    if cache_file is not None:
-        known = {k: v for k, v in known.items() if not k.startswith(f"{path.resolve()}|")}
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache_file, lambda p: p.write_text(json.dumps(known | {key: sha}, indent=1)))
-    return sha
+    return cache_dir()
 
 
 def load_smollm2(dtype=None, device=None) -> HeadlensModel:
@@ -114,7 +88,7 @@ def _load_cached(gguf: Path, folder: Path, dtype, device, adapt) -> HeadlensMode
     from headlens.model.config import parse_dtype
 
     dtype = parse_dtype(dtype) or torch.float32
-    sha = file_sha256(gguf, folder / "gguf_sha256.json")
+    sha = file_sha256(gguf)
     model = _read_cache(folder, sha, dtype, device)
     if model is None:
         model = _build(gguf, folder, sha, dtype, adapt)

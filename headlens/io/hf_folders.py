@@ -3,6 +3,8 @@ shards), the tokenizer; other weight formats go through ``transformers`` itself.
 from __future__ import annotations
 
 import json
+import pickle  # only for its exception: nothing here unpickles
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -55,8 +57,14 @@ def load_with_transformers(where: str, config, family, tokenizer, dtype, device,
     cls = getattr(transformers, arch, None) if arch else None
     cls = cls or getattr(transformers, family.hf_class)
     try:
-        hf, info = cls.from_pretrained(where, config=config, attn_implementation="eager", dtype=dtype,
-                                       output_loading_info=True, **kwargs)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            hf, info = cls.from_pretrained(where, config=config, attn_implementation="eager", dtype=dtype,
+                                           output_loading_info=True, **kwargs)
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met something other than tensors
+        raise HeadlensError(f"refused to load the weights in {where!r}: its pickle file (pytorch_model.bin) holds "
+                            "objects other than tensors, which could run code; nothing was run. Use a safetensors "
+                            "checkpoint") from None
     except (OSError, ValueError, RuntimeError) as e:
         raise HeadlensError(f"transformers could not load {where!r} as {cls.__name__}: {e}") from e
     # transformers fills weights missing from a checkpoint with random values; headlens refuses
@@ -96,12 +104,14 @@ def _family_of(raw: dict, folder: Path):
 
 
 def _hf_config(folder: Path, raw: dict):
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise HeadlensError(f"config.json in {str(folder)!r} could not be read by transformers: {e}") from e
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:  # e.g. n_head: "four"
+        detail = " ".join(str(e).split())  # one line
+        raise HeadlensError(f"{str(folder / 'config.json')!r} could not be read by transformers: {detail}") from None
 
 
 def _read_safetensors(folder: Path) -> Optional[dict]:

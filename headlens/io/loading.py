@@ -24,12 +24,13 @@ import torch
 
 from headlens.errors import HeadlensError
 from headlens.io.bundled import bundled_models
+from headlens.io.digest import source_path
 from headlens.io.from_hf import from_hf_model, from_hf_state
 from headlens.io.gguf import load_gguf
 from headlens.io.hf_folders import load_transformers_folder, load_with_transformers
 from headlens.io.native import is_headlens_folder, load_model
 from headlens.io.tokenizers import check_vocab, load_tokenizer
-from headlens.model.config import parse_dtype
+from headlens.model.config import parse_device, parse_dtype
 from headlens.model.transformer import HeadlensModel
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[\w.-]+)?$")
@@ -46,6 +47,7 @@ def load(source, dtype=None, device=None, tokenizer=None,
     device}``; see :meth:`HeadlensModel.place`); the weights are read on the CPU first.
     """
     dtype = parse_dtype(dtype)
+    parse_device(device)
     if device_map is not None and device is not None and str(device) != "cpu":
         raise HeadlensError("give device or device_map, not both (device_map names every block's device)")
     model = _dispatch(source, dtype, None if device_map is not None else device, tokenizer)
@@ -54,6 +56,8 @@ def load(source, dtype=None, device=None, tokenizer=None,
         model = truncate_context(model, truncate_ctx)
     if device_map is not None:
         model.place(device_map, max_memory)
+    if isinstance(source, (str, os.PathLike)):
+        model.loaded_from = source_path(source)  # save_hf / save_model never write over it
     return model
 
 

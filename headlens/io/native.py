@@ -12,10 +12,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from headlens.errors import HeadlensError
-from headlens.files import atomic_write, writable_folder
 from headlens.io.tokenizers import load_tokenizer
 from headlens.model.config import ModelConfig
 from headlens.model.transformer import HeadlensModel
+from headlens.storage.folders import write_model_folder
 
 FORMAT = "headlens"
 
@@ -36,22 +36,27 @@ def is_headlens_folder(folder) -> bool:
     return _headlens_config(Path(folder)) is not None
 
 
-def save_model(model: HeadlensModel, folder, card: Optional[dict] = None, card_md: Optional[str] = None) -> Path:
-    """Write ``model`` (and its tokenizer and card) to ``folder``, atomically per file."""
-    folder = writable_folder(folder)
+def save_model(model: HeadlensModel, folder, card: Optional[dict] = None, card_md: Optional[str] = None,
+               overwrite: bool = False) -> Path:
+    """Write ``model`` (and its tokenizer and card) to ``folder``: a new or empty folder, or with
+    ``overwrite`` one whose contents are replaced -- never the folder the model was loaded from
+    (see :func:`headlens.storage.folders.write_model_folder`; the folder appears complete or not at all)."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state = {k: v for k, v in state.items() if k != "unembed.W_U"}
-    atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
     config = dict(model.cfg.to_dict(), format=FORMAT)
-    atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(folder))
-    if card is not None:
-        atomic_write(folder / "card.json", lambda p: p.write_text(json.dumps(card, indent=2, sort_keys=True)))
-    if card_md is not None:
-        atomic_write(folder / "card.md", lambda p: p.write_text(card_md))
-    return folder
+
+    def write(folder: Path) -> None:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": FORMAT})
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(folder))
+        if card is not None:
+            (folder / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
+        if card_md is not None:
+            (folder / "card.md").write_text(card_md)
+
+    return write_model_folder(folder, write, overwrite, getattr(model, "loaded_from", None))
 
 
 def load_model(folder, dtype: Optional[torch.dtype] = None, device=None) -> HeadlensModel:
@@ -62,7 +67,10 @@ def load_model(folder, dtype: Optional[torch.dtype] = None, device=None) -> Head
         raise HeadlensError(f"{str(folder)!r} is not a headlens checkpoint folder (no config.json with "
                             f"\"format\": \"{FORMAT}\")")
     raw.pop("format")
-    cfg = ModelConfig.from_dict(raw)
+    try:
+        cfg = ModelConfig.from_dict(raw)
+    except HeadlensError as e:
+        raise HeadlensError(f"{str(folder / 'config.json')!r}: {e}") from None
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise HeadlensError(f"checkpoint {str(folder)!r} has no model.safetensors")

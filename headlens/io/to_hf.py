@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import save_file
 
 from headlens.errors import HeadlensError
-from headlens.files import atomic_write, writable_folder
 from headlens.io.families import FAMILIES
 from headlens.io.families.base import convert_state_dict, invert_state_dict
 from headlens.model.config import ModelConfig
 from headlens.model.heads import padded_state
 from headlens.model.transformer import HeadlensModel
+from headlens.storage.folders import model_output, write_model_folder
 
 # ModelConfig fields that describe the model rather than its computation
 INFO_FIELDS = {"name", "source", "notes", "kept_heads", "sep_token_ids", "pad_token_id",
@@ -71,7 +71,7 @@ def to_hf_state(model: HeadlensModel, padded: bool = False) -> tuple:
     return hf_config, hf_state
 
 
-def save_hf(model: HeadlensModel, folder, padded: bool = False) -> Path:
+def save_hf(model: HeadlensModel, folder, padded: bool = False, overwrite: bool = False) -> Path:
     """Write ``model`` as a ``transformers`` checkpoint folder; returns the folder.
 
     Unpruned models load with ``transformers`` (``AutoModel*.from_pretrained(folder)``) and give
@@ -80,18 +80,25 @@ def save_hf(model: HeadlensModel, folder, padded: bool = False) -> Path:
     stock ``transformers`` 5.x cannot build layers with different head counts. With ``padded``
     they keep the full shape, removed heads zero: ``transformers`` reads that folder too and gives
     the pruned model's outputs (the file is as large as the unpruned model's).
+
+    ``folder`` must be new or empty; ``overwrite=True`` replaces its contents. The folder the model
+    was loaded from is always refused. Checked before anything is converted; the folder appears
+    complete or not at all (:func:`headlens.storage.folders.write_model_folder`).
     """
+    model_output(folder, overwrite, getattr(model, "loaded_from", None))
     hf_config, hf_state = to_hf_state(model, padded)
-    folder = writable_folder(folder)
     hf_config.dtype = str(model.dtype).removeprefix("torch.")
     config = hf_config.to_dict()
     if model.cfg.kept_heads is not None:
         config["headlens_padded_kept_heads" if padded else "headlens_kept_heads"] = model.cfg.kept_heads
-    atomic_write(folder / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
-    atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(folder))
-    return folder
+
+    def write(folder: Path) -> None:
+        save_file(hf_state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(folder))
+
+    return write_model_folder(folder, write, overwrite, getattr(model, "loaded_from", None))
 
 
 def _check_expressible(family, cfg: ModelConfig, hf_config) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -111,6 +112,11 @@ class ModelConfig(TLConfigNames):
     attn_implementation = "sdpa"
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # a config.json value of the wrong type, e.g. n_heads: "four"
+            if not _is_a(getattr(self, f.name), str(f.type)):
+                value = getattr(self, f.name)
+                raise HeadlensError(f"invalid ModelConfig: {f.name} must be {_TYPE_WORDS.get(str(f.type), f.type)}, "
+                                    f"got {type(value).__name__} {value!r:.40}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         checks = [
@@ -200,6 +206,25 @@ class ModelConfig(TLConfigNames):
         return dataclasses.replace(self, **changes)
 
 
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "Optional[int]": "an integer or null", "Optional[float]": "a number or null",
+               "Optional[dict]": "an object or null", "list[int]": "a list of integers",
+               "Optional[list[list[int]]]": "a list of lists of integers, or null"}
+
+
+def _is_a(value, annotation: str) -> bool:
+    """Whether ``value`` has the type a field's annotation (text, e.g. ``Optional[int]``) names."""
+    if annotation.startswith("Optional["):
+        return value is None or _is_a(value, annotation[len("Optional["):-1])
+    if annotation.startswith("list["):
+        return isinstance(value, (list, tuple)) and all(_is_a(v, annotation[len("list["):-1]) for v in value)
+    if isinstance(value, bool):
+        return annotation == "bool"
+    return {"int": lambda: isinstance(value, numbers.Integral), "float": lambda: isinstance(value, numbers.Real),
+            "str": lambda: isinstance(value, str), "dict": lambda: isinstance(value, dict),
+            "bool": lambda: False}.get(annotation, lambda: True)()
+
+
 def parse_dtype(dtype) -> Optional[torch.dtype]:
     """``None``, a floating ``torch.dtype`` or a name (``"float32"``, ``"bf16"``, ``"fp16"`` ...)."""
     if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
@@ -209,3 +234,22 @@ def parse_dtype(dtype) -> Optional[torch.dtype]:
         if key in DTYPES:
             return DTYPES[key]
     raise HeadlensError(f"dtype must be a floating torch dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+
+
+def parse_device(device) -> Optional[torch.device]:
+    """``None`` or a device this machine has (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a
+    ``torch.device``); anything else is a one-line :class:`HeadlensError` naming it."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise HeadlensError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    backend = {"mps": getattr(torch.backends, "mps", None)}.get(dev.type, getattr(torch, dev.type, None))
+    if dev.type not in ("cpu", "meta") and not (backend is not None and backend.is_available()):
+        raise HeadlensError(f"device {device!r} is not available on this machine "
+                            f"(torch finds no {dev.type.upper()} device); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise HeadlensError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+

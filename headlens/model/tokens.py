@@ -44,26 +44,13 @@ def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int
     if _is_token_input(texts):
         batch = _pad_ids(texts, pad_token(model, text=False), padding_side)
     else:
-        tok = model.tokenizer
-        if tok is None:
-            raise HeadlensError("this model has no tokenizer: pass token ids instead of text")
-        for i, t in enumerate(texts):
-            check(isinstance(t, str), f"texts[{i}] must be a string, got {type(t).__name__}")
-            check(t.strip() != "", f"texts[{i}] is empty")
-        enc = tok(list(texts), add_special_tokens=add_special_tokens)
-        ids = [list(x) for x in enc["input_ids"]]
-        bos = cfg.bos_token_id
-        check(not prepend_bos or bos is not None, "prepend_bos=True: this model has no BOS token")
-        if prepend_bos is False and bos is not None:
-            ids = [x[1:] if (len(x) > 1 and x[0] == bos) else x for x in ids]
-        elif prepend_bos or (prepend_bos is None and cfg.causal and bos is not None):
-            ids = [x if (x and x[0] == bos) else [bos] + x for x in ids]
+        ids = _text_ids(model, texts, add_special_tokens, prepend_bos)
         too_long = [i for i, x in enumerate(ids) if len(x) > limit]
         if too_long and not truncate:
             i = too_long[0]
             raise HeadlensError(
                 f"text {i} is {len(ids[i])} tokens long, more than the context of {limit} tokens "
-                f"({len(too_long)} text(s) too long); pass truncate=True to cut them")
+                f"({len(too_long)} text(s) too long); pass truncate=True (--truncate) to cut them")
         ids = [x[:limit] for x in ids]
         batch = _pad_ids(ids, pad_token(model, text=True), padding_side)
         if cfg.n_token_types:
@@ -72,7 +59,7 @@ def encode(model, texts: Texts, truncate: bool = False, max_length: Optional[int
     if P > limit:
         if not truncate:
             raise HeadlensError(f"sequence length {P} exceeds the model's context of {limit} tokens; "
-                                "pass truncate=True to cut it")
+                                "pass truncate=True (--truncate) to cut it")
         batch = {k: v[:, :limit] for k, v in batch.items()}
     V = cfg.vocab_size
     ids = batch["input_ids"]
@@ -89,6 +76,29 @@ def pad_token(model, text: bool) -> int:
     if cfg.pad_token_id is not None:
         return cfg.pad_token_id
     return (getattr(tok, "pad_token_id", None) or 0) if text else 0
+
+
+def _text_ids(model, texts, add_special_tokens: bool = True, prepend_bos: Optional[bool] = None) -> list:
+    """Token ids of each text as :func:`encode` makes them (special tokens, BOS), uncut."""
+    cfg, tok = model.cfg, model.tokenizer
+    if tok is None:
+        raise HeadlensError("this model has no tokenizer: pass token ids instead of text")
+    for i, t in enumerate(texts):
+        check(isinstance(t, str), f"texts[{i}] must be a string, got {type(t).__name__}")
+        check(t.strip() != "", f"texts[{i}] is empty")
+    ids = [list(x) for x in tok(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
+    bos = cfg.bos_token_id
+    check(not prepend_bos or bos is not None, "prepend_bos=True: this model has no BOS token")
+    if prepend_bos is False and bos is not None:
+        ids = [x[1:] if (len(x) > 1 and x[0] == bos) else x for x in ids]
+    elif prepend_bos or (prepend_bos is None and cfg.causal and bos is not None):
+        ids = [x if (x and x[0] == bos) else [bos] + x for x in ids]
+    return ids
+
+
+def text_lengths(model, texts, add_special_tokens: bool = True, prepend_bos: Optional[bool] = None) -> list[int]:
+    """How many tokens :func:`encode` makes of each text (before any cut): ``[N]`` ints."""
+    return [len(x) for x in _text_ids(model, list(texts), add_special_tokens, prepend_bos)]
 
 
 def _pad_ids(seqs, pad_id: int, padding_side: str = "right") -> dict:

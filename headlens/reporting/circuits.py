@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from headlens.circuits.dla import LogitAttribution
-from headlens.circuits.faithfulness import extract_circuit
+from headlens.circuits.faithfulness import Circuit, extract_circuit
 from headlens.circuits.patching import activation_patching
 from headlens.circuits.paths import path_patching
 from headlens.circuits.runs import check_additive, circuit_batches, metric_gap
@@ -42,7 +42,7 @@ from headlens.circuits.weights import composition_scores, copying_scores
 from headlens.errors import HeadlensError, check
 from headlens.importance.tasks import ContrastTask
 from headlens.model.heads import head_label
-from headlens.reporting.folder import ReportFolder, write_json, write_table
+from headlens.reporting.folder import ReportFolder, register_result_class, write_json, write_table
 from headlens.reporting.render import markdown_table
 from headlens.reporting.run_record import PACKAGES, model_key, package_version, task_key
 
@@ -55,6 +55,9 @@ TABLES = {"dla": "dla.csv", "dla_positions": "dla_positions.csv", "dla_component
           "patching": "patching.csv", "patching_positions": "patching_positions.csv", "paths": "path_patching.csv",
           "composition": "composition.csv", "copying": "copying.csv", "edges": "edges.csv",
           "curve": "faithfulness.csv"}
+
+for _cls in (LogitAttribution, Circuit):  # in the stages' results, saved for resume
+    register_result_class(_cls)
 
 
 def check_applicable(model, task) -> None:
@@ -214,6 +217,7 @@ class CircuitsFolder(ReportFolder):
     """A report folder whose completeness is ``run.json`` then ``circuit.json``."""
 
     last = ("run.json", CIRCUIT_FILE)
+    by = "circuits"
 
 
 def circuits(model, task, out, config: Optional[dict] = None, resume: bool = True, force: bool = False,

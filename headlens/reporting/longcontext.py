@@ -16,8 +16,12 @@ from pathlib import Path
 import pandas as pd
 
 from headlens.files import writable_folder
+from headlens.longcontext.analysis import KVHeadsResult
 from headlens.longcontext.plans import KV_PLAN_FILE, write_kv_plan
 from headlens.reporting.figures import longcontext as figs
+from headlens.reporting.folder import register_result_class
+
+register_result_class(KVHeadsResult)  # the long_context stage's result, saved for resume
 
 TABLES = {"kv_heads.csv": "kv", "query_heads.csv": "heads", "plans.csv": "plans",
           "retrieval_ablation.csv": "retrieval_ablation"}

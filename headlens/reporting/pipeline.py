@@ -25,21 +25,34 @@ import pandas as pd
 import torch
 
 from headlens.errors import HeadlensError, check
+from headlens.files import disk_full_error, is_disk_full
 from headlens.importance.ablation import ABLATIONS
-from headlens.model.config import parse_dtype
+from headlens.model.config import parse_device, parse_dtype
+from headlens.model.digest import state_digest
 from headlens.model.heads import head_label
 from headlens.model.tokens import encode
 from headlens.pruning.plans import PLAN_FILE, plan_record, read_plan, write_plan
 from headlens.reporting import render
-from headlens.reporting.folder import ReportFolder, atomic_write, is_complete, write_json, write_table
+from headlens.reporting.folder import (
+    TABLES,
+    ReportFolder,
+    check_report,
+    is_complete,
+    json_bytes,
+    section_writer,
+    table_schema,
+    write_json,
+    write_table,
+)
 from headlens.reporting.latex import write_latex, write_report_tables
 from headlens.reporting.ranks import RankFolder
 from headlens.reporting.run_record import (
     StepTimer,
     add_timings,
     as_list,
+    input_digests,
     model_key,
-    package_version,
+    resume_options,
     run_record,
     task_key,
     texts_key,
@@ -105,29 +118,31 @@ class Report:
         :meth:`load` and re-rendering keep it; the pages are rewritten atomically.
         """
         import re
-        import shutil
+        import tempfile
 
+        self.out = Path(self.out).expanduser().resolve()
         check(is_complete(self.out), f"{self.out} is not a complete report")
         sid = "_".join(re.sub(r"[^a-z0-9]+", " ", title.lower()).split()[:3]) or "section"
         section = dict(id=sid, title=title, paragraphs=list(paragraphs), notes=list(notes), tables=[],
                        figures=[])
-        for i, (name, df) in enumerate((tables or {}).items()):
-            write_table(df, self.out / f"{sid}_{i}.csv")
-            (self.out / "tables").mkdir(exist_ok=True)
-            write_latex(df, self.out / "tables" / f"{sid}_{i}.tex", caption=name)
-            text = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
-            section["tables"].append(dict(title=name, file=f"{sid}_{i}.csv", text_columns=text))
-        for i, (name, (png, caption)) in enumerate((figures or {}).items()):
-            stem = f"{sid}_{i}"
-            for src in (Path(png), Path(png).with_suffix(".svg"), Path(png).with_suffix(".pdf")):
-                if src.is_file():
-                    shutil.copyfile(src, self.out / "figures" / f"{stem}{src.suffix}")
-            self.figures[stem] = self.out / "figures" / f"{stem}.png"
-            section["figures"].append(dict(name=stem, title=name, caption=caption, path=f"figures/{stem}.png"))
-        self.run["sections"] = [x for x in self.run.get("sections", []) if x["id"] != sid] + [section]
-        write_json(self.out / "run.json", self.run)
-        atomic_write(self.out / "report.md", render.render_markdown(self).encode())
-        atomic_write(self.out / "report.html", render.render_html(self).encode())
+        with section_writer(self.out) as out, tempfile.TemporaryDirectory() as tmp:
+            # the folder's lock held; only files headlens wrote are replaced
+            for i, (name, df) in enumerate((tables or {}).items()):
+                out.table(f"{sid}_{i}.csv", df)
+                out.file(f"tables/{sid}_{i}.tex", write_latex(df, Path(tmp) / f"{sid}_{i}.tex", caption=name).read_bytes())
+                text = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+                section["tables"].append(dict(title=name, file=f"{sid}_{i}.csv", text_columns=text))
+            for i, (name, (png, caption)) in enumerate((figures or {}).items()):
+                stem = f"{sid}_{i}"
+                for src in (Path(png), Path(png).with_suffix(".svg"), Path(png).with_suffix(".pdf")):
+                    if src.is_file():
+                        out.file(f"figures/{stem}{src.suffix}", src.read_bytes())
+                self.figures[stem] = self.out / "figures" / f"{stem}.png"
+                section["figures"].append(dict(name=stem, title=name, caption=caption, path=f"figures/{stem}.png"))
+            self.run["sections"] = [x for x in self.run.get("sections", []) if x["id"] != sid] + [section]
+            out.file("report.md", render.render_markdown(self).encode())
+            out.file("run.json", json_bytes(self.run))
+            out.file("report.html", render.render_html(self).encode())
 
     def __repr__(self) -> str:
         m = self.run.get("model", {})
@@ -137,7 +152,7 @@ class Report:
     @classmethod
     def load(cls, folder) -> "Report":
         """Read a finished report folder; refuses one a run did not complete."""
-        folder = Path(folder).expanduser()
+        folder = Path(folder).expanduser().resolve()
         check(folder.is_dir(), f"report folder {str(folder)!r} does not exist")
         if not is_complete(folder):
             raise HeadlensError(f"{str(folder)!r} holds no complete headlens report (run.json without "
@@ -149,15 +164,13 @@ class Report:
 
         def read(name):
             return pd.read_csv(folder / name, dtype=text, keep_default_na=False, na_values=[""])
-        record = read_plan(folder / PLAN_FILE)
-        figures = {name: folder / rel for name, rel in run.get("figures", {}).items()}
-        for section in run.get("sections", []):
-            figures.update({f["name"]: folder / f["path"] for f in section["figures"]})
-        distance = None
+        tables = {"heads": read("heads.csv"), "clusters": read("clusters.csv"), "pruning": read("pruning.csv")}
         if (folder / "distance.csv").is_file():
-            distance = pd.read_csv(folder / "distance.csv", dtype={"head": str})
-        return cls(folder, read("heads.csv"), read("clusters.csv"), read("pruning.csv"), record["heads"],
-                   figures, run, distance, record)
+            tables["distance"] = pd.read_csv(folder / "distance.csv", dtype={"head": str})
+        figures = check_report(folder, run, tables)  # row counts, schema, paths inside the folder
+        record = read_plan(folder / PLAN_FILE)
+        return cls(folder, tables["heads"], tables["clusters"], tables["pruning"], record["heads"],
+                   figures, run, tables.get("distance"), record)
 
 
 def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str = "zero",
@@ -166,7 +179,8 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
            prune_floor: Optional[float] = 0.9, n_bootstrap: int = 1000, n_clusters: Optional[int] = None,
            progress: bool = True, resume: bool = True, force: bool = False, keep_resume: bool = False,
            data=None, circuits: bool = False, command: Optional[str] = None,
-           long_context: Optional[int] = None, device_map=None, max_memory: Optional[dict] = None) -> Report:
+           long_context: Optional[int] = None, device_map=None, max_memory: Optional[dict] = None,
+           truncate: bool = False) -> Report:
     """Run the whole analysis of ``model`` on ``task`` and write the report folder ``out``.
 
     model: bundled name (``headlens models``), checkpoint or transformers folder, or a loaded
@@ -187,26 +201,29 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
     "Long context" section (``headlens kv-heads`` at that length, :mod:`headlens.reporting.longcontext`;
     decoders only; None: no section). device_map, max_memory: a model larger than one device, its
     blocks over several (``"auto"`` or ``{layer: device}``, see :meth:`HeadlensModel.place`).
+    truncate: cut pattern texts and task examples longer than the model's context (from the end)
+    instead of stopping.
     """
     check(ablation in ABLATIONS, f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     parse_dtype(dtype)
+    parse_device(device)
     check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
     check(n_examples >= 2, f"n_examples must be >= 2, got {n_examples}")
     check(0 < prune_target < 1, f"prune_target must be a fraction in (0, 1), got {prune_target}")
     check(prune_floor is None or 0 < prune_floor <= 1,
           f"prune_floor must be a fraction in (0, 1] or None, got {prune_floor}")
     check(n_bootstrap >= 0, f"n_bootstrap must be >= 0, got {n_bootstrap}")
-    config = dict(model=model if isinstance(model, str) else model_key(model),
+    digest = None if isinstance(model, str) else state_digest(model)
+    config = dict(model=model if isinstance(model, str) else model_key(model, digest),
                   task=task if task is None or isinstance(task, str) else task_key(task),
                   ablation=ablation, metric=metric, batch_size=batch_size, device=device, dtype=dtype,
                   seed=seed, n_examples=n_examples, prune_target=prune_target, prune_floor=prune_floor,
                   n_bootstrap=n_bootstrap, n_clusters=n_clusters,
                   data=None if data is None else texts_key(data), circuits=circuits,
-                  long_context=long_context)
+                  long_context=long_context, truncate=truncate)
     world = current_world()
-    folder = RankFolder(world, lambda: ReportFolder(
-        out, dict(config, headlens=package_version("headlens"), resume_format=RESUME_FORMAT), resume=resume,
-        force=force))
+    folder = RankFolder(world, lambda: ReportFolder(out, resume_options(config, model, task, data, RESUME_FORMAT),
+                                                    resume=resume, force=force))
     timings = {}
     from tqdm.auto import tqdm
 
@@ -217,13 +234,19 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
         with step("load model and task"):
             net = _load_model(model, dtype, world.device(device), device_map, max_memory)
             the_task = _load_task(net, task, metric, n_examples)
+            if truncate and the_task.max_tokens is None:
+                the_task.max_tokens = net.cfg.n_ctx
             texts = _pattern_texts(net, n_examples) if data is None else as_list(data)
             check(len(texts) >= 2, "data must hold at least 2 texts or token sequences")
+            check(len(the_task) >= 2, f"task {the_task.name!r} has {len(the_task)} example: the report's "
+                                      "confidence intervals and held-out pruning need at least 2")
             if circuits:
                 from headlens.reporting import circuits as report_circuits
 
                 report_circuits.check_applicable(net, the_task)
-        result = _analyse(net, the_task, texts, folder, step, config, progress)
+            digests = input_digests(model, net, the_task, texts, dtype, weights=digest)
+            folder.inputs = digests["all"]  # what a stage reads unless it says otherwise
+        result = _analyse(net, the_task, texts, folder, step, config, progress, digests)
         found = lc = None
         if circuits:
             with step("circuits"):
@@ -234,19 +257,21 @@ def report(model=DEFAULT_MODEL, task=None, out="headlens-report", ablation: str 
 
                 lc = folder.stage("long_context", lambda: run_long_context(net, long_context, seed, progress))
         rep = world.on_main(lambda: _finish(net, the_task, texts, config, result, command, folder.local, step, bar,
-                                            timings, found, lc))
-    except BaseException:
+                                            timings, digests, found, lc))
+    except BaseException as e:
         bar.close()
-        folder.abandon()
+        folder.abandon()  # the finished stages stay for the next run
+        if is_disk_full(e):
+            raise disk_full_error(folder.out, "; the finished stages are kept in .resume/") from None
         raise
     folder.publish(keep_resume=keep_resume)
     return rep
 
 
 def _finish(net, the_task, texts, config: dict, result: dict, command, folder: ReportFolder, step, bar,
-            timings: dict, circuits_found=None, long_context=None) -> Report:
+            timings: dict, digests: dict, circuits_found=None, long_context=None) -> Report:
     """``run.json``, the figures and every file of the report, staged in ``folder`` (rank 0)."""
-    run = run_record(net, the_task, texts, config, result, command, folder)
+    run = run_record(net, the_task, texts, config, result, command, folder, digests)
     with step("figures"):
         run["figures"] = _figures(net, texts, result, run, folder.staging / "figures")
         from headlens.reporting.viewer import add_view
@@ -313,8 +338,9 @@ def _pattern_texts(model, n: int) -> list:
     return bundled_sentences(n)
 
 
-def _analyse(model, task, texts, folder: RankFolder, step, config: dict, progress: bool) -> dict:
-    """Scores, roles, clusters, importance, gradients and pruning, each saved in ``folder`` for resume.
+def _analyse(model, task, texts, folder: RankFolder, step, config: dict, progress: bool, digests: dict) -> dict:
+    """Scores, roles, clusters, importance, gradients and pruning, each saved in ``folder`` for resume
+    under the digest of its inputs (``digests``, see :func:`headlens.reporting.run_record.input_digests`).
     The single-head sweep runs once: its per-example metrics give the importance table (all
     examples) and the pruning curve's ablation order (the selection split's examples)."""
     from headlens.importance.gradients import gradient_importance
@@ -334,26 +360,30 @@ def _analyse(model, task, texts, folder: RankFolder, step, config: dict, progres
     seed, batch_size = config["seed"], config["batch_size"]
     with step("pattern scores"):
         scores = folder.stage("scores", lambda: pattern_scores(model, texts, batch_size=batch_size, seed=seed,
-                                                               progress=progress))
+                                                               progress=progress, truncate=config["truncate"]),
+                              digests["patterns"])
         roles = assign_roles(scores)
     with step("clusters"):
         clusterer = folder.stage("clusters", lambda: HeadClusterer(
             n_clusters=config["n_clusters"], seed=seed, batch_size=batch_size, progress=progress,
-        ).fit(model, texts, scores=roles))
+            truncate=config["truncate"],
+        ).fit(model, texts, scores=roles), digests["patterns"], {"HeadClusterer": HeadClusterer})
     with step("controls"):  # before the sweep: does the task need attention, are there enough examples?
-        controls = folder.stage("controls", lambda: task_controls(model, task, config["ablation"], batch_size))
+        controls = folder.stage("controls", lambda: task_controls(model, task, config["ablation"], batch_size),
+                                digests["task_key"])
         power = task_power(controls, config, len(model.head_labels()))
     with step("ablation sweep"):
         metrics = folder.stage("ablation", lambda: sweep_metrics(
             model, task, ablation=config["ablation"], seed=seed, batch_size=batch_size,
-            resume_dir=folder.sweep_resume_dir(), progress=progress))
+            resume_dir=folder.sweep_resume_dir(digests["task_key"]), progress=progress,
+            weights_key=digests["weights"]), digests["task_key"])
         sweep = importance_table(*metrics, task, n_bootstrap=config["n_bootstrap"], seed=seed)
         power = sweep_power(power, metrics)
     with step("gradient importance"):
         grads = folder.stage("gradients", lambda: gradient_importance(model, task, batch_size=batch_size,
-                                                                       progress=progress))
+                                                                       progress=progress), digests["task_key"])
     with step("pruning curve"):
-        pruning = folder.stage("pruning", lambda: _prune(model, task, texts, config, metrics, progress))
+        pruning = folder.stage("pruning", lambda: _prune(model, task, texts, config, metrics, progress), digests["all"])
     heads = (roles.merge(clusterer.labels_, on=["layer", "head"])
              .merge(sweep.drop(columns=["metric_clean", "n_examples"]), on=["layer", "head"])
              .merge(grads[["layer", "head", "grad_importance", "grad_importance_raw"]], on=["layer", "head"]))
@@ -460,5 +490,6 @@ def _write(rep: Report, folder: ReportFolder) -> None:
                     plan_record=rep.plan_record)
     write_report_tables(staged, stage)
     (stage / "report.md").write_text(render.render_markdown(staged))
+    rep.run["tables"] = {f"{t}.csv": table_schema(stage / f"{t}.csv") for t in TABLES if (stage / f"{t}.csv").is_file()}
     write_json(stage / "run.json", rep.run)
     (stage / "report.html").write_text(render.render_html(staged))

@@ -1,6 +1,7 @@
 """What ``run.json`` records about a ``headlens report`` run: the configuration (with keys that
-identify a model, task or data given as objects, for the resume fingerprint), package versions,
-platform, and the seconds of every step and every attempt (see :mod:`headlens.reporting.folder`)."""
+identify a model, task or data given as objects), the content digests of its inputs (the resume
+keys of its stages), package versions, platform, and the seconds of every step and every attempt
+(see :mod:`headlens.reporting.folder`)."""
 from __future__ import annotations
 
 import datetime
@@ -49,30 +50,64 @@ def _digest(items) -> str:
     for i, item in enumerate(items):
         h.update(((", " if i else "") + repr(item)).encode())
     h.update(b"]")
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
-def model_key(model) -> str:
-    """Identify an in-memory model for the resume fingerprint: its config and a weight hash."""
-    h = hashlib.sha256(model.cfg.to_json().encode())
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return f"{model.cfg.name}@{h.hexdigest()[:16]}"
+def model_key(model, digest: Optional[str] = None) -> str:
+    """Identify an in-memory model in the configuration: its name and a hash of its config and
+    weights (``digest``: :func:`headlens.model.digest.state_digest`, when already computed)."""
+    from headlens.model.digest import state_digest
+
+    return f"{model.cfg.name}@{(digest or state_digest(model))[:16]}"
 
 
 def texts_key(data) -> str:
     """Identify given pattern texts (or token sequences) by their number and a hash."""
     items = as_list(data)
-    return f"{len(items)} sequences, sha256 {_digest(items)}"
+    return f"{len(items)} sequences, sha256 {_digest(items)[:16]}"
 
 
 def task_key(task) -> str:
-    """Identify a Task object for the resume fingerprint: class, name and every example (its inputs,
-    answers and counterfactuals: every per-example field), hashed one example at a time."""
-    columns = [getattr(task, f, None) for f in getattr(task, "_fields", ())]
-    digest = _digest((task.rows(i), [None if c is None else c[i] for c in columns]) for i in range(len(task)))
-    return f"{type(task).__name__} {task.name!r} ({len(task)} examples, sha256 {digest})"
+    """Identify a Task object: class, name and :func:`headlens.importance.resume.task_digest`
+    (every setting and every per-example field, hashed one example at a time)."""
+    from headlens.importance.resume import task_digest
+
+    return f"{type(task).__name__} {task.name!r} ({len(task)} examples, sha256 {task_digest(task)[:16]})"
+
+
+def resume_options(config: dict, model, task, data, resume_format: int) -> dict:
+    """The options a resumed run must share with the one it resumes: ``config`` with models,
+    tasks and data given as objects named by what they are, not by their content (a changed
+    content is recomputed through the stages' input digests, :func:`input_digests`, not refused)."""
+    options = dict(config, headlens=package_version("headlens"), resume_format=resume_format)
+    if not isinstance(model, str):
+        options["model"] = f"{type(model).__name__} {model.cfg.name!r}"
+    if task is not None and not isinstance(task, str):
+        options["task"] = f"{type(task).__name__} {task.name!r}"
+    if data is not None:
+        options["data"] = "given"
+    return options
+
+
+def input_digests(source, model, task, texts, dtype, weights: Optional[str] = None) -> dict:
+    """sha256 of what the stages read: ``weights`` (of the model's files when it was named by
+    a bundled name, folder or file, else of its tensors), ``task`` (every example and setting)
+    and ``texts`` (the pattern texts or token sequences); and the stages' resume keys from them:
+    ``patterns`` (scores, clusters), ``task_key`` (ablation, gradients) and ``all`` (pruning).
+    ``weights``: the weights' digest when the caller has it."""
+    from headlens.importance.resume import task_digest
+    from headlens.io.digest import source_digest
+    from headlens.model.digest import state_digest
+
+    weights = weights or (source_digest(source, dtype) if isinstance(source, str) else None) or state_digest(model)
+    digests = dict(weights=weights, task=task_digest(task),
+                   texts=_digest(as_list(texts)))
+
+    def key(*parts):
+        return hashlib.sha256(" ".join(digests[p] for p in parts).encode()).hexdigest()
+
+    return dict(digests, patterns=key("weights", "texts"), task_key=key("weights", "task"),
+                all=key("weights", "task", "texts"))
 
 
 class StepTimer:
@@ -103,8 +138,9 @@ def _iso(epoch: float) -> str:
 
 
 def run_record(model, task, texts, config: dict, result: dict, command: Optional[str],
-               folder: ReportFolder) -> dict:
-    """``run.json`` without figures and timings (:func:`add_timings` adds those when known)."""
+               folder: ReportFolder, digests: dict) -> dict:
+    """``run.json`` without figures, tables and timings (:func:`add_timings` adds the timings,
+    the pipeline the rest). ``digests``: :func:`input_digests`."""
     cfg = model.cfg
     stability = result["clusterer"].stability_
     return {
@@ -121,7 +157,9 @@ def run_record(model, task, texts, config: dict, result: dict, command: Optional
         "results": dict(cluster_stability_ari=stability.get("ari_mean"), n_clusters=len(result["clusters"]),
                         pruning=result["pruning_summary"], **result.get("results", {})),
         "files": list(FILES),
+        "inputs": {k: digests[k] for k in ("weights", "task", "texts")},
         "resumed_stages": folder.resumed,
+        "recomputed_stages": dict(damaged=folder.damaged, stale=folder.stale),
         "stage_seconds": folder.seconds,
         "versions": {p: package_version(p) for p in PACKAGES},
         "platform": dict(system=platform.platform(), python=sys.version.split()[0],

@@ -221,9 +221,10 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_toy(model: HeadlensModel, card: dict, folder):
-    """Write a trained toy model with its ``card.json`` and ``card.md`` (a headlens checkpoint)."""
-    return save_model(model, folder, card=card, card_md=card_markdown(card))
+def save_toy(model: HeadlensModel, card: dict, folder, overwrite: bool = False):
+    """Write a trained toy model with its ``card.json`` and ``card.md`` (a headlens checkpoint) into
+    a new or empty ``folder`` (``overwrite``: replace its contents)."""
+    return save_model(model, folder, card=card, card_md=card_markdown(card), overwrite=overwrite)
 
 
 def write_card(folder, card: dict) -> None:

@@ -95,26 +95,70 @@ def _repeated_task(model, n: int, options) -> Task:
     return FidelityTask(tokens.tolist(), name="repeated", **options)
 
 
+# the record kinds: required fields (in this order), optional fields, and each field's types
+RECORDS = [
+    (("prompt", "right", "wrong"), ("corrupted",)),
+    (("anchor", "positive", "negative"), ()),
+    (("text",), ()),
+]
+ANSWER = (str, int)  # a continuation: text (its first token counts) or a token id
+FIELD_TYPES = {"prompt": (str,), "anchor": (str,), "positive": (str,), "negative": (str,), "text": (str,),
+               "corrupted": (str,), "right": ANSWER, "wrong": ANSWER + (list,)}
+
+
 def _read_task(path: Path, model, task_type, options) -> Task:
     """A task from a file of any size, read lazily (:mod:`headlens.data.streams`): a text file's
-    lines, or the records of a JSONL or Parquet file or a saved ``datasets`` folder."""
-    records = open_records(path)
-    check(len(records) > 0, f"task file {str(path)!r} is empty")
+    lines, or the records of a JSONL or Parquet file or a saved ``datasets`` folder. One pass
+    checks every record's fields (a bad one is named by its line) without keeping them."""
+    records = open_records(path, what="task file")
+    check(len(records) > 0, f"task file {str(path)!r} has no non-empty lines: give at least one example")
     first = records[0]
     if isinstance(first, str):
+        for _ in records:  # names a line that is not UTF-8
+            pass
         return _text_task(records, model, task_type, options)
-    check(isinstance(first, dict), f"task file {str(path)!r}: records must be objects, got {type(first).__name__}")
+    where = (lambda i: f"task file {str(path)!r}, {records.where(i)}")
+    check(isinstance(first, dict), f"{where(0)}: a record must be a JSON object {{\"field\": value, ...}}, "
+                                   f"got {type(first).__name__}")
     keys = set(first)
+    for required, optional in RECORDS:
+        if set(required) <= keys:
+            break
+    else:
+        raise HeadlensError(f"{where(0)}: records need the fields prompt/right/wrong, anchor/positive/negative "
+                            f"or text; got {sorted(keys)}")
+    fields = list(required) + [f for f in optional if f in keys]
+    for i, record in enumerate(records):
+        for f in fields:
+            _check_field(where, i, record, f)
     col = records.column
-    if {"prompt", "right", "wrong"} <= keys:
-        corrupted = col("corrupted") if "corrupted" in keys else None
+    if required[0] == "prompt":
+        corrupted = col("corrupted") if "corrupted" in fields else None
         return ContrastTask(col("prompt"), col("right"), col("wrong"), corrupted, **options)
-    if {"anchor", "positive", "negative"} <= keys:
+    if required[0] == "anchor":
         return EmbeddingContrastTask(col("anchor"), col("positive"), col("negative"), **options)
-    if "text" in keys:
-        return _text_task(col("text"), model, task_type, options)
-    raise HeadlensError(f"task file {str(path)!r}: records need the fields prompt/right/wrong, "
-                        f"anchor/positive/negative or text; got {sorted(keys)}")
+    return _text_task(col("text"), model, task_type, options)
+
+
+def _check_field(where_of, i: int, record, field: str) -> None:
+    """Record ``i``'s ``field`` is there and of its type (text, or for answers a token id or a
+    list); ``where_of(i)`` names the record, and is called only for a message."""
+    if not isinstance(record, dict):
+        raise HeadlensError(f"{where_of(i)}: a record must be a JSON object, got {type(record).__name__}")
+    if field not in record:
+        raise HeadlensError(f"{where_of(i)}: the record has no field {field!r} (every record needs the fields "
+                            "of the first one)")
+    value, types = record[field], FIELD_TYPES[field]
+    ok = isinstance(value, types) and not isinstance(value, bool)
+    if ok and isinstance(value, list):
+        ok = len(value) > 0 and all(isinstance(v, ANSWER) and not isinstance(v, bool) for v in value)
+    if ok and isinstance(value, str):
+        ok = value.strip() != "" or field in ("right", "wrong")
+    if not ok:
+        names = {str: "a string", int: "a token id", list: "a list of strings or token ids"}
+        raise HeadlensError(f"{where_of(i)}: field {field!r} must be {' or '.join(names[t] for t in types)}"
+                            f"{' (not empty)' if isinstance(value, (str, list)) else ''}, "
+                            f"got {type(value).__name__} {value!r:.40}")
 
 
 def _text_task(lines, model, task_type, options) -> Task:
