@@ -45,14 +45,24 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from headlens.files import writable_folder
+    from headlens.storage.folders import FolderLock, check_ownable, model_output
+
+    start = time.perf_counter()
+    check_ownable(args.out, "--out")  # a file or someone else's folder fails now, not after the analysis
+    if args.export_hf:
+        from headlens.io.digest import source_path
+
+        model_output(args.export_hf, source=source_path(args.model), name="--export-hf")
+    with FolderLock(args.out, name="--out") as lock:
+        return _run(args, lock.folder, start)
+
+
+def _run(args, out, start) -> int:
     from headlens.io.loading import load
     from headlens.longcontext.analysis import kv_heads
     from headlens.model.config import parse_dtype
     from headlens.reporting.longcontext import summary_lines, write_kv_heads
 
-    start = time.perf_counter()
-    out = writable_folder(args.out)  # a file or an unwritable folder fails now, not after the analysis
     kwargs = {k: v for k, v in (("device", args.device), ("dtype", parse_dtype(args.dtype))) if v is not None}
     model = load(args.model, **kwargs)
     result = kv_heads(model, lengths=args.lengths, kinds=args.kinds, n_per_group=args.n_per_group, sink=args.sink,

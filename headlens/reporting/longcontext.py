@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from headlens.files import writable_folder
 from headlens.longcontext.analysis import KVHeadsResult
 from headlens.longcontext.plans import KV_PLAN_FILE, write_kv_plan
 from headlens.reporting.figures import longcontext as figs
 from headlens.reporting.folder import register_result_class
+from headlens.storage.folders import OwnedFolder
 
 register_result_class(KVHeadsResult)  # the long_context stage's result, saved for resume
 
@@ -42,8 +42,11 @@ def draw_figures(result, folder) -> dict:
 
 
 def write_kv_heads(result, out) -> Path:
-    """Write ``result`` (:class:`headlens.longcontext.analysis.KVHeadsResult`) into ``out``."""
-    out = writable_folder(out)
+    """Write ``result`` (:class:`headlens.longcontext.analysis.KVHeadsResult`) into ``out``, a
+    results folder headlens owns (:class:`headlens.storage.folders.OwnedFolder`; hold its lock):
+    a file there that headlens did not write is never replaced."""
+    owned = OwnedFolder(out, "--out")
+    out = owned.folder
     stage = out / f".staging-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "figures").mkdir(parents=True)
@@ -51,6 +54,9 @@ def write_kv_heads(result, out) -> Path:
         for name, attr in TABLES.items():
             getattr(result, attr).to_csv(stage / name, index=False, lineterminator="\n")
         draw_figures(result, stage / "figures")
+        written = [*TABLES, KV_PLAN_FILE] + [f"figures/{f.name}" for f in (stage / "figures").iterdir()]
+        owned.check_free(written)
+        owned.claim(written + [stage.name], "kv-heads")
         (out / KV_PLAN_FILE).unlink(missing_ok=True)  # incomplete until the new plan is in place
         (out / "figures").mkdir(exist_ok=True)
         for f in (stage / "figures").iterdir():
