@@ -39,7 +39,7 @@ import pandas as pd
 from headlens.errors import HeadlensError
 from headlens.files import atomic_write, disk_full_error, is_disk_full
 from headlens.importance.resume import sweep_dir_damaged
-from headlens.storage.folders import INTERNAL, FolderLock, OwnedFolder, check_ownable
+from headlens.storage.folders import FolderLock, OwnedFolder, check_ownable, is_internal
 from headlens.storage.records import (
     DamagedRecord,
     load_record,
@@ -206,7 +206,8 @@ class ReportFolder:
     ``resume=True`` keeps the stage results a killed run with the same configuration left behind;
     ``force=True`` discards any previous resume state. A finished report already in ``out`` is
     replaced only when the new one is complete. ``wait``: seconds to wait for another run
-    writing ``out`` (then one-line error naming it); ``run_id``: see :class:`headlens.storage.folders.FolderLock`.
+    writing ``out`` (then one-line error naming it). Under ``torchrun`` rank 0 alone makes one
+    (:class:`headlens.reporting.ranks.RankFolder`); the other ranks never open the folder.
 
     Every run at the folder is an attempt; :meth:`elapsed` sums the seconds of all of them since
     the resume state was written (a resumed report's true cost). An attempt's seconds are saved when
@@ -217,8 +218,7 @@ class ReportFolder:
     last = (MARKER, PAGE)  # moved into place last, in this order: their presence means "complete"
     by = BY  # the command the manifest says wrote the published files
 
-    def __init__(self, out, config: dict, resume: bool = True, force: bool = False, wait: float = 0,
-                 run_id: Optional[str] = None):
+    def __init__(self, out, config: dict, resume: bool = True, force: bool = False, wait: float = 0):
         self.out = Path(out).expanduser().resolve()
         self.key = fingerprint(config)
         self.created = not self.out.exists()
@@ -229,12 +229,11 @@ class ReportFolder:
         self.attempts: list[dict] = []
         self.inputs = ""  # the digest of what a stage reads when it does not give its own
         check_ownable(self.out, "out folder")  # before anything is written into it
-        self.lock = FolderLock(self.out, wait=wait, run_id=run_id).acquire()
+        self.lock = FolderLock(self.out, wait=wait).acquire()
+        self.resume, self.staging = self.out / RESUME_DIR, self.out / STAGING
         try:
             self.owned = OwnedFolder(self.out, "out folder")
             self.owned.check_free(OUTPUTS)
-            self.resume = self.out / RESUME_DIR
-            self.staging = self.out / STAGING
             self.owned.claim([RESUME_DIR, STAGING], self.by, tree=True)
             self._open_resume(config, resume, force)
             shutil.rmtree(self.staging, ignore_errors=True)
@@ -392,7 +391,7 @@ class ReportFolder:
         if self.resume.is_dir() and not any(p.name not in (MARKER, ATTEMPTS) for p in self.resume.iterdir()):
             shutil.rmtree(self.resume, ignore_errors=True)
         self.lock.release()
-        if self.created and self.out.is_dir() and all(p.name in INTERNAL for p in self.out.iterdir()):
+        if self.created and self.out.is_dir() and all(is_internal(p.name) for p in self.out.iterdir()):
             for p in self.out.iterdir():
                 p.unlink(missing_ok=True)
             self.out.rmdir()

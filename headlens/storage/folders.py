@@ -10,10 +10,9 @@ stays. A damaged manifest is refused too (delete it to hand the folder over).
 **Lock.** :class:`FolderLock` holds ``.headlens.lock`` (``filelock``, an OS lock that dies with
 its process, SIGKILL included) while a run writes the folder; ``.headlens.lock.json`` says who
 holds it. A second run waits up to ``wait`` seconds, then stops with one line naming the holder.
-The ranks of one distributed run share the lock: the first to arrive (rank 0, say) holds it and
-records the run's id; a process that gives the same ``run_id`` (by default ``$HEADLENS_RUN_ID``,
-else torchrun's ``$TORCHELASTIC_RUN_ID``) *joins* instead of waiting (:attr:`FolderLock.joined`).
-The holder must release last (a barrier before it does).
+The ranks of one ``torchrun`` job are one run: rank 0 alone takes the lock and writes, the
+others write nothing (:class:`headlens.reporting.ranks.RankFolder`, :mod:`headlens.cli.outputs`),
+except their units of a sweep into the resume folder rank 0 set up.
 
 **Model folders.** :func:`model_output` checks a folder a model is to be saved into before any
 work starts (a file, or a folder that is not empty unless ``overwrite``, and never the source
@@ -44,6 +43,11 @@ VERSION = 1
 INTERNAL = (MANIFEST, LOCK, HOLDER)  # a folder holding only these counts as empty
 
 
+def is_internal(name: str) -> bool:
+    """Whether a file name is one of :data:`INTERNAL` (or the temporary file one is written through)."""
+    return name in INTERNAL or (name.startswith(".headlens") and name.endswith(".tmp"))
+
+
 def _relative(folder: Path, path) -> str:
     path = Path(path)
     rel = path.relative_to(folder) if path.is_absolute() else path
@@ -65,7 +69,7 @@ def _read_manifest(folder: Path, name: str) -> Optional[dict]:
         if body.get("schema") != SCHEMA or body.get("version") != VERSION or not isinstance(body.get("files"), dict):
             raise HeadlensError(f"{path} is not a headlens manifest of this version")
         return body["files"]
-    if folder.is_dir() and any(p.name not in INTERNAL for p in folder.iterdir()):
+    if folder.is_dir() and not all(is_internal(p.name) for p in folder.iterdir()):
         raise HeadlensError(f"{name} {str(folder)!r} is not empty and was not written by headlens "
                             f"(it has no {MANIFEST}); choose a new or empty folder")
     return None
@@ -101,7 +105,7 @@ class OwnedFolder:
     def owns(self, path) -> bool:
         """Whether headlens wrote ``path`` (relative to the folder, or absolute inside it)."""
         rel = _relative(self.folder, path)
-        return rel in self.files or rel in INTERNAL or any(
+        return rel in self.files or is_internal(rel) or any(
             rel.startswith(d) for d, v in self.files.items() if d.endswith("/") and v.get("tree"))
 
     def foreign(self, paths: Iterable) -> list[str]:
@@ -160,27 +164,13 @@ class OwnedFolder:
 
 
 # --- one run per folder ------------------------------------------------------------------------------
-def default_run_id() -> Optional[str]:
-    """The id the processes of one run share: ``$HEADLENS_RUN_ID``, else torchrun's
-    ``$TORCHELASTIC_RUN_ID`` (ignored when torchrun's placeholder ``none``)."""
-    for var in ("HEADLENS_RUN_ID", "TORCHELASTIC_RUN_ID"):
-        value = os.environ.get(var)
-        if value and value != "none":
-            return value
-    return None
-
-
 class FolderLock:
     """The lock of one results folder (see the module doc). Use ``with FolderLock(folder):`` or
-    :meth:`acquire` / :meth:`release`. ``wait``: seconds to wait for another run (0: stop at once);
-    ``run_id``: the distributed run this process belongs to (default :func:`default_run_id`)."""
+    :meth:`acquire` / :meth:`release`. ``wait``: seconds to wait for another run (0: stop at once)."""
 
-    def __init__(self, folder, wait: float = 0, run_id: Optional[str] = None, name: str = "out folder",
-                 join_wait: float = 60):
+    def __init__(self, folder, wait: float = 0, name: str = "out folder"):
         self.folder = Path(folder).expanduser().resolve()
-        self.wait, self.name, self.join_wait = wait, name, join_wait
-        self.run_id = run_id if run_id is not None else default_run_id()
-        self.joined = False
+        self.wait, self.name = wait, name
         self._lock = None
 
     def acquire(self) -> "FolderLock":
@@ -188,28 +178,19 @@ class FolderLock:
 
         writable_folder(self.folder, self.name)
         lock = FileLock(str(self.folder / LOCK), is_singleton=False, thread_local=False)
-        deadline = time.monotonic() + max(self.wait, self.join_wait if self.run_id else 0)
-        while True:
-            try:
-                lock.acquire(timeout=min(self.wait, 0.2) if self.wait else 0)
-                break
-            except Timeout:
-                holder = self.holder()
-                if self.run_id is not None and holder.get("run_id") == self.run_id:
-                    self.joined = True  # another process of this run holds it
-                    return self
-                if time.monotonic() >= deadline:
-                    raise HeadlensError(f"{self.name} {str(self.folder)!r} is in use by another headlens run "
-                                        f"({describe(holder)}); wait for it to finish or choose another folder") from None
-                time.sleep(0.1)
-            except OSError as e:
-                if is_disk_full(e):
-                    raise disk_full_error(self.folder) from None
-                raise
+        try:
+            lock.acquire(timeout=self.wait)
+        except Timeout:
+            raise HeadlensError(f"{self.name} {str(self.folder)!r} is in use by another headlens run "
+                                f"({describe(self.holder())}); wait for it to finish or choose another folder") from None
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(self.folder) from None
+            raise
         self._lock = lock
         try:
             atomic_write(self.folder / HOLDER, json.dumps(dict(
-                pid=os.getpid(), host=socket.gethostname(), run_id=self.run_id, started=time.time(),
+                pid=os.getpid(), host=socket.gethostname(), started=time.time(),
                 command=" ".join(sys.argv)[:300])).encode())
         except BaseException:
             self.release()
@@ -229,11 +210,10 @@ class FolderLock:
             (self.folder / HOLDER).unlink(missing_ok=True)
             self._lock.release()
             self._lock = None
-        self.joined = False
 
     @property
     def held(self) -> bool:
-        return self._lock is not None or self.joined
+        return self._lock is not None
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
