@@ -308,12 +308,18 @@ def test_model_outputs_are_checked_before_any_work(inputs, tmp_path, capsys, mon
              (["prune", "--model", model, "--task", "lm", "--save-model", model, "--overwrite"], "read from"),
              (["prune", "--model", model, "--save-model", tmp_path / "file"], "is a file"),
              (["prune", "--model", model, "--save-model", tmp_path / "full"], "not empty"),
-             (["train-toy", "--toy", "first-token", "--out", model], "not empty")]
+             (["train-toy", "--toy", "first-token", "--out", model], "not empty"),
+             (["prune", "--model", model, "--task", "lm", "--out", tmp_path / "full"], "not empty and was not written"),
+             (["prune", "--model", model, "--task", "lm", "--out", tmp_path / "prune"],
+              "holds 'pruning.csv', which headlens did not write")]
+    OwnedFolder(tmp_path / "prune")  # a folder of headlens' with a pruning.csv of the user's
+    (tmp_path / "prune" / "pruning.csv").write_text("the user's curve")
     for args, pattern in cases:
         assert main([str(a) for a in args]) == 2, args
         assert pattern in capsys.readouterr().err, args
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
     assert (tmp_path / "full" / "thesis.tex").read_text() == "x"
+    assert (tmp_path / "prune" / "pruning.csv").read_text() == "the user's curve"
 
 
 def test_save_hf_replaces_a_folder_only_when_asked_and_never_the_source(tiny_gpt2, inputs, tmp_path):

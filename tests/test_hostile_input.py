@@ -229,3 +229,16 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 130 and res.stderr.strip() == "headlens: interrupted", res.stderr[-2000:]
     assert not (tmp_path / "r").exists()
+
+
+def test_prune_heads_reads_the_plan_file_prune_writes(tiny_gpt2, tmp_path):
+    """Issue #20: ``prune_heads`` takes the ``prune_plan.json`` that ``headlens prune`` writes (every
+    method's plan inside), by its path."""
+    from headlens.pruning.physical import prune_heads
+    from headlens.pruning.plans import PLAN_FILE, plan_record, write_plan
+
+    plans = {"michel": {0: [1, 2]}, "ablation": {0: [1], 2: [3]}, "random": {1: [0]}}
+    path = write_plan(tmp_path / PLAN_FILE, plan_record(plans["ablation"], plans, "ablation", model="tiny",
+                                                        n_heads=12, task="lm", metric="lm_loss", floor=None, target=0.5))
+    pruned = prune_heads(tiny_gpt2, path)
+    assert pruned.cfg.kept_heads == [[0, 2, 3], [0, 1, 2, 3], [0, 1, 2]]
