@@ -33,7 +33,7 @@ def test_circuits_command_writes_every_file_and_resumes(tmp_path, capsys, monkey
         with pytest.raises(RuntimeError):
             main(TOY + ["--out", str(out)])
     assert not (out / "circuit.json").exists() and not (out / "run.json").exists()
-    assert (out / ".resume" / "patching.pkl").is_file()
+    assert (out / ".resume" / "patching.json").is_file()
     assert main(TOY + ["--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "1.0 <- 0.2" in printed and "verified by exact patching" in printed
