@@ -56,7 +56,7 @@ def write_kv_heads(result, out) -> Path:
         draw_figures(result, stage / "figures")
         written = [*TABLES, KV_PLAN_FILE] + [f"figures/{f.name}" for f in (stage / "figures").iterdir()]
         owned.check_free(written)
-        owned.claim(written + [stage.name], "kv-heads")
+        owned.claim(written, "kv-heads")
         (out / KV_PLAN_FILE).unlink(missing_ok=True)  # incomplete until the new plan is in place
         (out / "figures").mkdir(exist_ok=True)
         for f in (stage / "figures").iterdir():
