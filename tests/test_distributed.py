@@ -33,7 +33,7 @@ original = sweep.SweepResume.save
 
 def save(self, layer, heads, values, **unit):
     original(self, layer, heads, values, **unit)
-    log.write(f"{attempt} {rank} {self._path(layer, heads, **unit).name}\n")
+    log.write(f"{attempt} {rank} {self.unit(layer, heads, **unit)}\n")
     if os.environ.get("HL_KILL") and attempt == "0" and rank == "1":
         os.kill(os.getpid(), signal.SIGKILL)  # dies mid-sweep, after one finished unit
 
@@ -109,7 +109,7 @@ def test_a_killed_rank_is_restarted_and_the_job_resumes(model_dir, single, tmp_p
     assert ("0", "1") in {(a, r) for a, r, _ in saves}, "rank 1 did not save a unit before it was killed"
     assert first and second, f"the kill did not land in the middle of the sweep: {saves}"
     assert not first & second, f"units finished before the kill were computed again: {first & second}"
-    assert first | second == {p.name for p in (out / ".resume" / "sweep").glob("*.npy")}
+    assert first | second == {p.stem for p in (out / ".resume").glob("sweep-*/layer*.safetensors")}
     assert not list((out / ".resume").rglob("*.tmp"))
     assert_same_tables(out, single)
     assert "scores" in json.loads((out / "run.json").read_text())["resumed_stages"]

@@ -10,6 +10,7 @@ draw them.
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -40,7 +41,7 @@ TEXTS = ["the cat sat on the mat", "a dog ran far away from home today", "birds 
          "it rains again", "we walked to the old bridge and back", "one two three four"]
 RUN = dict(n_examples=6, n_bootstrap=20, n_clusters=2, batch_size=6, progress=False)
 TABLES = ["heads.csv", "clusters.csv", "pruning.csv", "prune_plan.json"]
-STAGES = ["scores", "clusters", "ablation", "gradients", "pruning"]
+STAGES = ["scores", "clusters", "controls", "ablation", "gradients", "pruning"]
 CLASSES = {"HeadClusterer": HeadClusterer}
 
 
@@ -142,6 +143,12 @@ def _flip(path: Path, bit: int) -> bytes:
     return data
 
 
+def unit_of(name: str) -> tuple:
+    """``(layer, heads, block)`` of a sweep unit's record name (:meth:`SweepResume.unit`)."""
+    layer, heads, block = re.fullmatch(r"layer(\d+)_heads([\d-]+)_block(\d+)", name).groups()
+    return int(layer), [int(h) for h in heads.split("-")], int(block)
+
+
 def test_300_bit_flips_over_the_resume_files_never_change_a_result(reference, tmp_path, monkeypatch):
     """Flip one random bit of one random resume file, open the folder as a resumed run does and ask
     the file's stage (or every sweep unit) for its result, a recomputation returning the true
@@ -172,8 +179,7 @@ def test_300_bit_flips_over_the_resume_files_never_change_a_result(reference, tm
                 value = folder.stage(s, lambda s=s: recomputed.append(s) or truth[s][0], truth[s][1]["inputs"], CLASSES)
                 assert value is truth[s][0] or value_digest(value, CLASSES) == digests[s], (trial, rel)
             store = SweepResume(folder.sweep_resume_dir(truth["ablation"][1]["inputs"]), fingerprint)
-            missing = [u for u in units if store.load(int(u[5:8]), [int(h) for h in u.split("heads")[1].split("-")])
-                       is None]
+            missing = [u for u in units if store.load(*unit_of(u)) is None]
         finally:
             folder.abandon()
         if owner in STAGES:
@@ -219,7 +225,7 @@ def test_edited_task_or_weights_between_crash_and_resume_are_recomputed(inputs, 
     assert (out / ".resume" / "ablation.json").is_file() and not (out / "heads.csv").exists()
     (edited / "task.txt").write_text("\n".join(reversed(TEXTS[1:])) + "\nthe mat sat on the cat\n")
     rep = report(edited, out)
-    assert rep.run["resumed_stages"] == ["scores", "clusters"] and rep.run["recomputed_stages"]["stale"] == ["ablation"]
+    assert rep.run["resumed_stages"] == ["scores", "clusters"] and rep.run["recomputed_stages"]["stale"] == ["controls", "ablation"]
     fresh = report(edited, tmp_path / "fresh")
     assert tables(out) == tables(fresh.out)
 
@@ -238,7 +244,8 @@ def test_edited_task_or_weights_between_crash_and_resume_are_recomputed(inputs, 
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same time: only content differs
     assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
     rep = report(edited, out2)
-    assert rep.run["resumed_stages"] == [] and rep.run["recomputed_stages"]["stale"] == ["scores", "clusters", "ablation"]
+    assert rep.run["resumed_stages"] == [] and rep.run["recomputed_stages"]["stale"] == ["scores", "clusters", "controls",
+                                                                                       "ablation"]
     fresh = report(edited, tmp_path / "fresh2")
     assert tables(out2) == tables(fresh.out)
 

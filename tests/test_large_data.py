@@ -101,7 +101,7 @@ def test_a_sweep_in_blocks_equals_one_in_one_block(tiny_gpt2, tmp_path, ablation
     np.testing.assert_allclose(clean_b, clean, atol=1e-7)
     for h in heads:
         np.testing.assert_allclose(blocked[h], whole[h], atol=1e-6, err_msg=str(h))
-    blocks = {p.stem.rsplit("_block", 1)[1] for p in tmp_path.glob("*.npy")}
+    blocks = {p.stem.rsplit("_block", 1)[1] for p in tmp_path.glob("layer*.safetensors")}
     assert len(blocks) >= 3, blocks  # several blocks, each unit on its own
 
 

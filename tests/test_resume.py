@@ -44,8 +44,7 @@ original_save, original_score = sweep.SweepResume.save, tasks.LMLossTask.score
 
 def save(self, layer, heads, values, **unit):
     original_save(self, layer, heads, values, **unit)
-    log.write(f"save {self.unit(layer, heads, **unit)}
-")
+    log.write(f"save {self.unit(layer, heads, **unit)}\n")
     saves[0] += 1
     if saves[0] == hang_after:
         time.sleep(600)  # the test kills the process here

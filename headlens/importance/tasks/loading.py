@@ -108,14 +108,14 @@ FIELD_TYPES = {"prompt": (str,), "anchor": (str,), "positive": (str,), "negative
 
 def _read_task(path: Path, model, task_type, options) -> Task:
     """A task from a file of any size, read lazily (:mod:`headlens.data.streams`): a text file's
-    lines, or the records of a JSONL or Parquet file or a saved ``datasets`` folder. One pass
-    checks every record's fields (a bad one is named by its line) without keeping them."""
+    lines, or the records of a JSONL or Parquet file or a saved ``datasets`` folder. Two passes
+    check every line and every record's fields (a bad one is named by its line), keeping none."""
     records = open_records(path, what="task file")
     check(len(records) > 0, f"task file {str(path)!r} has no non-empty lines: give at least one example")
+    for _ in records:  # names the first line that is not UTF-8 (or not JSON), before any other check
+        pass
     first = records[0]
     if isinstance(first, str):
-        for _ in records:  # names a line that is not UTF-8
-            pass
         return _text_task(records, model, task_type, options)
     where = (lambda i: f"task file {str(path)!r}, {records.where(i)}")
     check(isinstance(first, dict), f"{where(0)}: a record must be a JSON object {{\"field\": value, ...}}, "
