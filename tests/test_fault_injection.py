@@ -366,8 +366,8 @@ def test_a_second_run_on_a_folder_is_refused_naming_the_first(tmp_path):
 def test_two_concurrent_runs_leave_one_complete_correct_report(reference, inputs, tmp_path):
     """Two ``headlens report`` processes on one folder at once (the second with --no-resume, which
     used to delete the folder): the second stops at once naming the first; the first writes a
-    complete report whose tables equal the reference's; a third, run after a SIGKILLed fourth,
-    is not blocked (the lock dies with its process)."""
+    complete report whose tables equal the reference's; a process holding the lock as a run does,
+    SIGKILLed, blocks no later run (the lock dies with its process)."""
     out = tmp_path / "r"
     args = [sys.executable, "-m", "headlens", "report", "--model", str(inputs / "model"), "--task",
             str(inputs / "task.txt"), "--out", str(out), "--no-progress", "--quiet", "--n-examples", "6",
@@ -384,12 +384,15 @@ def test_two_concurrent_runs_leave_one_complete_correct_report(reference, inputs
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     assert headlens.Report.load(out) is not None and tables(out) == tables(reference)
-    fourth = subprocess.Popen(args + ["--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (out / HOLDER).is_file() and fourth.poll() is None:
-        time.sleep(0.05)
+    holder = ("import sys, time; from headlens.storage.folders import FolderLock; "
+              "held = FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")  # the lock as a run takes it, without the analysis
+    fourth = subprocess.Popen([sys.executable, "-c", holder, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    assert fourth.stdout.readline().strip() == "held"
+    with pytest.raises(HeadlensError, match=f"in use by another headlens run \\(pid {fourth.pid}"):
+        FolderLock(out).acquire()
     fourth.send_signal(signal.SIGKILL)
     fourth.wait()
-    FolderLock(out).acquire().release()
+    FolderLock(out).acquire().release()  # the lock died with its process
 
 
 # --- a full disk ---------------------------------------------------------------------------------
