@@ -83,16 +83,16 @@ def ioi_text(res: dict, seconds: float, folder: str) -> list[str]:
                                                          "effect_ci_high"]]
     top = dla.reindex(dla.attribution.abs().sort_values(ascending=False).index).head(10)
     top = top.merge(z, on=["layer", "head"], how="left")
-    top = top.assign(head=[_head(a, b) for a, b in zip(top.layer, top.head)],
-                     role=["name mover" if a > 0 and r > 0.5 * a else "negative name mover" if a < 0 and r < 0.5 * a
+    top = top.assign(role=["name mover" if a > 0 and r > 0.5 * a else "negative name mover" if a < 0 and r < 0.5 * a
                            else "other" for a, r in zip(top.attribution, top.from_right)])
+    movers = [(int(a), int(b)) for a, b, role in zip(top["layer"], top["head"], top["role"]) if role == "name mover"]
+    top = top.assign(head=[_head(a, b) for a, b in zip(top["layer"], top["head"])])
     lines += ["", "Heads with the largest direct logit attribution (IO - S logit difference; `from_right`: the part "
               "read from the IO name's position; `normalized`: the gap restored by patching the head's clean "
               "z into the ABC run). A head whose attribution comes mostly from the IO token moves the name; "
               "one that writes against it from there inhibits it.", "",
               markdown(top[["head", "role", "attribution", "ci_low", "ci_high", "from_right", "from_wrong",
                             "normalized"]], 3)]
-    movers = [(int(r.layer), int(r.head)) for r in top.itertuples() if r.role == "name mover"]
     paths = res.get("paths")
     if paths is not None and len(paths) and movers:
         into = paths[[(a, b) in set(movers) for a, b in zip(paths.receiver_layer, paths.receiver_head)]]
