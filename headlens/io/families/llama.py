@@ -35,6 +35,7 @@ from headlens.io.families.base import (
 from headlens.model.config import ModelConfig
 
 GATED_MLPS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
+GATED_MLPS_TO_HF = {"swiglu": "silu", "geglu": "gelu"}  # the way back, for export
 ROPE_TYPES = ("default", "linear", "llama3")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
                      "original_max_position_embeddings")
@@ -182,15 +183,12 @@ def hf_common(cfg: ModelConfig) -> dict:
     )
 
 
-HF_ACTS = {"swiglu": "silu", "geglu": "gelu"}
-
-
 def config_to_hf(cfg: ModelConfig):
     """A ``transformers`` config for ``cfg`` (the unpruned shape; export slices pruned heads)."""
     import transformers
 
     rope = rope_parameters(cfg.rotary_base, cfg.rotary_scaling)
-    common = hf_common(cfg) | dict(head_dim=cfg.d_head, hidden_act=HF_ACTS[cfg.mlp], rope_parameters=rope)
+    common = hf_common(cfg) | dict(head_dim=cfg.d_head, hidden_act=GATED_MLPS_TO_HF[cfg.mlp], rope_parameters=rope)
     if cfg.family in ("qwen2", "qwen3"):
         config = transformers.Qwen3Config if cfg.family == "qwen3" else transformers.Qwen2Config
         extra = dict(attention_bias=cfg.qkv_bias) if cfg.family == "qwen3" else {}

@@ -24,7 +24,7 @@ from headlens.io.families.base import (
 )
 from headlens.io.families.llama import (
     GATED_MLPS,
-    HF_ACTS,
+    GATED_MLPS_TO_HF,
     attention_rules,
     hf_common,
     mlp_rules,
@@ -63,7 +63,7 @@ def config_to_hf(cfg: ModelConfig):
     import transformers
 
     return transformers.Olmo2Config(
-        **hf_common(cfg), hidden_act=HF_ACTS[cfg.mlp], attention_bias=cfg.qkv_bias,
+        **hf_common(cfg), hidden_act=GATED_MLPS_TO_HF[cfg.mlp], attention_bias=cfg.qkv_bias,
         rope_parameters=rope_parameters(cfg.rotary_base, cfg.rotary_scaling),
     )
 

@@ -17,7 +17,7 @@ from headlens.errors import HeadlensError
 from headlens.io.families.base import Family, merge_heads_in, merge_heads_out, register, split_heads_out
 from headlens.io.families.llama import (
     GATED_MLPS,
-    HF_ACTS,
+    GATED_MLPS_TO_HF,
     hf_common,
     rope_parameters,
     rotary_fields,
@@ -92,7 +92,7 @@ def config_to_hf(cfg: ModelConfig):
     rope = rope_parameters(cfg.rotary_base, cfg.rotary_scaling) | {
         "partial_rotary_factor": (cfg.rotary_dim or cfg.d_head) / cfg.d_head}
     return transformers.Phi3Config(
-        **hf_common(cfg), hidden_act=HF_ACTS[cfg.mlp], original_max_position_embeddings=cfg.n_ctx,
+        **hf_common(cfg), hidden_act=GATED_MLPS_TO_HF[cfg.mlp], original_max_position_embeddings=cfg.n_ctx,
         rope_parameters=rope, sliding_window=cfg.sliding_window,
     )
 
