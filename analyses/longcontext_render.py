@@ -14,7 +14,9 @@ RETRIEVAL = ("passkey", "needle", "multikey")
 def kvpress_rows(kv: pd.DataFrame, kinds: dict) -> pd.DataFrame:
     """One row per kvpress config: method, target compression, memory saved, needle accuracy,
     answer loss (retrieval examples), LM loss."""
-    kv = kv[kv.get("check", False) != True].copy()  # noqa: E712
+    if "check" in kv:
+        kv = kv[~kv.check.fillna(False).astype(bool)]
+    kv = kv.copy()
     kv["kind"] = kv.id.map(kinds)
     rows = []
     for name, part in kv.groupby("config", sort=False):

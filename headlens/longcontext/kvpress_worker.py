@@ -102,15 +102,23 @@ def prefill_all(model, ids, presses: dict) -> dict:
     handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in layers]
     try:
         with torch.no_grad():
-            model(ids, past_key_values=DynamicCache(), use_cache=True)
+            last = model(ids, past_key_values=DynamicCache(), use_cache=True).logits[0, -1:]
     finally:
         for h in handles:
             h.remove()
+    for state in out.values():
+        state["last_logits"] = last  # the context's own output does not depend on the press (it acts after)
     return out
 
 
-def decode(model, state: dict, tail: torch.Tensor):
-    """Logits of ``tail [1, T]`` run from a press's cache."""
+def tail_positions(C: int, tail: torch.Tensor) -> torch.Tensor:
+    """``[1, T]`` position ids of the tokens after a context of ``C`` tokens: a press that drops
+    keys shortens the cache, so the positions are given, as kvpress' own pipeline gives them."""
+    return torch.arange(C, C + tail.shape[1])[None]
+
+
+def decode(model, state: dict, tail: torch.Tensor, C: int):
+    """Logits of ``tail [1, T]`` (positions ``C ..``) run from a press's cache."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -120,25 +128,27 @@ def decode(model, state: dict, tail: torch.Tensor):
         layer.self_attn.masked_key_indices = masked
     try:
         with torch.no_grad():
-            return model(tail, past_key_values=cache, use_cache=True).logits[0]
+            return model(tail, past_key_values=cache, position_ids=tail_positions(C, tail), use_cache=True).logits[0]
     finally:
         for layer in model.model.layers:
             layer.self_attn.masked_key_indices = None
 
 
-def kept_positions(state: dict) -> tuple[int, int]:
-    """Cached key positions kept (not compressed away nor masked) and all, over layers and kv heads."""
+def kept_positions(state: dict, C: int) -> tuple[int, int]:
+    """Cached key positions kept (not compressed away nor masked) and those of the full cache of
+    the ``C`` context positions, over layers and kv heads."""
     kept = total = 0
     for (k, _), masked in zip(state["kv"], state["masked"]):
         B, K, S, _ = k.shape
         n_masked = 0 if masked is None else int(masked[0].numel())
         kept += B * K * S - n_masked
-        total += B * K * S
+        total += B * K * C
     return kept, total
 
 
 def score(logits: torch.Tensor, tokens: list, answer_start: int, offset: int) -> dict:
-    """Answer loss and exact greedy match from the tail logits (rows are positions ``offset ..``)."""
+    """Answer loss and exact greedy match from the logits of positions ``offset ..`` (the context's
+    last one, then the tail's: an LM example's answer starts right after its context)."""
     rows = torch.arange(answer_start - 1, len(tokens) - 1) - offset
     target = torch.tensor(tokens[answer_start:])
     lg = logits[rows].float()
@@ -165,7 +175,8 @@ def ordinary_run(model, press, ids, tail):
         else:
             with press(model):
                 model(ids, past_key_values=cache, use_cache=True)
-        logits = model(tail, past_key_values=cache, use_cache=True).logits[0]
+        logits = model(tail, past_key_values=cache, position_ids=tail_positions(ids.shape[1], tail),
+                       use_cache=True).logits[0]
     return cache, logits
 
 
@@ -196,18 +207,18 @@ def main(argv=None) -> int:
         presses = {name: make_press(spec) for name, spec in configs.items()}
         states = prefill_all(model, ids, presses)
         for name in configs:
-            logits = decode(model, states[name], tail)
-            kept, total = kept_positions(states[name])
+            logits = torch.cat([states[name]["last_logits"], decode(model, states[name], tail, C)])
+            kept, total = kept_positions(states[name], C)
             results.append(dict(config=name, id=ex["id"], kept=kept, total=total,
                                 compression_ratio=float(states[name].get("ratio", 0.0) or 0.0),
-                                **score(logits, tokens, ex["answer_start"], C)))
+                                **score(logits, tokens, ex["answer_start"], C - 1)))
         if args.check:
             name = next(iter(configs))
             cache, logits = ordinary_run(model, make_press(configs[name]), ids, tail)
             # DuoAttention's decoding overwrites the masked keys of the cache in place (fake keys): compare the rest
             same_cache = all(torch.equal(unmasked(cache.layers[i].keys[:, :, :k.shape[2]], m), unmasked(k, m))
                              for i, ((k, _), m) in enumerate(zip(states[name]["kv"], states[name]["masked"])))
-            diff = float((logits - decode(model, states[name], tail)).abs().max())
+            diff = float((logits - decode(model, states[name], tail, C)).abs().max())
             results.append(dict(config=name, id=ex["id"], check=True, same_cache=same_cache, max_logit_diff=diff))
     with open(args.out, "w", encoding="utf-8") as f:
         f.write("".join(json.dumps(r) + "\n" for r in results))
