@@ -4,6 +4,7 @@ the shipped 2-layer toy (and nothing in its 1-layer control), and the IOI circui
     python analyses/circuits_study.py                    # writes reports/circuits/
     python analyses/circuits_study.py --skip-smollm2     # the toys only (about a minute)
     python analyses/circuits_study.py --ioi-examples 16  # a quicker IOI run
+    python analyses/circuits_study.py --render-only      # redo report.md from the folders' tables
 
 Each part is one ``headlens circuits`` run (:func:`headlens.reporting.circuits.circuits`, resumable:
 re-running after an interruption continues) into its own folder:
@@ -38,9 +39,36 @@ def run_part(name: str, model, task, out: Path, config: dict) -> tuple[dict, flo
     started = time.perf_counter()
     command = f"python analyses/circuits_study.py ({name})"
     res = circuits(model, task, out, config, progress=False, command=command)
-    for path in list(out.glob("*.parquet")) + list(out.glob("figures/*.svg")):
+    for path in list(out.glob("*.parquet")) + list(out.glob("figures/*.svg")) + list(out.glob("figures/*.pdf")):
         path.unlink()  # the committed copy keeps CSV and PNG
     return res, time.perf_counter() - started
+
+
+def read_part(folder: Path) -> dict:
+    """What :func:`run_part` returned, read back from the tables and ``circuit.json`` it wrote."""
+    import pandas as pd
+
+    circuit = json.loads((folder / "circuit.json").read_text())
+    res = dict(findings=circuit["findings"], circuit=circuit)
+    for key, name in (("dla", "dla"), ("patching", "patching"), ("paths", "path_patching"),
+                      ("composition", "composition")):
+        if (folder / f"{name}.csv").is_file():
+            res[key] = pd.read_csv(folder / f"{name}.csv")
+    return res
+
+
+def ioi_role(attribution: float, from_right: float, from_wrong: float) -> str:
+    """A head's IOI role from where its direct logit attribution (IO - S) is read: mostly from the
+    IO token and positive, it moves the name (Wang et al.); from there and negative, a negative name
+    mover; positive and mostly from the S token, it writes against the subject's name (copy
+    suppression of S, McDougall et al. 2023)."""
+    if attribution > 0 and from_right > 0.5 * attribution:
+        return "name mover"
+    if attribution < 0 and from_right < 0.5 * attribution:
+        return "negative name mover"
+    if attribution > 0 and from_wrong > 0.5 * attribution:
+        return "S suppressor"
+    return "other"
 
 
 def _head(layer, head) -> str:
@@ -83,14 +111,15 @@ def ioi_text(res: dict, seconds: float, folder: str) -> list[str]:
                                                          "effect_ci_high"]]
     top = dla.reindex(dla.attribution.abs().sort_values(ascending=False).index).head(10)
     top = top.merge(z, on=["layer", "head"], how="left")
-    top = top.assign(role=["name mover" if a > 0 and r > 0.5 * a else "negative name mover" if a < 0 and r < 0.5 * a
-                           else "other" for a, r in zip(top.attribution, top.from_right)])
+    top = top.assign(role=[ioi_role(a, r, w) for a, r, w in zip(top.attribution, top.from_right, top.from_wrong)])
     movers = [(int(a), int(b)) for a, b, role in zip(top["layer"], top["head"], top["role"]) if role == "name mover"]
     top = top.assign(head=[_head(a, b) for a, b in zip(top["layer"], top["head"])])
     lines += ["", "Heads with the largest direct logit attribution (IO - S logit difference; `from_right`: the part "
               "read from the IO name's position; `normalized`: the gap restored by patching the head's clean "
               "z into the ABC run). A head whose attribution comes mostly from the IO token moves the name; "
-              "one that writes against it from there inhibits it.", "",
+              "one that writes against it from there is a negative name mover; one whose positive attribution "
+              "comes mostly from the S token writes against the subject's name (S suppressor); `other`: read "
+              "from neither name's position.", "",
               markdown(top[["head", "role", "attribution", "ci_low", "ci_high", "from_right", "from_wrong",
                             "normalized"]], 3)]
     paths = res.get("paths")
@@ -126,7 +155,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=OUT, help="study folder")
     parser.add_argument("--ioi-examples", type=int, default=24, help="IOI prompts (half choose the circuit)")
     parser.add_argument("--skip-smollm2", action="store_true", help="the toy models only")
+    parser.add_argument("--render-only", action="store_true", help="redo report.md from the folders already written")
     args = parser.parse_args(argv)
+    if args.render_only:
+        timings = json.loads((args.out / "timings.json").read_text())
+        parts = {name: (read_part(args.out / name), seconds) for name, seconds in timings.items()}
+        run = json.loads((args.out / "run.json").read_text()) if (args.out / "run.json").is_file() else {}
+        (args.out / "report.md").write_text(page(parts, run.get("seconds"), run.get("load_average")))
+        print(f"{args.out}/report.md: rendered from the saved tables")
+        return
 
     import torch
 
@@ -149,10 +186,19 @@ def main(argv=None) -> None:
         task = load_task("ioi", model, n_examples=args.ioi_examples)
         parts["ioi-smollm2"] = run_part("ioi-smollm2", model, task, args.out / "ioi-smollm2",
                                         dict(batch_size=8, top_heads=8, position_heads=3))
+    seconds, load = round(time.perf_counter() - started), round(os.getloadavg()[0], 1)
+    (args.out / "report.md").write_text(page(parts, seconds, load))
+    (args.out / "timings.json").write_text(json.dumps({k: round(v[1], 1) for k, v in parts.items()}, indent=2) + "\n")
+    (args.out / "run.json").write_text(json.dumps(dict(seconds=seconds, load_average=load), indent=2) + "\n")
+    print(f"{args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}: written in {seconds} s")
+
+
+def page(parts: dict, seconds, load) -> str:
+    """``report.md`` from the parts' results ``{folder: (res, seconds)}``."""
     text = ["# Circuits between heads", "",
             "Made by `python analyses/circuits_study.py` (seed 0; "
-            f"{time.perf_counter() - started:.0f} s in all on the project's 2-core CPU, load average "
-            f"{os.getloadavg()[0]:.1f} at the end). Each folder is a `headlens circuits` run: its `circuits.md`, "
+            f"{seconds} s in all on the project's 2-core CPU, load average "
+            f"{load} at the end). Each folder is a `headlens circuits` run: its `circuits.md`, "
             "tables (`dla.csv`, `patching.csv`, `path_patching.csv`, `composition.csv`, `edges.csv`, "
             "`faithfulness.csv`, `verification.csv`), `circuit.json` and figures.", ""]
     res, seconds = parts["induction-2l"]
@@ -170,10 +216,7 @@ def main(argv=None) -> None:
         text += ["", "![circuit](ioi-smollm2/figures/circuit_graph.png)", "",
                  "![faithfulness](ioi-smollm2/figures/faithfulness.png)", "",
                  "![dla](ioi-smollm2/figures/dla.png)", ""]
-    (args.out / "report.md").write_text("\n".join(text) + "\n")
-    (args.out / "timings.json").write_text(json.dumps({k: round(v[1], 1) for k, v in parts.items()}, indent=2) + "\n")
-    print(f"{args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}: written in "
-          f"{time.perf_counter() - started:.0f} s")
+    return "\n".join(text) + "\n"
 
 
 if __name__ == "__main__":
