@@ -242,6 +242,12 @@ def test_checkpoint_resume_recomputes_nothing_finished(gpt2, tmp_path):
     assert n_resumed == n_batches + (8 - done) * n_batches
     with pytest.raises(HeadlensError, match="different sweep"):
         ablation_sweep(gpt2, task, "zero", progress=False, resume_dir=tmp_path)
+    from headlens.storage.folders import FolderLock
+
+    with FolderLock(tmp_path):  # another job writing the same resume folder (the interrupted one let it go)
+        with pytest.raises(HeadlensError, match="resume_dir .* is in use by another headlens run"):
+            ablation_sweep(gpt2, task, "mean", batch_size=4, n_bootstrap=100, progress=False,
+                           memory_budget_mb=0.05, resume_dir=tmp_path)
 
 
 def test_bad_input(gpt2):

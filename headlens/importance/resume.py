@@ -11,19 +11,21 @@ edited task file or replaced weights never resume another sweep's units.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import re
 from collections import abc
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from headlens.errors import HeadlensError
 from headlens.files import writable_folder
 from headlens.model.digest import state_digest
+from headlens.storage.folders import FolderLock
 from headlens.storage.records import (
     DamagedRecord,
     load_record,
@@ -84,6 +86,23 @@ def sweep_dir_damaged(folder) -> bool:
     except (DamagedRecord, OSError):
         return True
     return False
+
+
+@contextlib.contextmanager
+def resume_lock(folder, world) -> Iterator[None]:
+    """Hold ``folder``'s :class:`headlens.storage.folders.FolderLock` for the block (rank 0 of
+    ``world`` holds it for the job; its ranks share the folder): a second job on the same resume
+    folder stops at once, naming the first. ``folder=None``: nothing to lock."""
+    if folder is None:
+        yield
+        return
+    held = []
+    world.on_main(lambda: held.append(FolderLock(folder, name="resume_dir").acquire()) and None)
+    try:
+        yield
+    finally:
+        for lock in held:
+            lock.release()
 
 
 class SweepResume:

@@ -39,7 +39,7 @@ from headlens.importance.ablation import (
     make_replacement,
     z_means,
 )
-from headlens.importance.resume import SweepResume, sweep_fingerprint
+from headlens.importance.resume import SweepResume, resume_lock, sweep_fingerprint
 from headlens.importance.statistics import importance_table
 from headlens.importance.streaming import Streaming, first_changed_position
 from headlens.importance.tasks import load_task
@@ -242,63 +242,64 @@ def sweep_metrics(model, task, ablation="zero", heads=None, method: str = "fast"
     starts = [first_changed_position(ablation, batches[i]) if method == "fast" else 0 for i in range(len(batches))]
     plan = _plan(model, batches, pairs, blocks, method, memory_budget_mb, min(starts))
     n_block = [min(r.stop * batch_size, len(task)) - r.start * batch_size for r in blocks]
-    store, done = None, {}
-    if resume_dir is not None:
-        fingerprint = sweep_fingerprint(
-            model, task, weights_key, ablation=str(ablation), method=method, seed=seed, batch_size=batch_size,
-            per_position=per_position, memory_budget_mb=memory_budget_mb, heads_swept=repr(pairs),
-            blocks=repr([(r.start, r.stop) for r in blocks]), **({} if units == "heads" else {"units": units}))
-        store = world.on_main(lambda: SweepResume(resume_dir, fingerprint))
-        done = world.on_main(lambda: {u: v for u in plan if (v := store.load(
-            u.layer, u.ids, u.block, n_block[u.block])) is not None})  # rank 0 reads, every rank gets the same
-    todo = [u for u in plan if u not in done]
-    owners = world.assign([_cost(model, blocks, u, method) for u in todo])
-    mine = [u for u, r in zip(todo, owners) if r == world.rank]
-    # a mean ablation's mean is over all examples: from the block's own clean pass when there is one block
-    # (fast), else from a pass of its own over every batch
-    means = z_means(model, batches, {u.layer for u in todo}, per_position) \
-        if ablation == "mean" and (len(blocks) > 1 or method == "naive") else {}
-    desc = f"{ablation} ablation sweep" + (f" (rank 0 of {world.size})" if world.size > 1 else "")
-    bar = tqdm(total=sum(len(u.ids) for u in mine + list(done)), desc=desc, unit="head",
-               disable=not progress or not world.is_main, leave=False)
-    bar.update(sum(len(u.ids) for u in done))
-    run_block = _fast_block if method == "fast" else _naive_block
-    repl_args = dict(per_position=per_position)
+    with resume_lock(resume_dir, world):  # one job at a time writes a resume folder
+        store, done = None, {}
+        if resume_dir is not None:
+            fingerprint = sweep_fingerprint(
+                model, task, weights_key, ablation=str(ablation), method=method, seed=seed, batch_size=batch_size,
+                per_position=per_position, memory_budget_mb=memory_budget_mb, heads_swept=repr(pairs),
+                blocks=repr([(r.start, r.stop) for r in blocks]), **({} if units == "heads" else {"units": units}))
+            store = world.on_main(lambda: SweepResume(resume_dir, fingerprint))
+            done = world.on_main(lambda: {u: v for u in plan if (v := store.load(
+                u.layer, u.ids, u.block, n_block[u.block])) is not None})  # rank 0 reads, every rank gets the same
+        todo = [u for u in plan if u not in done]
+        owners = world.assign([_cost(model, blocks, u, method) for u in todo])
+        mine = [u for u, r in zip(todo, owners) if r == world.rank]
+        # a mean ablation's mean is over all examples: from the block's own clean pass when there is one block
+        # (fast), else from a pass of its own over every batch
+        means = z_means(model, batches, {u.layer for u in todo}, per_position) \
+            if ablation == "mean" and (len(blocks) > 1 or method == "naive") else {}
+        desc = f"{ablation} ablation sweep" + (f" (rank 0 of {world.size})" if world.size > 1 else "")
+        bar = tqdm(total=sum(len(u.ids) for u in mine + list(done)), desc=desc, unit="head",
+                   disable=not progress or not world.is_main, leave=False)
+        bar.update(sum(len(u.ids) for u in done))
+        run_block = _fast_block if method == "fast" else _naive_block
+        repl_args = dict(per_position=per_position)
 
-    def my_share() -> tuple[dict, dict]:
-        clean, values = {}, {}
+        def my_share() -> tuple[dict, dict]:
+            clean, values = {}, {}
 
-        def on_done(u: Unit, v: np.ndarray) -> None:
-            if store is not None:
-                store.save(u.layer, u.ids, v, block=u.block)
-            values[u] = v
-            bar.update(len(u.ids))
+            def on_done(u: Unit, v: np.ndarray) -> None:
+                if store is not None:
+                    store.save(u.layer, u.ids, v, block=u.block)
+                values[u] = v
+                bar.update(len(u.ids))
 
-        for b, block in enumerate(blocks):
-            work, owns = [u for u in mine if u.block == b], world.owner(b) == world.rank
-            if not work and not owns:
-                continue
-            block_batches = [batches[i] for i in block]
-            block_starts = [starts[i] for i in block]
-            metric, *rest = _clean_pass(model, task, block_batches, block_starts)
-            if owns:
-                clean[b] = metric
-            if work:
-                refs, prefixes, heads_before = rest
-                run_block(model, task, block_batches, work, members, ablation, dict(repl_args, seed=seed + b),
-                          means, (refs, block_starts, prefixes, heads_before), on_done)
-        return clean, values
+            for b, block in enumerate(blocks):
+                work, owns = [u for u in mine if u.block == b], world.owner(b) == world.rank
+                if not work and not owns:
+                    continue
+                block_batches = [batches[i] for i in block]
+                block_starts = [starts[i] for i in block]
+                metric, *rest = _clean_pass(model, task, block_batches, block_starts)
+                if owns:
+                    clean[b] = metric
+                if work:
+                    refs, prefixes, heads_before = rest
+                    run_block(model, task, block_batches, work, members, ablation, dict(repl_args, seed=seed + b),
+                              means, (refs, block_starts, prefixes, heads_before), on_done)
+            return clean, values
 
-    parts = world.run_shards(my_share)
-    bar.close()
-    clean = {b: c for part in parts for b, c in part[0].items()}
-    values = {**done, **{u: v for part in parts for u, v in part[1].items()}}
-    per_unit = {}
-    for u in plan:
-        for c, x in enumerate(u.ids):
-            per_unit.setdefault((u.layer, x), {})[u.block] = values[u][c]
-    results = {k: np.concatenate([d[b] for b in range(len(blocks))]) for k, d in per_unit.items()}
-    return pairs, np.concatenate([clean[b] for b in range(len(blocks))]), results
+        parts = world.run_shards(my_share)
+        bar.close()
+        clean = {b: c for part in parts for b, c in part[0].items()}
+        values = {**done, **{u: v for part in parts for u, v in part[1].items()}}
+        per_unit = {}
+        for u in plan:
+            for c, x in enumerate(u.ids):
+                per_unit.setdefault((u.layer, x), {})[u.block] = values[u][c]
+        results = {k: np.concatenate([d[b] for b in range(len(blocks))]) for k, d in per_unit.items()}
+        return pairs, np.concatenate([clean[b] for b in range(len(blocks))]), results
 
 
 def ablation_sweep(model, task, ablation="zero", heads=None, method: str = "fast",
