@@ -175,7 +175,7 @@ def main(argv=None) -> None:
 
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    parts, text = {}, []
+    parts = {}
     toy_config = dict(batch_size=16)
     for name in ("toy-induction-2l", "toy-induction-1l"):
         model = headlens.load(name)

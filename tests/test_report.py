@@ -13,7 +13,7 @@ from headlens.data import DATA_DIR
 from headlens.errors import HeadlensError
 from headlens.reporting import render
 from headlens.reporting.folder import ReportFolder, is_complete, write_table
-from headlens.reporting.pipeline import Report, _write
+from headlens.reporting.result import Report, write_report_files
 
 
 def tiny_decoder_folder(folder: Path) -> Path:
@@ -76,7 +76,7 @@ def fake_report(out: Path, n_layers: int = 3, n_heads: int = 4) -> Report:
                results=dict(cluster_stability_ari=0.8), figures={k: f"figures/{k}.png" for k in figures},
                files=["heads.csv"], timings_s=dict(total=1.0), versions=dict(headlens="0"))
     rep = Report(out, heads, clusters, pruning, {"0": [1]}, figures, run)
-    _write(rep, folder)
+    write_report_files(rep, folder)
     folder.publish()
     return rep
 
