@@ -263,3 +263,19 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path):
     save_model(model, tmp_path / "ok")
     assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((tmp_path / "ok" / "config.json").read_text())["format"] == "headlens"
+
+
+@pytest.mark.parametrize("argv", [["kv-heads", "--model", "smollm2"], ["circuits", "--model", "smollm2"],
+                                  ["train-toy", "--toy", "induction-2l"]])
+def test_one_process_commands_refuse_a_torchrun_job(argv, tmp_path, monkeypatch, capsys):
+    """A command that does not share its work over ranks stops at once under a job of several
+    (each rank would run all of it and race for the same --out), with one line naming the ones that do."""
+    from headlens.cli.app import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(argv + ["--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"headlens {argv[0]} runs in one process" in err[0]
+    assert "report, models, scores, importance, prune" in err[0] and not (tmp_path / "o").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["models"]) == 0  # one process: runs

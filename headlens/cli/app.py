@@ -1,5 +1,7 @@
 """The ``headlens`` command: its parser and dispatch. Each subcommand is a module of :mod:`headlens.cli` with
-``NAME``, ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int``."""
+``NAME``, ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int``, and
+``DISTRIBUTED = True`` if it shares its work over the ranks of a ``torchrun`` job (the others
+refuse to start under one rather than run once per rank)."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.DESCRIPTION,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _distributed=getattr(mod, "DISTRIBUTED", False))
     return parser
 
 
@@ -50,6 +52,12 @@ def main(argv=None) -> int:
         if not getattr(args, "_run", None):
             parser.print_help()
             return 2
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args._distributed:
+            shared = ", ".join(m.replace("_", "-") for m in SUBCOMMANDS if getattr(
+                importlib.import_module(f"headlens.cli.{m}"), "DISTRIBUTED", False))
+            raise HeadlensError(f"headlens {args.command} runs in one process: launch it without torchrun "
+                                f"(WORLD_SIZE is {os.environ['WORLD_SIZE']}; the commands that share their work "
+                                f"over ranks are {shared})")
         from headlens.runtime import from_torchrun  # imports torch: inside, so Ctrl-C there is one line
 
         with from_torchrun(getattr(args, "device", None)) as world, _quiet_unless(world.is_main):

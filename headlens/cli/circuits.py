@@ -6,6 +6,7 @@ import shlex
 
 from headlens.cli.options import add_shared
 
+DISTRIBUTED = False  # one process: refused under a torchrun job of several (see headlens.cli.app)
 NAME = "circuits"
 HELP = "circuits between heads: logit attribution, activation and path patching, composition, EAP-IG circuits"
 DESCRIPTION = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+DISTRIBUTED = True  # shares its work over the ranks of a torchrun job (see headlens.cli.app)
 NAME = "importance"
 HELP = "ablation sweep (with CIs), gradient importance and attribution patching for every head"
 DESCRIPTION = ("Ablate each head alone on a task (zero, mean, resample or uniform attention) and "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+DISTRIBUTED = False  # one process: refused under a torchrun job of several (see headlens.cli.app)
 NAME = "kv-heads"
 HELP = "sink, retrieval and streaming heads of a decoder, and a KV-cache plan (kv_plan.json)"
 DESCRIPTION = ("On long-context passkey / needle / multi-key retrieval and long-document LM loss over "

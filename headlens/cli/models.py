@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import textwrap
 
+DISTRIBUTED = True  # lists only: harmless on every rank, rank 0 prints (see headlens.cli.app)
 NAME = "models"
 HELP = "list the bundled models (or, with --families, the architectures headlens reads)"
 DESCRIPTION = ("List the models headlens.load() knows by name: name, family, layers, heads, whether "

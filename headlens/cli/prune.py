@@ -9,6 +9,7 @@ from headlens.cli.options import add_shared
 from headlens.cli.outputs import check_model_output, results_folder
 from headlens.runtime import current_world
 
+DISTRIBUTED = True  # shares its work over the ranks of a torchrun job (see headlens.cli.app)
 NAME = "prune"
 HELP = "pruning curves and a pruning plan; optionally save the physically pruned model"
 DESCRIPTION = ("Order the heads for removal by Michel et al.'s iterative gradient importance, by the "

@@ -6,6 +6,7 @@ import shlex
 
 from headlens.cli.options import add_shared
 
+DISTRIBUTED = True  # shares its work over the ranks of a torchrun job (see headlens.cli.app)
 NAME = "report"
 HELP = "analyse every head of a model and write a research report (the default command)"
 DESCRIPTION = (

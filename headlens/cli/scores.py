@@ -5,6 +5,7 @@ import time
 
 from headlens.cli.options import add_shared
 
+DISTRIBUTED = True  # shares its work over the ranks of a torchrun job (see headlens.cli.app)
 NAME = "scores"
 HELP = "pattern scores, roles and clusters of every head on a text file"
 DESCRIPTION = ("Run a model over texts (default: the bundled English sentences) and print one row "

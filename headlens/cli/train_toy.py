@@ -1,6 +1,7 @@
 """``headlens train-toy``: train one of the toy models whose heads' roles are known."""
 from __future__ import annotations
 
+DISTRIBUTED = False  # one process: refused under a torchrun job of several (see headlens.cli.app)
 NAME = "train-toy"
 HELP = "train a small attention-only model whose heads' roles are known (induction, first token)"
 DESCRIPTION = ("Train one of headlens' toy decoders from scratch on this CPU, deterministically under "
