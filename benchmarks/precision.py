@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from bench import lm_loss_per_example as lm_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYERS, N, P, SAMPLES = (0, 1), 4, 40, 3
@@ -45,13 +45,6 @@ def prose(tok, sample: int = 0) -> torch.Tensor:
             break
     body = torch.tensor(ids[need - N * (P - 1): need]).view(N, P - 1)
     return torch.cat([torch.full((N, 1), tok.bos_token_id), body], dim=1)
-
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss per sequence ``[N]`` (float64; logits upcast first)."""
-    V = logits.shape[-1]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none")
-    return loss.view(ids.shape[0], -1).mean(1).double()
 
 
 def headlens_sweep(model, ids: torch.Tensor, method: str) -> torch.Tensor:
@@ -136,7 +129,7 @@ def main() -> None:
         "what": __doc__.strip().splitlines()[0],
         "command": "python benchmarks/precision.py",
         "setting": dict(model="smollm2", layers=list(LAYERS), sequences=N, positions=P, samples=SAMPLES,
-                        ablation="zero", fp32_residual=bool(getattr(bf16.cfg, "fp32_residual", False))),
+                        ablation="zero"),
         "machine": dict(cpu=platform.processor() or platform.machine(), torch=torch.__version__,
                         threads=torch.get_num_threads()),
         "mean_over_samples": mean,

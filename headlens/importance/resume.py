@@ -97,7 +97,7 @@ def resume_lock(folder, world) -> Iterator[None]:
         yield
         return
     held = []
-    world.on_main(lambda: held.append(FolderLock(folder, name="resume_dir").acquire()) and None)
+    world.on_main(lambda: held.append(FolderLock(folder, name="resume_dir").acquire()))
     try:
         yield
     finally:

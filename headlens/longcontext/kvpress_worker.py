@@ -74,9 +74,10 @@ def make_press(spec: str):
     return presses[kind](compression_ratio=float(arg))
 
 
-def prefill_all(model, ids, presses: dict) -> dict:
-    """Prefill ``ids [1, C]`` once; per press name, its compressed ``(keys, values)`` per layer and
-    (DuoAttention) the key indices it masks."""
+def prefill_all(model, ids, presses: dict) -> tuple[dict, torch.Tensor]:
+    """Prefill ``ids [1, C]`` once: per press name, its compressed ``(keys, values)`` per layer and
+    (DuoAttention) the key indices it masks; and the context's last logits ``[1, V]`` (the same
+    for every press: a press acts after the attention it compresses)."""
     from kvpress.utils import extract_keys_and_values
     from transformers import DynamicCache
 
@@ -106,9 +107,7 @@ def prefill_all(model, ids, presses: dict) -> dict:
     finally:
         for h in handles:
             h.remove()
-    for state in out.values():
-        state["last_logits"] = last  # the context's own output does not depend on the press (it acts after)
-    return out
+    return out, last
 
 
 def tail_positions(C: int, tail: torch.Tensor) -> torch.Tensor:
@@ -205,9 +204,9 @@ def main(argv=None) -> int:
         tokens, C = ex["tokens"], ex["context_len"]
         ids, tail = torch.tensor([tokens[:C]]), torch.tensor([tokens[C:]])
         presses = {name: make_press(spec) for name, spec in configs.items()}
-        states = prefill_all(model, ids, presses)
+        states, last = prefill_all(model, ids, presses)
         for name in configs:
-            logits = torch.cat([states[name]["last_logits"], decode(model, states[name], tail, C)])
+            logits = torch.cat([last, decode(model, states[name], tail, C)])
             kept, total = kept_positions(states[name], C)
             results.append(dict(config=name, id=ex["id"], kept=kept, total=total,
                                 compression_ratio=float(states[name].get("ratio", 0.0) or 0.0),
